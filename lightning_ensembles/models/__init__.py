@@ -1,0 +1,5 @@
+"""Member architectures: the CIFAR Wide ResNet of Zagoruyko & Komodakis (arXiv 1605.07146)."""
+
+from lightning_ensembles.models.wide_resnet import WideResNet
+
+__all__ = ["WideResNet"]

@@ -1,0 +1,488 @@
+"""``EnsembleLightningModule``: M independently initialised members trained in one Lightning module.
+
+Implements the setting of Kondratyuk et al. 2020 (arXiv 2005.00570): members share an architecture (or
+not: mixed architectures are allowed) and differ in their random initialisation, are trained on the same
+batches, and their predictions are averaged at evaluation.
+
+Semantics that make the ensemble exactly M separate runs:
+
+- the training loss is the SUM of the members' losses, so every member receives exactly the gradient it
+  would receive alone (peers that average the losses shrink each gradient by 1/M);
+- the optimizer has one parameter group per member and gradient clipping is applied per member;
+- a non-finite loss is reported with the member and the step it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ensembles.aggregation import Aggregation, aggregate, validate_aggregation
+from lightning_ensembles.members import (
+    MemberFactory,
+    MemberSpec,
+    build_members,
+    load_member_state_dicts,
+    load_member_weights,
+)
+from lightning_ensembles.metrics import EnsembleMetrics
+
+_PRIMITIVES = (type(None), bool, int, float, str)
+_RNG_KEY = "lightning_ensembles_rng"
+
+
+def _is_serialisable(value: Any) -> bool:
+    if isinstance(value, _PRIMITIVES):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_serialisable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_serialisable(v) for k, v in value.items())
+    return False
+
+
+class EnsembleLightningModule(LightningModule):
+    """An ensemble of ``M`` independently initialised members.
+
+    Give either ``member`` (one factory, built ``num_members`` times) or ``members`` (one factory or module
+    per member, for mixed architectures or already-trained members).
+
+    Args:
+        member: a callable returning a fresh ``nn.Module`` (a class, a ``functools.partial``, or on the CLI a
+            ``class_path``/``init_args`` entry); member ``i`` is built under seed ``seed + i``.
+        num_members: ``M`` when ``member`` is given; with ``members`` it defaults to (and must equal) their
+            count.
+        members: one factory or ``nn.Module`` per member. Modules are used as they are.
+        num_classes: ``C``, the size of every member's output; linked from ``--data.num_classes`` by the CLI.
+        seed: base seed of member initialisation.
+        aggregation: ``"mean_probs"`` (default), ``"mean_logits"`` or ``"vote"``.
+        label_smoothing: label smoothing of each member's training cross-entropy, in ``[0, 1)``.
+        optimizer: called with one parameter group per trainable member (``name`` = ``member_{i}``).
+        lr_scheduler: called with the optimizer; stepped every ``lr_scheduler_interval``.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``.
+        frozen_members: indices of members that are not trained (kept in eval mode, excluded from the
+            optimizer); :meth:`grow` sets this.
+        predict_members: if true, ``predict_step`` also returns each member's probabilities.
+        detect_nonfinite: check every training step for a NaN/inf member loss (one device sync per step).
+
+    Raises:
+        ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
+        TypeError: if a member factory returns something that is not an ``nn.Module``.
+
+    Example:
+        >>> module = EnsembleLightningModule(member=lambda: nn.Linear(4, 3), num_members=2, num_classes=3)
+        >>> module(torch.randn(5, 4)).shape
+        torch.Size([2, 5, 3])
+    """
+
+    def __init__(
+        self,
+        member: MemberFactory | None = None,
+        num_members: int | None = None,
+        members: list[MemberFactory] | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+        aggregation: Aggregation = "mean_probs",
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        frozen_members: Sequence[int] = (),
+        predict_members: bool = False,
+        detect_nonfinite: bool = True,
+    ) -> None:
+        super().__init__()
+        specs = self._member_specs(member, num_members, members)
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(
+                "Expected `--model.num_classes` to be an int >= 2 (the CLI links it from "
+                f"`--data.num_classes`), but got {num_classes!r}."
+            )
+        if not isinstance(seed, int):
+            raise ValueError(f"Expected `--model.seed` to be an int, but got {seed!r}.")
+        validate_aggregation(aggregation)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(
+                f"Expected `--model.label_smoothing` to be in [0, 1), but got {label_smoothing!r}."
+            )
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                "Expected `--model.lr_scheduler_interval` to be 'epoch' or 'step', "
+                f"but got {lr_scheduler_interval!r}."
+            )
+        self.save_hyperparameters()
+        for key in [k for k, v in self.hparams.items() if not _is_serialisable(v)]:
+            # Factories given in Python are code, not data: checkpoints stay `weights_only=True`-loadable and
+            # `load_from_checkpoint` takes them as arguments. Under LightningCLI they are config dicts and kept.
+            del self.hparams[key]
+        self._member_spec = member
+        self.num_classes = num_classes
+        self.seed = seed
+        self.aggregation = aggregation
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.predict_members = predict_members
+        self.detect_nonfinite = detect_nonfinite
+        self.members = nn.ModuleList(build_members(specs, seed))
+        self.frozen_members: tuple[int, ...] = ()
+        self._set_frozen(frozen_members)
+        self._make_metrics()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _member_specs(
+        member: MemberSpec | None, num_members: int | None, members: Sequence[MemberSpec] | None
+    ) -> list[MemberSpec]:
+        if num_members is not None and (
+            not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1
+        ):
+            raise ValueError(f"Expected `--model.num_members` to be an int >= 1, but got {num_members!r}.")
+        if (member is None) == (members is None):
+            raise ValueError(
+                "Expected exactly one of `--model.member` (one factory, repeated `--model.num_members` "
+                "times) or `--model.members` (a list, one per member), but got "
+                + ("neither." if member is None else "both.")
+            )
+        if members is not None:
+            members = list(members)
+            if not members:
+                raise ValueError("Expected `--model.members` to hold at least one member, but got [].")
+            if num_members is not None and num_members != len(members):
+                raise ValueError(
+                    f"Expected `--model.num_members` to equal the {len(members)} entries of "
+                    f"`--model.members` (or be left unset), but got {num_members}."
+                )
+            return members
+        if isinstance(member, nn.Module) and (num_members or 1) > 1:
+            raise ValueError(
+                "Expected `member` to be a factory when `num_members` > 1 (an nn.Module instance cannot be "
+                f"initialised independently {num_members} times), but got a {type(member).__name__} module."
+            )
+        return [member] * (num_members or 1)  # type: ignore[list-item]
+
+    def _set_frozen(self, frozen_members: Sequence[int]) -> None:
+        frozen = tuple(sorted(set(int(i) for i in frozen_members)))
+        bad = [i for i in frozen if not 0 <= i < len(self.members)]
+        if bad or len(frozen) == len(self.members):
+            raise ValueError(
+                f"Expected `--model.frozen_members` to be distinct member indices in [0, {len(self.members)}) "
+                f"that leave at least one member to train, but got {list(frozen_members)}."
+            )
+        self.frozen_members = frozen
+        for i, member in enumerate(self.members):
+            member.requires_grad_(i not in frozen)
+            if i in frozen:
+                member.eval()
+
+    def _make_metrics(self) -> None:
+        self.val_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
+        self.test_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
+
+    @property
+    def num_members(self) -> int:
+        """``M``, the number of members."""
+        return len(self.members)
+
+    @property
+    def trainable_members(self) -> list[int]:
+        """Indices of the members that are trained (all but the frozen ones)."""
+        return [i for i in range(len(self.members)) if i not in self.frozen_members]
+
+    # ------------------------------------------------------------------ forward
+
+    def _stack(self, outputs: list[Tensor], indices: Sequence[int]) -> Tensor:
+        expected = (outputs[0].shape[0], self.num_classes)
+        for i, out in zip(indices, outputs):
+            if not isinstance(out, Tensor) or out.ndim != 2 or tuple(out.shape) != expected:
+                shapes = {f"member {j}": tuple(o.shape) for j, o in zip(indices, outputs)}
+                raise ValueError(
+                    f"Expected every member to output logits of shape (B, C) = {expected} "
+                    f"(C = `--model.num_classes`), but member {i} gave "
+                    f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; "
+                    f"member outputs: {shapes}."
+                )
+        return torch.stack(outputs)
+
+    def member_logits(self, x: Tensor, indices: Sequence[int] | None = None) -> Tensor:
+        """Logits of the selected members.
+
+        Args:
+            x: a batch of inputs, shape ``(B, ...)``.
+            indices: which members (default: all), in order.
+
+        Returns:
+            Shape ``(len(indices), B, C)``.
+        """
+        indices = range(len(self.members)) if indices is None else indices
+        return self._stack([self.members[i](x) for i in indices], list(indices))
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of every member.
+
+        Args:
+            x: a batch of inputs, shape ``(B, ...)``.
+
+        Returns:
+            Logits of shape ``(M, B, C)``.
+        """
+        return self.member_logits(x)
+
+    @override
+    def train(self, mode: bool = True) -> EnsembleLightningModule:
+        super().train(mode)
+        for i in self.frozen_members:
+            self.members[i].eval()
+        return self
+
+    # ------------------------------------------------------------------ steps
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        indices = self.trainable_members
+        logits = self.member_logits(x, indices)
+        losses = torch.stack(
+            [F.cross_entropy(logits[j], y, label_smoothing=self.label_smoothing) for j in range(len(indices))]
+        )
+        if self.detect_nonfinite and not bool(torch.isfinite(losses).all()):
+            j = int((~torch.isfinite(losses)).nonzero()[0])
+            raise FloatingPointError(
+                f"Member {indices[j]} produced a non-finite training loss ({losses[j].item()}) at global step "
+                f"{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}). The other members are "
+                "unaffected; lower the learning rate or enable gradient clipping (`--trainer.gradient_clip_val`,"
+                " applied per member)."
+            )
+        loss = losses.sum()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/member_{i}/loss": losses[j] for j, i in enumerate(indices)})
+        return loss
+
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics) -> None:
+        x, y = batch
+        metrics.update(self(x), y)
+
+    def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
+        values = metrics.compute()  # synchronised across processes by torchmetrics
+        metrics.reset()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, self.val_metrics)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, self.test_metrics)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | dict[str, Tensor]:
+        """Aggregated probabilities ``(B, C)``; with ``predict_members`` also ``member_probs`` ``(M, B, C)``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        logits = self(x)
+        probs = aggregate(logits, self.aggregation)
+        if self.predict_members:
+            return {"probs": probs, "member_probs": logits.float().softmax(dim=-1)}
+        return probs
+
+    # ------------------------------------------------------------------ optimisation
+
+    @override
+    def configure_optimizers(self) -> Any:
+        indices = self.trainable_members
+        groups = [{"params": list(self.members[i].parameters()), "name": f"member_{i}"} for i in indices]
+        optimizer = self.optimizer_factory(groups)
+        self._check_optimizer(optimizer, groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if len(indices) > 1:
+                raise ValueError(
+                    "ReduceLROnPlateau (`--model.lr_scheduler`) would set every member's learning rate from "
+                    "one ensemble-level metric, coupling members that must train independently; use a "
+                    "schedule that does not monitor a metric (MultiStepLR, CosineAnnealingLR, ...)."
+                )
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+        name = type(optimizer).__name__
+        if len(optimizer.param_groups) != len(groups) or any(
+            {id(p) for p in g["params"]} != {id(p) for p in expected["params"]}
+            for g, expected in zip(optimizer.param_groups, groups)
+        ):
+            raise ValueError(
+                f"Expected `--model.optimizer` ({name}) to keep the {len(groups)} parameter groups it is given "
+                f"(one per member), but it has {len(optimizer.param_groups)} groups that do not match them."
+            )
+        if len(groups) > 1:
+            for key in ("max_grad_norm", "clip_threshold_global"):
+                if optimizer.defaults.get(key) not in (None, 0, 0.0):
+                    raise ValueError(
+                        f"`--model.optimizer` {name} has {key}={optimizer.defaults[key]!r}, which rescales "
+                        "gradients by their global norm across all parameter groups and so couples ensemble "
+                        f"members. Set {key}=None and use `--trainer.gradient_clip_val`, which clips each "
+                        "member separately."
+                    )
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip each member's gradients on their own, never by a norm over the whole ensemble."""
+        if not gradient_clip_val:
+            return
+        for i in self.trainable_members:
+            params = [p for p in self.members[i].parameters() if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[_RNG_KEY] = rng
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = len({k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("members.")})
+        if saved and saved != len(self.members):
+            raise ValueError(
+                f"The checkpoint holds {saved} members but this module has {len(self.members)}: build the "
+                f"module with `num_members={saved}` (or the matching `members` list)."
+            )
+        rng = checkpoint.get(_RNG_KEY)
+        # Restore the random state only when resuming training, so that a resumed run draws the same
+        # dropout masks and augmentations as an uninterrupted one; loading for evaluation leaves it alone.
+        if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_random_state(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Sequence[str | os.PathLike[str]],
+        member: MemberFactory | None = None,
+        members: Sequence[MemberSpec] | None = None,
+        **kwargs: Any,
+    ) -> EnsembleLightningModule:
+        """Combine separately trained checkpoints into one ensemble.
+
+        Every member found in the checkpoints, in order, becomes a member of the new ensemble.
+
+        Args:
+            checkpoints: Lightning checkpoints of ensemble modules (any number of members each) or plain
+                member ``state_dict`` files.
+            member: the architecture of every member (a factory), or
+            members: one factory per member found in the checkpoints (mixed architectures).
+            **kwargs: the other arguments of :class:`EnsembleLightningModule` (``num_classes`` at least).
+
+        Returns:
+            The combined ensemble, weights loaded.
+
+        Raises:
+            ValueError: if ``checkpoints`` is empty, the factory count differs from the member count, or a
+                checkpoint comes from another architecture (naming the checkpoint and member).
+        """
+        if not checkpoints:
+            raise ValueError("Expected `checkpoints` to name at least one checkpoint file, but got none.")
+        found = [
+            (os.fspath(path), j, state)
+            for path in checkpoints
+            for j, state in enumerate(load_member_state_dicts(path))
+        ]
+        if members is not None and len(members) != len(found):
+            raise ValueError(
+                f"Expected one entry of `members` per member in the checkpoints ({len(found)}), "
+                f"but got {len(members)}."
+            )
+        if member is not None:
+            kwargs["num_members"] = len(found)
+        module = cls(member=member, members=list(members) if members is not None else None, **kwargs)
+        for i, (path, j, state) in enumerate(found):
+            load_member_weights(module.members[i], state, f"member {j} of checkpoint {path!r}")
+        return module
+
+    def extract_member(self, index: int) -> nn.Module:
+        """A copy of member ``index`` as a plain ``nn.Module`` (same device, same train/eval mode).
+
+        Args:
+            index: in ``[0, M)``.
+
+        Returns:
+            An independent copy: changing it does not change the ensemble.
+
+        Raises:
+            IndexError: for an index outside ``[0, M)``.
+        """
+        if not isinstance(index, int) or not 0 <= index < len(self.members):
+            raise IndexError(f"Expected `index` in [0, {len(self.members)}), but got {index!r}.")
+        return copy.deepcopy(self.members[index])
+
+    def grow(self, num_new_members: int = 1, member: MemberSpec | None = None) -> None:
+        """Add members and freeze the existing ones: the next ``fit`` trains only the new members.
+
+        New member ``M + j`` is built under seed ``seed + M + j``, exactly as if the ensemble had been
+        created with more members. The old members keep bit-identical weights and BatchNorm statistics
+        (they are excluded from the optimizer and held in eval mode).
+
+        Args:
+            num_new_members: how many members to add (>= 1).
+            member: the factory for the new members; defaults to this ensemble's ``member``.
+
+        Raises:
+            ValueError: for ``num_new_members < 1`` or no factory to build the new members from.
+        """
+        if not isinstance(num_new_members, int) or num_new_members < 1:
+            raise ValueError(f"Expected `num_new_members` to be an int >= 1, but got {num_new_members!r}.")
+        spec = member if member is not None else self._member_spec
+        if spec is None:
+            raise ValueError(
+                "This ensemble was built from a `members` list: pass `member=` (a factory) to grow it."
+            )
+        old = len(self.members)
+        device = next(self.parameters()).device
+        for new in build_members([spec] * num_new_members, self.seed, first_index=old):
+            self.members.append(new.to(device))
+        self._set_frozen(range(old))
+        self._make_metrics()
+        self.hparams["num_members"] = len(self.members)
+        self.hparams["frozen_members"] = list(self.frozen_members)
+
+
+def _as_random_state(state: Any) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,248 @@
+"""Helpers for tests and smoke runs: a tiny CIFAR-10 written in the real on-disk format.
+
+The CIFAR-10 reproduction of Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single
+Large Models* (arXiv 2005.00570), trains Wide ResNets on CIFAR-10 (Krizhevsky, 2009). Tests and CPU smoke
+runs cannot download the 170 MB archive, yet they should exercise the real loading code
+(:class:`torchvision.datasets.CIFAR10` behind :class:`~lightning_ensembles.data.CIFAR10DataModule`), not a
+stand-in. :func:`write_fake_cifar10` therefore writes a few hundred images in exactly the layout of the
+official "python version": ``cifar-10-batches-py/`` with ``data_batch_1`` .. ``data_batch_5``,
+``test_batch`` and ``batches.meta``, each a pickled dict. Like the originals (pickled by Python 2), the dict
+keys and byte strings are written as Python 2 ``str`` objects, so they load with ``encoding="latin1"``
+(what torchvision uses) as ``str`` keys and with ``encoding="bytes"`` as ``bytes`` keys.
+
+The images are learnable: every class has its own mean colour and a brighter square in a class-dependent
+corner, plus Gaussian noise, so a tiny model beats chance within a few steps. Their md5 sums cannot match
+the official ones, so load them with ``verify_checksums=False``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CIFAR10_CLASSES", "write_fake_cifar10"]
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+"""The class names of CIFAR-10, in label order, as stored in ``batches.meta``."""
+
+_BASE_FOLDER = "cifar-10-batches-py"
+_NUM_TRAIN_BATCHES = 5
+
+# One mean colour (R, G, B) per class, far enough apart to be separable under the noise below.
+_CLASS_COLOURS = np.array(
+    [
+        [200, 60, 60],
+        [60, 200, 60],
+        [60, 60, 200],
+        [200, 200, 60],
+        [200, 60, 200],
+        [60, 200, 200],
+        [130, 130, 130],
+        [230, 150, 80],
+        [80, 150, 230],
+        [40, 40, 40],
+    ],
+    dtype=np.float64,
+)
+
+
+class _Python2StrPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """A pickler that writes ``bytes`` as Python 2 ``str`` (``SHORT_BINSTRING``/``BINSTRING``) opcodes.
+
+    The official CIFAR-10 files were pickled by Python 2; torchvision reads them with ``encoding="latin1"``,
+    which decodes those strings to ``str``. Python 3 ``bytes`` would stay ``bytes`` under that encoding and
+    the keys would not match, so the fake files use the same opcodes as the real ones. numpy's array state
+    (the raw pixel buffer) goes through this path too, exactly as in the originals.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def _save_bytes_as_python2_str(self, obj: bytes) -> None:
+        """Write ``obj`` as a Python 2 byte string and memoize it.
+
+        Args:
+            obj: The bytes to write.
+        """
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_bytes_as_python2_str
+
+
+def _dump_python2_style(obj: Any, path: Path) -> None:
+    """Pickle ``obj`` to ``path`` with protocol 2 and Python 2 byte strings.
+
+    Args:
+        obj: The object to pickle.
+        path: Where to write it.
+    """
+    with open(path, "wb") as file:
+        _Python2StrPickler(file, protocol=2).dump(obj)
+
+
+def _fake_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw one class-dependent 32x32 RGB image per label.
+
+    Args:
+        labels: Integer labels in ``[0, 10)``, shape ``(N,)``.
+        rng: The random generator to draw the noise from.
+
+    Returns:
+        A uint8 array of shape ``(N, 3072)``: each row holds the red, then green, then blue 32x32 plane,
+        row-major, as in the official files.
+    """
+    num = len(labels)
+    images = np.empty((num, 3, 32, 32), dtype=np.float64)
+    images[:] = _CLASS_COLOURS[labels][:, :, None, None]
+    # A brighter 12x12 square whose corner depends on the class (four corners, shifted for classes >= 4).
+    for index, label in enumerate(labels):
+        row = 2 + 16 * (label % 2) + (label // 4)
+        col = 2 + 16 * ((label // 2) % 2) + (label // 4)
+        images[index, :, row : row + 12, col : col + 12] += 50.0
+    images += rng.normal(0.0, 25.0, size=images.shape)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8).reshape(num, 3 * 32 * 32)
+
+
+def _balanced_labels(num: int, rng: np.random.Generator) -> np.ndarray:
+    """Return ``num`` labels cycling through the 10 classes, shuffled.
+
+    Args:
+        num: How many labels.
+        rng: The random generator used to shuffle.
+
+    Returns:
+        An int64 array of shape ``(num,)`` with values in ``[0, 10)``.
+    """
+    return rng.permutation(np.arange(num) % len(CIFAR10_CLASSES)).astype(np.int64)
+
+
+def _batch_dict(batch_label: str, labels: np.ndarray, data: np.ndarray, first_index: int) -> dict[bytes, Any]:
+    """Build one batch dict in the layout of the official files.
+
+    Args:
+        batch_label: The batch description, e.g. ``"training batch 1 of 5"``.
+        labels: The labels of the batch.
+        data: The images of the batch, shape ``(N, 3072)``.
+        first_index: The running index of the first image, used for the file names.
+
+    Returns:
+        The dict with keys ``b"batch_label"``, ``b"labels"``, ``b"data"`` and ``b"filenames"``.
+    """
+    return {
+        b"batch_label": batch_label.encode(),
+        b"labels": [int(label) for label in labels],
+        b"data": data,
+        b"filenames": [
+            f"fake_{CIFAR10_CLASSES[int(label)]}_{first_index + offset:06d}.png".encode()
+            for offset, label in enumerate(labels)
+        ],
+    }
+
+
+def _check_count(value: object, name: str) -> int:
+    """Return ``value`` if it is an int >= 1 (bools excluded), else raise.
+
+    Args:
+        value: The value to check.
+        name: The argument name used in the error message.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        ValueError: If ``value`` is not an int >= 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}.")
+    return value
+
+
+def write_fake_cifar10(
+    root: str | os.PathLike[str], num_train: int = 100, num_test: int = 50, seed: int = 0
+) -> Path:
+    """Write a tiny CIFAR-10 in the official on-disk format under ``root``.
+
+    Creates ``<root>/cifar-10-batches-py/`` holding ``data_batch_1`` .. ``data_batch_5`` (``num_train``
+    images split as evenly as possible over the five), ``test_batch`` (``num_test`` images) and
+    ``batches.meta``. Labels are balanced over the 10 classes and shuffled; existing files are overwritten.
+    The result is deterministic in ``seed``.
+
+    Args:
+        root: The dataset root, i.e. what ``--data.root`` would be.
+        num_train: The number of training images.
+        num_test: The number of test images.
+        seed: Seed for the labels' order and the pixel noise.
+
+    Returns:
+        The path of the ``cifar-10-batches-py`` directory.
+
+    Raises:
+        ValueError: If ``num_train`` or ``num_test`` is not an int >= 1, or ``seed`` is not an int >= 0.
+
+    Example:
+        >>> import pickle, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     batches = write_fake_cifar10(root, num_train=20, num_test=10)
+        ...     names = sorted(path.name for path in batches.iterdir())
+        ...     with open(batches / "data_batch_1", "rb") as file:
+        ...         entry = pickle.load(file, encoding="latin1")
+        >>> names[:3], names[-2:]
+        (['batches.meta', 'data_batch_1', 'data_batch_2'], ['data_batch_5', 'test_batch'])
+        >>> sorted(entry)
+        ['batch_label', 'data', 'filenames', 'labels']
+        >>> entry["data"].shape, entry["data"].dtype
+        ((4, 3072), dtype('uint8'))
+    """
+    _check_count(num_train, "num_train")
+    _check_count(num_test, "num_test")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Expected `seed` to be an int >= 0, but got {seed!r}.")
+
+    batches_dir = Path(root).expanduser() / _BASE_FOLDER
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    train_labels = _balanced_labels(num_train, rng)
+    train_data = _fake_images(train_labels, rng)
+    first_index = 0
+    index_chunks = np.array_split(np.arange(num_train), _NUM_TRAIN_BATCHES)
+    for number, indices in enumerate(index_chunks, start=1):
+        batch = _batch_dict(
+            f"training batch {number} of {_NUM_TRAIN_BATCHES}",
+            train_labels[indices],
+            train_data[indices],
+            first_index,
+        )
+        _dump_python2_style(batch, batches_dir / f"data_batch_{number}")
+        first_index += len(indices)
+
+    test_labels = _balanced_labels(num_test, rng)
+    test_batch = _batch_dict("testing batch 1 of 1", test_labels, _fake_images(test_labels, rng), first_index)
+    _dump_python2_style(test_batch, batches_dir / "test_batch")
+
+    meta = {
+        b"num_cases_per_batch": max(len(indices) for indices in index_chunks),
+        b"label_names": [name.encode() for name in CIFAR10_CLASSES],
+        b"num_vis": 3 * 32 * 32,
+    }
+    _dump_python2_style(meta, batches_dir / "batches.meta")
+    return batches_dir
