@@ -62,7 +62,11 @@ _CLASS_COLOURS = np.array(
 )
 
 
-class _Python2StrPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+# The pure-Python pickler, whose per-type `dispatch` table can be extended (the C one cannot).
+_PurePythonPickler: Any = pickle._Pickler  # type: ignore[attr-defined]
+
+
+class _Python2StrPickler(_PurePythonPickler):
     """A pickler that writes ``bytes`` as Python 2 ``str`` (``SHORT_BINSTRING``/``BINSTRING``) opcodes.
 
     The official CIFAR-10 files were pickled by Python 2; torchvision reads them with ``encoding="latin1"``,
@@ -71,7 +75,7 @@ class _Python2StrPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     (the raw pixel buffer) goes through this path too, exactly as in the originals.
     """
 
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+    dispatch = _PurePythonPickler.dispatch.copy()
 
     def _save_bytes_as_python2_str(self, obj: bytes) -> None:
         """Write ``obj`` as a Python 2 byte string and memoize it.

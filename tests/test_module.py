@@ -1,0 +1,185 @@
+"""EnsembleLightningModule: independence, seeding, steps, optimisation and bad input."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_ensembles.members import build_member, build_members
+from lightning_ensembles.module import EnsembleLightningModule
+from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
+
+
+def _plain_run(model: nn.Module, loader, epochs: int, clip: float | None, milestones: list[int]) -> None:
+    """One member trained alone in plain PyTorch: the reference the ensemble must match."""
+    optimizer = sgd()(model.parameters())
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.2)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_ensemble_equals_separate_plain_pytorch_runs(clip: float | None) -> None:
+    num_members, epochs, seed = 3, 3, 11
+    loader = make_loader(n=64, batch_size=16)
+    module = EnsembleLightningModule(
+        member=TinyNet,
+        num_members=num_members,
+        num_classes=NUM_CLASSES,
+        seed=seed,
+        optimizer=sgd(),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[2], gamma=0.2),
+    )
+    trainer = pl.Trainer(max_epochs=epochs, gradient_clip_val=clip, **trainer_kwargs())
+    trainer.fit(module, train_dataloaders=loader)
+
+    for i in range(num_members):
+        reference = build_member(TinyNet, seed + i)
+        _plain_run(reference, loader, epochs, clip, milestones=[2])
+        assert_close(module.members[i].state_dict(), reference.state_dict())
+
+    # The test can fail: an unclipped run differs from a clipped one, so clipping really was per member.
+    if clip is not None:
+        unclipped = build_member(TinyNet, seed)
+        _plain_run(unclipped, loader, epochs, None, milestones=[2])
+        assert not torch.allclose(unclipped.head.weight, module.members[0].head.weight)
+
+
+def test_members_are_seeded_in_isolation() -> None:
+    torch.manual_seed(123)
+    random.seed(5)
+    before_torch, before_py = torch.get_rng_state(), random.getstate()
+    members = build_members([TinyNet] * 4, seed=3)
+    assert torch.equal(torch.get_rng_state(), before_torch)
+    assert random.getstate() == before_py
+    alone = build_member(TinyNet, seed=3 + 3)
+    assert_close(members[3].state_dict(), alone.state_dict())
+    assert not torch.equal(members[0].head.weight, members[1].head.weight)
+
+
+def test_forward_shape_and_mixed_architectures_train_and_evaluate() -> None:
+    module = EnsembleLightningModule(members=[TinyNet, TinyConvNet, TinyNet], num_classes=NUM_CLASSES)
+    assert module.num_members == 3
+    assert module(torch.randn(7, 12)).shape == (3, 7, NUM_CLASSES)
+    trainer = pl.Trainer(max_epochs=2, **trainer_kwargs())
+    loader = make_loader()
+    trainer.fit(module, loader, loader)
+    (results,) = trainer.test(module, loader, verbose=False)
+    assert {"test/top1", "test/member_1/top1", "test/size_3/nll", "test/disagreement"} <= set(results)
+    assert isinstance(module.members[1], TinyConvNet)
+
+
+def test_predict_step_returns_aggregated_and_member_probabilities() -> None:
+    loader = make_loader(n=20, batch_size=10)
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    trainer = pl.Trainer(**trainer_kwargs())
+    probs = torch.cat(trainer.predict(module, loader))
+    assert probs.shape == (20, NUM_CLASSES)
+    assert_close(probs.sum(dim=1), torch.ones(20))
+    module.predict_members = True
+    (first, *_) = trainer.predict(module, loader)
+    assert first["member_probs"].shape == (2, 10, NUM_CLASSES)
+    assert_close(first["member_probs"].mean(dim=0), first["probs"])
+
+
+def test_nonfinite_loss_names_member_and_step() -> None:
+    module = EnsembleLightningModule(member=TinyNet, num_members=3, num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        module.members[1].head.bias.fill_(float("nan"))
+    trainer = pl.Trainer(max_epochs=1, **trainer_kwargs())
+    with pytest.raises(FloatingPointError, match=r"Member 1 .*global step 0"):
+        trainer.fit(module, make_loader())
+
+
+def test_optimizer_gets_one_group_per_member() -> None:
+    module = EnsembleLightningModule(member=TinyNet, num_members=3, num_classes=NUM_CLASSES, optimizer=sgd())
+    optimizer = module.configure_optimizers()
+    assert [g["name"] for g in optimizer.param_groups] == ["member_0", "member_1", "member_2"]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(TinyNet().parameters()))] * 3
+
+
+def test_optimizer_that_merges_members_is_rejected() -> None:
+    def merged(groups):
+        return torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.1)
+
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=merged)
+    with pytest.raises(ValueError, match="one per member"):
+        module.configure_optimizers()
+
+
+def test_global_norm_optimizer_is_rejected_and_accepted_without_it() -> None:
+    from timm.optim import Lamb
+
+    coupled = EnsembleLightningModule(
+        member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=functools.partial(Lamb, lr=1e-3)
+    )
+    with pytest.raises(ValueError, match="max_grad_norm=1.0.*couples"):
+        coupled.configure_optimizers()
+    fine = EnsembleLightningModule(
+        member=TinyNet,
+        num_members=2,
+        num_classes=NUM_CLASSES,
+        optimizer=functools.partial(Lamb, lr=1e-3, max_grad_norm=None),
+    )
+    assert len(fine.configure_optimizers().param_groups) == 2
+
+
+def test_plateau_scheduler_is_rejected_for_several_members() -> None:
+    plateau = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5)
+    module = EnsembleLightningModule(
+        member=TinyNet, num_members=2, num_classes=NUM_CLASSES, lr_scheduler=plateau
+    )
+    with pytest.raises(ValueError, match="ReduceLROnPlateau.*coupling"):
+        module.configure_optimizers()
+    single = EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES, lr_scheduler=plateau)
+    assert single.configure_optimizers()["lr_scheduler"]["monitor"] == "val/loss"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(member=TinyNet, num_members=0), r"`--model.num_members` to be an int >= 1, but got 0"),
+        (dict(member=TinyNet, num_members=2, aggregation="median"), r"`--model.aggregation`.*'median'"),
+        (dict(), r"exactly one of `--model.member`.*neither"),
+        (dict(member=TinyNet, members=[TinyNet]), r"exactly one of.*both"),
+        (dict(members=[TinyNet, TinyNet], num_members=3), r"`--model.num_members` to equal the 2"),
+        (dict(member=TinyNet, label_smoothing=1.5), r"`--model.label_smoothing`.*1.5"),
+        (dict(member=TinyNet, num_members=2, frozen_members=[0, 1]), r"`--model.frozen_members`"),
+        (dict(member=TinyNet, frozen_members=[4]), r"`--model.frozen_members`.*\[4\]"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
+    kwargs.setdefault("num_classes", NUM_CLASSES)
+    with pytest.raises(ValueError, match=message):
+        EnsembleLightningModule(**kwargs)
+
+
+def test_num_classes_is_required() -> None:
+    with pytest.raises(ValueError, match=r"`--model.num_classes` to be an int >= 2.*None"):
+        EnsembleLightningModule(member=TinyNet)
+
+
+def test_factory_returning_non_module_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"factory of member 0 .* returned str"):
+        EnsembleLightningModule(member=lambda: "not a module", num_classes=NUM_CLASSES)
+
+
+def test_members_disagreeing_in_output_shape_are_reported() -> None:
+    module = EnsembleLightningModule(
+        members=[TinyNet, functools.partial(TinyNet, num_classes=7)], num_classes=NUM_CLASSES
+    )
+    with pytest.raises(ValueError, match=r"member 1 gave \(4, 7\).*member 0': \(4, 5\)"):
+        module(torch.randn(4, 12))
