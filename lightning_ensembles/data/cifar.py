@@ -83,29 +83,31 @@ def _batches_dir(root: str | os.PathLike[str]) -> str:
 
 
 def _not_found_message(
-    root: str | os.PathLike[str], missing: Sequence[str], download_error: str | None
+    root: str | os.PathLike[str], missing: Sequence[str], cause: str, suggest_download: bool
 ) -> str:
     """Compose the error message for missing CIFAR-10 files.
 
     Args:
         root: The dataset root (``--data.root``).
         missing: The names of the missing files.
-        download_error: The text of the download failure, or ``None`` when no download was attempted.
+        cause: Why they were not fetched, e.g. ``"and downloading it failed: ..."``; may be empty.
+        suggest_download: Whether to suggest ``--data.download true`` (not after a failed download).
 
     Returns:
         A message naming the directory, the expected files, and where to get them.
     """
     expected = ", ".join(name for name, _ in _expected_files())
-    if download_error is None:
-        cause = "and `--data.download` is false"
-    else:
-        cause = f"and downloading it failed: {download_error}"
+    alternative = (
+        "; or, where the internet is reachable, pass `--data.download true` so that `prepare_data` fetches it"
+        if suggest_download
+        else ""
+    )
     return (
-        f"CIFAR-10 was not found in {_batches_dir(root)!r} (missing: {', '.join(missing)}) {cause}. "
+        f"CIFAR-10 was not found in {_batches_dir(root)!r} (missing: {', '.join(missing)}){cause}. "
         f"That directory must hold {expected}. Download {CIFAR10.url} "
         f"(md5 {CIFAR10.tgz_md5}) on a machine with internet access and extract it under `--data.root` "
         f"(here {os.fspath(root)!r}), e.g. `tar -xzf {CIFAR10.filename} -C {os.fspath(root)}`, which creates "
-        f"{CIFAR10.base_folder}/; or pass `--data.download true` where the internet is reachable."
+        f"{CIFAR10.base_folder}/{alternative}."
     )
 
 
@@ -233,7 +235,7 @@ class _CIFAR10(CIFAR10):
             if not os.path.isfile(os.path.join(self.root, self.base_folder, name))
         ]
         if missing:
-            raise CIFAR10NotFoundError(_not_found_message(self._root_arg, missing, None))
+            raise CIFAR10NotFoundError(_not_found_message(self._root_arg, missing, "", suggest_download=True))
         for name, md5 in self._split_files(self.train):
             path = os.path.join(_batches_dir(self.root), name)
             if md5 is not None:
@@ -476,7 +478,11 @@ class CIFAR10DataModule(LightningDataModule):
         if not missing:
             return
         if not self.download:
-            raise CIFAR10NotFoundError(_not_found_message(self.root, missing, None))
+            raise CIFAR10NotFoundError(
+                _not_found_message(
+                    self.root, missing, " and `--data.download` is false", suggest_download=True
+                )
+            )
         log.info("Downloading CIFAR-10 from %s to %s", CIFAR10.url, self.root)
         try:
             tv_utils.download_and_extract_archive(
@@ -487,12 +493,19 @@ class CIFAR10DataModule(LightningDataModule):
             )
         except Exception as err:  # network, disk or archive errors; re-raised with the fix in the message
             raise CIFAR10NotFoundError(
-                _not_found_message(self.root, missing, f"{type(err).__name__}: {err}")
+                _not_found_message(
+                    self.root,
+                    missing,
+                    f" and downloading it failed: {type(err).__name__}: {err}",
+                    suggest_download=False,
+                )
             ) from err
         still_missing = self._missing_files()
         if still_missing:
             raise CIFAR10NotFoundError(
-                _not_found_message(self.root, still_missing, f"{CIFAR10.filename} did not contain them")
+                _not_found_message(
+                    self.root, still_missing, f" after extracting {CIFAR10.filename}", suggest_download=False
+                )
             )
 
     def _load(self, train: bool) -> _CIFAR10:

@@ -115,6 +115,9 @@ class DigitsDataModule(LightningDataModule):
         """Mean of the training pixels (after dividing by 16), set by :meth:`setup`."""
         self.std: float | None = None
         """Population std of the training pixels (after dividing by 16), set by :meth:`setup`."""
+        self.split_indices: dict[str, np.ndarray] = {}
+        """Sorted indices into :func:`~sklearn.datasets.load_digits` of each split, set by :meth:`setup`:
+        ``"train"``, ``"val"`` (when ``val_size > 0``) and ``"test"``."""
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -159,20 +162,24 @@ class DigitsDataModule(LightningDataModule):
         else:
             train_idx, val_idx = rest, None
 
+        self.split_indices = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
+        if val_idx is not None:
+            self.split_indices["val"] = np.sort(val_idx)
+
         x = torch.from_numpy(images)
         y = torch.from_numpy(labels)
-        train_x = x[np.sort(train_idx)]
+        train_x = x[self.split_indices["train"]]
         mean = train_x.mean()
         std = train_x.std(correction=0)
         self.mean, self.std = float(mean), float(std)
 
-        def subset(idx: np.ndarray) -> TensorDataset:
-            idx = np.sort(idx)
+        def subset(split: str) -> TensorDataset:
+            idx = torch.from_numpy(self.split_indices[split])
             return TensorDataset((x[idx] - mean) / std, y[idx])
 
-        self.train_set = subset(train_idx)
-        self.test_set = subset(test_idx)
-        self.val_set = subset(val_idx) if val_idx is not None else self.test_set
+        self.train_set = subset("train")
+        self.test_set = subset("test")
+        self.val_set = subset("val") if val_idx is not None else self.test_set
 
     def _loader(self, dataset: TensorDataset | None, train: bool = False) -> DataLoader[Any]:
         """Build a DataLoader over one split.

@@ -1,0 +1,165 @@
+"""The LightningCLI subclass every reproduction shares.
+
+A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.devices N]`` with no
+subcommand: it trains, tests the best checkpoint, then prints and saves the results table
+(:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
+are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.results import build_results, format_table, write_results
+
+log = logging.getLogger(__name__)
+
+
+def check_devices(devices: Any, accelerator: Any) -> None:
+    """Fail early, with the flag named, when ``--trainer.devices`` asks for more devices than exist.
+
+    Args:
+        devices: the value of ``--trainer.devices`` (an int, a digit string, a list of indices or ``"auto"``).
+        accelerator: the value of ``--trainer.accelerator``.
+
+    Raises:
+        ValueError: if more GPUs are requested than CUDA reports, or more CPU processes than CPU cores
+            when no GPU is used.
+    """
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        requested = max(int(d) for d in devices) + 1 if devices else 0
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        requested = devices
+    else:
+        return  # "auto", -1: Lightning picks what exists
+    accelerator = str(accelerator or "auto")
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0):
+        if requested > gpus:
+            raise ValueError(
+                f"Expected `--trainer.devices` to be at most {gpus} (the CUDA GPUs on this machine), "
+                f"but got {devices!r}."
+            )
+    elif accelerator == "cpu" or (accelerator == "auto" and gpus == 0):
+        cores = os.cpu_count() or 1
+        if requested > cores:
+            raise ValueError(
+                f"Expected `--trainer.devices` to be at most {cores} on this machine (no GPU, {cores} CPU "
+                f"cores, one process each), but got {devices!r}."
+            )
+
+
+class EnsembleCLI(LightningCLI):
+    """LightningCLI for ensembles: links ``num_classes``, checks devices, adds ``--ckpt_path``.
+
+    Args:
+        *args: forwarded to ``LightningCLI``.
+        **kwargs: forwarded to ``LightningCLI``; defaults: ``EnsembleLightningModule`` as the model,
+            datamodules in subclass mode, ``run=False``, and the config saved next to the logs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", EnsembleLightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("run", False)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Resume training from this checkpoint ('last' finds the newest one of this run).",
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        check_devices(config.trainer.devices, config.trainer.accelerator)
+
+    def fit_test_report(self) -> dict[str, Any]:
+        """Train, test the best checkpoint, and write the results table into the run directory.
+
+        Returns:
+            The results dict (see :func:`lightning_ensembles.results.build_results`).
+        """
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=self.config.get("ckpt_path"))
+        fit_seconds = time.perf_counter() - started
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+        assert isinstance(model, EnsembleLightningModule)
+        results = build_results(
+            list(model.members),
+            metrics,
+            input_shape=getattr(datamodule, "input_shape"),
+            extra={
+                "checkpoint": best or None,
+                "fit_seconds": round(fit_seconds, 2),
+                "epochs": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "config": _plain(self.config),
+            },
+        )
+        self._save_results(results)
+        return results
+
+    @rank_zero_only
+    def _save_results(self, results: dict[str, Any]) -> None:
+        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        json_path, _ = write_results(results, directory)
+        results["results_file"] = str(json_path)
+        log.info("Results written to %s", json_path)
+
+
+def _plain(config: Namespace) -> Any:
+    value = config.as_dict() if isinstance(config, Namespace) else config
+    return _jsonable(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (type(None), bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_recipe(args: Sequence[str] | None = None, **cli_kwargs: Any) -> dict[str, Any]:
+    """Run a reproduction: parse ``args`` (or ``sys.argv``), fit, test and report.
+
+    Args:
+        args: command-line arguments; ``None`` reads ``sys.argv``.
+        **cli_kwargs: forwarded to :class:`EnsembleCLI` (e.g. ``parser_kwargs`` with default config files).
+
+    Returns:
+        The results dict, with ``table`` holding the Markdown table.
+    """
+    cli = EnsembleCLI(args=list(args) if args is not None else None, **cli_kwargs)
+    results = cli.fit_test_report()
+    results["table"] = format_table(results)
+    return results

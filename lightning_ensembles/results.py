@@ -1,0 +1,188 @@
+"""The results table of a reproduction run: accuracy and cost for every ensemble size.
+
+Kondratyuk et al. 2020 plot one point per ensemble size, accuracy against multiply-adds. A run's table
+holds exactly those points (the first ``k`` members, ``k = 1..M``, from the module's test metrics) together
+with each member's cost, the full-ensemble calibration metrics, and the evidence a result needs (DESIGN,
+rule 13): wall-clock, hardware and library versions. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_ensembles.cost import count_macs, count_params
+
+ENSEMBLE_KEYS = ("top1", "top5", "nll", "ece", "brier", "disagreement")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of one.
+
+    Args:
+        path: the destination; its folder is created if needed.
+        text: the content.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def member_name(member: nn.Module) -> str:
+    """A short architecture name: the member's ``name`` attribute (``"WRN-28-10"``) or its class name."""
+    name = getattr(member, "name", None)
+    return name if isinstance(name, str) else type(member).__name__
+
+
+def environment() -> dict[str, Any]:
+    """Hardware and library versions, recorded with every result."""
+    import lightning
+    import torchmetrics
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "gpu_count": torch.cuda.device_count(),
+    }
+
+
+def build_results(
+    members: Sequence[nn.Module],
+    metrics: Mapping[str, float],
+    input_shape: Sequence[int],
+    stage: str = "test",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the results of one run.
+
+    Args:
+        members: the trained members, in order.
+        metrics: logged metrics, e.g. ``trainer.test(...)[0]`` (keys ``test/size_{k}/top1``, ...).
+        input_shape: one sample's shape, for counting multiply-adds.
+        stage: the metric prefix to read.
+        extra: anything else to record (config, checkpoint path, wall-clock, ...).
+
+    Returns:
+        A JSON-serialisable dict with ``members``, ``sizes`` (one row per ``k``) and ``ensemble``.
+
+    Raises:
+        KeyError: if the metrics lack an entry the table needs, naming it.
+    """
+
+    def get(key: str) -> float:
+        full = f"{stage}/{key}"
+        if full not in metrics:
+            raise KeyError(f"The results table needs the metric {full!r}, which the run did not log.")
+        return float(metrics[full])
+
+    costs = [(count_macs(m, input_shape), count_params(m)) for m in members]
+    rows = []
+    for i, (member, (macs, params)) in enumerate(zip(members, costs)):
+        rows.append(
+            {
+                "member": i,
+                "architecture": member_name(member),
+                "macs": macs,
+                "params": params,
+                "top1": get(f"member_{i}/top1"),
+                "nll": get(f"member_{i}/nll"),
+            }
+        )
+    sizes = []
+    for k in range(1, len(members) + 1):
+        sizes.append(
+            {
+                "k": k,
+                "macs": sum(c[0] for c in costs[:k]),
+                "params": sum(c[1] for c in costs[:k]),
+                "top1": get(f"size_{k}/top1"),
+                "nll": get(f"size_{k}/nll"),
+            }
+        )
+    ensemble = {key: float(metrics[f"{stage}/{key}"]) for key in ENSEMBLE_KEYS if f"{stage}/{key}" in metrics}
+    architectures = sorted({row["architecture"] for row in rows})
+    return {
+        "architecture": architectures[0] if len(architectures) == 1 else "+".join(architectures),
+        "num_members": len(members),
+        "input_shape": list(input_shape),
+        "stage": stage,
+        "members": rows,
+        "sizes": sizes,
+        "ensemble": ensemble,
+        "environment": environment(),
+        **dict(extra or {}),
+    }
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Render results as Markdown: one row per ensemble size, then the members and the full ensemble.
+
+    Args:
+        results: the output of :func:`build_results`.
+
+    Returns:
+        Markdown text.
+    """
+    name = f"{results['num_members']} × {results['architecture']}"
+    lines = [
+        f"## {name} ({results['stage']} split)",
+        "",
+        "| ensemble size k | GMACs / sample | params (M) | top-1 (%) | NLL |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["sizes"]:
+        lines.append(
+            f"| {row['k']} | {row['macs'] / 1e9:.4f} | {row['params'] / 1e6:.2f} | "
+            f"{100 * row['top1']:.2f} | {row['nll']:.4f} |"
+        )
+    lines += ["", "| member | architecture | top-1 (%) | NLL |", "|---:|---|---:|---:|"]
+    for row in results["members"]:
+        lines.append(f"| {row['member']} | {row['architecture']} | {100 * row['top1']:.2f} | {row['nll']:.4f} |")
+    ensemble = results["ensemble"]
+    if ensemble:
+        lines += ["", "ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in ensemble.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: Mapping[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` atomically into ``directory``.
+
+    Args:
+        results: the output of :func:`build_results`.
+        directory: the run directory.
+
+    Returns:
+        The paths of the JSON and Markdown files.
+    """
+    directory = Path(directory)
+    json_path = atomic_write_text(directory / "results.json", json.dumps(results, indent=2) + "\n")
+    md_path = atomic_write_text(directory / "results.md", format_table(results))
+    return json_path, md_path
