@@ -4,4 +4,9 @@ Follows Kondratyuk et al., *When Ensembling Smaller Models is More Efficient tha
 (arXiv 2005.00570): M members trained independently, predictions averaged, and every ensemble size costed.
 """
 
+from lightning_ensembles.aggregation import aggregate, cumulative_probs
+from lightning_ensembles.metrics import EnsembleMetrics
+from lightning_ensembles.module import EnsembleLightningModule
+
 __version__ = "0.1.0.dev0"
+__all__ = ["EnsembleLightningModule", "EnsembleMetrics", "aggregate", "cumulative_probs"]

@@ -113,7 +113,7 @@ class EnsembleCLI(LightningCLI):
         results = build_results(
             list(model.members),
             metrics,
-            input_shape=getattr(datamodule, "input_shape"),
+            input_shape=datamodule.input_shape,
             extra={
                 "checkpoint": best or None,
                 "fit_seconds": round(fit_seconds, 2),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ MemberFactory = Callable[[], nn.Module]
 """Anything that returns a fresh member when called: a class, a ``functools.partial``, a LightningCLI
 ``class_path``/``init_args`` entry."""
 
-MemberSpec = Union[MemberFactory, nn.Module]
+MemberSpec = MemberFactory | nn.Module
 StateDict = dict[str, Tensor]
 
 MEMBERS_PREFIX = "members."
@@ -85,7 +85,9 @@ def build_members(specs: Sequence[MemberSpec], seed: int, first_index: int = 0) 
     return [build_member(spec, seed + first_index + j, first_index + j) for j, spec in enumerate(specs)]
 
 
-def split_member_state_dicts(state_dict: Mapping[str, Tensor], prefix: str = MEMBERS_PREFIX) -> list[StateDict]:
+def split_member_state_dicts(
+    state_dict: Mapping[str, Tensor], prefix: str = MEMBERS_PREFIX
+) -> list[StateDict]:
     """Split an ensemble's ``state_dict`` into one ``state_dict`` per member.
 
     Args:

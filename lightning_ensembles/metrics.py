@@ -10,6 +10,7 @@ state is synchronised across processes under DDP.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ class EnsembleMetrics(nn.Module):
         self.num_members = num_members
         self.num_classes = num_classes
         self.aggregation = aggregation
-        ensemble: dict[str, Metric] = {
+        metrics: dict[str, Metric] = {
             "top1": _accuracy(num_classes),
             "nll": MeanMetric(),
             "ece": MulticlassCalibrationError(
@@ -115,16 +116,20 @@ class EnsembleMetrics(nn.Module):
             "brier": MeanMetric(),
         }
         if num_classes >= 5:
-            ensemble["top5"] = _accuracy(num_classes, top_k=5)
+            metrics["top5"] = _accuracy(num_classes, top_k=5)
         if num_members >= 2:
-            ensemble["disagreement"] = MeanMetric()
-        self.ensemble = nn.ModuleDict(ensemble)
-        self.members = nn.ModuleList(
-            nn.ModuleDict({"top1": _accuracy(num_classes), "nll": MeanMetric()}) for _ in range(num_members)
-        )
-        self.sizes = nn.ModuleList(
-            nn.ModuleDict({"top1": _accuracy(num_classes), "nll": MeanMetric()}) for _ in range(num_members)
-        )
+            metrics["disagreement"] = MeanMetric()
+        for i in range(num_members):
+            metrics[f"member_{i}/top1"] = _accuracy(num_classes)
+            metrics[f"member_{i}/nll"] = MeanMetric()
+        for k in range(1, num_members + 1):
+            metrics[f"size_{k}/top1"] = _accuracy(num_classes)
+            metrics[f"size_{k}/nll"] = MeanMetric()
+        self.metrics = nn.ModuleDict(metrics)
+
+    def __getitem__(self, name: str) -> Metric:
+        """The metric called ``name`` (see the class docstring)."""
+        return cast(Metric, self.metrics[name])
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor) -> None:
@@ -149,35 +154,28 @@ class EnsembleMetrics(nn.Module):
         member_nll = nll_per_sample(member_log_probs, target)  # (M, B)
         size_nll = nll_per_sample(size_log_probs, target)  # (M, B)
         for i in range(self.num_members):
-            self.members[i]["top1"].update(member_log_probs[i], target)
-            self.members[i]["nll"].update(member_nll[i])
-            self.sizes[i]["top1"].update(size_probs[i], target)
-            self.sizes[i]["nll"].update(size_nll[i])
+            self[f"member_{i}/top1"].update(member_log_probs[i], target)
+            self[f"member_{i}/nll"].update(member_nll[i])
+            self[f"size_{i + 1}/top1"].update(size_probs[i], target)
+            self[f"size_{i + 1}/nll"].update(size_nll[i])
         probs = size_probs[-1]
-        self.ensemble["top1"].update(probs, target)
-        self.ensemble["nll"].update(size_nll[-1])
-        self.ensemble["ece"].update(probs, target)
-        self.ensemble["brier"].update(brier_per_sample(probs, target))
-        if "top5" in self.ensemble:
-            self.ensemble["top5"].update(probs, target)
-        if "disagreement" in self.ensemble:
-            self.ensemble["disagreement"].update(disagreement_per_sample(logits))
+        self["top1"].update(probs, target)
+        self["nll"].update(size_nll[-1])
+        self["ece"].update(probs, target)
+        self["brier"].update(brier_per_sample(probs, target))
+        if "top5" in self.metrics:
+            self["top5"].update(probs, target)
+        if "disagreement" in self.metrics:
+            self["disagreement"].update(disagreement_per_sample(logits))
 
     def items(self) -> Iterator[tuple[str, Metric]]:
         """Yield ``(name, metric)`` pairs, in the naming scheme of the class docstring.
 
         Yields:
-            The metric objects themselves, so Lightning can log them (``self.log_dict``) and compute, sync
-            and reset them at epoch end.
+            The metric objects themselves (ensemble, then members, then sizes).
         """
-        for name, metric in self.ensemble.items():
-            yield name, metric
-        for i, group in enumerate(self.members):
-            for name, metric in group.items():
-                yield f"member_{i}/{name}", metric
-        for k, group in enumerate(self.sizes, start=1):
-            for name, metric in group.items():
-                yield f"size_{k}/{name}", metric
+        for name in self.metrics:
+            yield name, self[name]
 
     def compute(self) -> dict[str, Tensor]:
         """Compute every metric.

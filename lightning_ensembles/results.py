@@ -128,7 +128,7 @@ def build_results(
             }
         )
     ensemble = {key: float(metrics[f"{stage}/{key}"]) for key in ENSEMBLE_KEYS if f"{stage}/{key}" in metrics}
-    architectures = sorted({row["architecture"] for row in rows})
+    architectures = sorted({member_name(m) for m in members})
     return {
         "architecture": architectures[0] if len(architectures) == 1 else "+".join(architectures),
         "num_members": len(members),
@@ -165,7 +165,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         )
     lines += ["", "| member | architecture | top-1 (%) | NLL |", "|---:|---|---:|---:|"]
     for row in results["members"]:
-        lines.append(f"| {row['member']} | {row['architecture']} | {100 * row['top1']:.2f} | {row['nll']:.4f} |")
+        lines.append(
+            f"| {row['member']} | {row['architecture']} | {100 * row['top1']:.2f} | {row['nll']:.4f} |"
+        )
     ensemble = results["ensemble"]
     if ensemble:
         lines += ["", "ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in ensemble.items())]

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from lightning_ensembles.members import build_member
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
+from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
 
 Dropout = functools.partial(TinyNet, dropout=0.3)
 
@@ -107,12 +107,12 @@ def test_combine_mixed_architectures(tmp_path: Path) -> None:
 def test_checkpoint_from_another_architecture_is_reported(tmp_path: Path) -> None:
     torch.save(build_member(TinyConvNet, 0).state_dict(), tmp_path / "conv.pt")
     with pytest.raises(ValueError, match=r"member 0 of checkpoint .*conv.pt.*another architecture"):
-        EnsembleLightningModule.from_checkpoints([tmp_path / "conv.pt"], member=TinyNet, num_classes=NUM_CLASSES)
+        EnsembleLightningModule.from_checkpoints(
+            [tmp_path / "conv.pt"], member=TinyNet, num_classes=NUM_CLASSES
+        )
     wide = functools.partial(TinyNet, hidden=32)
     with pytest.raises(ValueError, match="another architecture"):
-        EnsembleLightningModule.from_checkpoints(
-            [tmp_path / "conv.pt"], member=wide, num_classes=NUM_CLASSES
-        )
+        EnsembleLightningModule.from_checkpoints([tmp_path / "conv.pt"], member=wide, num_classes=NUM_CLASSES)
 
 
 def test_combine_bad_input(tmp_path: Path) -> None:
@@ -129,7 +129,9 @@ def test_combine_bad_input(tmp_path: Path) -> None:
         )
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.ckpt.*weights_only=True"):
-        EnsembleLightningModule.from_checkpoints([tmp_path / "junk.ckpt"], member=TinyNet, num_classes=NUM_CLASSES)
+        EnsembleLightningModule.from_checkpoints(
+            [tmp_path / "junk.ckpt"], member=TinyNet, num_classes=NUM_CLASSES
+        )
 
 
 def test_extract_member_is_an_independent_plain_module() -> None:

@@ -71,7 +71,9 @@ def test_aggregation_matches_reference(inputs, aggregation: str) -> None:
     assert_close(aggregate(logits, aggregation), expected, atol=1e-6, rtol=1e-5)
     cumulative = cumulative_probs(logits, aggregation)
     for k in range(1, M + 1):
-        assert_close(cumulative[k - 1], torch.tensor(ref_probs(logits[:k], aggregation)), atol=1e-6, rtol=1e-5)
+        assert_close(
+            cumulative[k - 1], torch.tensor(ref_probs(logits[:k], aggregation)), atol=1e-6, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("aggregation", ["mean_probs", "mean_logits"])
@@ -123,8 +125,18 @@ def test_ensemble_nll_stays_finite_when_member_softmax_underflows() -> None:
 
 
 def test_small_ensembles_have_fewer_metrics() -> None:
-    names = set(EnsembleMetrics(1, 3).ensemble.keys())
-    assert names == {"top1", "nll", "ece", "brier"}  # no top-5 for C < 5, no disagreement for M = 1
+    names = {name for name, _ in EnsembleMetrics(1, 3).items()}
+    # no top-5 for C < 5, no disagreement for M = 1
+    assert names == {
+        "top1",
+        "nll",
+        "ece",
+        "brier",
+        "member_0/top1",
+        "member_0/nll",
+        "size_1/top1",
+        "size_1/nll",
+    }
 
 
 @pytest.mark.parametrize(

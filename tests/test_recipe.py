@@ -1,0 +1,144 @@
+"""The CIFAR Wide ResNet recipe and its configs, through the real LightningCLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ensembles.cli import EnsembleCLI, check_devices
+from lightning_ensembles.testing import write_fake_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "reproductions" / "configs"
+DEFAULT = CONFIGS / "cifar_wrn.yaml"
+sys.path.insert(0, str(ROOT / "reproductions"))
+
+import cifar_wrn  # noqa: E402
+import quickstart  # noqa: E402
+
+ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+# What each shipped config is composed with to make a complete run (cheap members where the file allows).
+COMPOSE = {"cifar/ensemble-": ["cifar/wrn-16-1.yaml"], "digits/": ["cifar/wrn-16-1.yaml"]}
+
+
+def _instantiate(*configs: str, extra: tuple[str, ...] = ()) -> EnsembleCLI:
+    args = ["--config", str(DEFAULT)]
+    for config in configs:
+        args += ["--config", str(CONFIGS / config)]
+    return EnsembleCLI(args=[*args, *extra])
+
+
+def test_every_config_is_tested() -> None:
+    assert "cifar_wrn.yaml" in ALL_YAML and "digits/quickstart.yaml" in ALL_YAML
+    for arch in ("16-4", "16-8", "28-10", "40-4"):
+        assert f"cifar/wrn-{arch}.yaml" in ALL_YAML
+    assert {"cifar/ensemble-2.yaml", "cifar/ensemble-3.yaml", "cifar/ensemble-4.yaml"} <= set(ALL_YAML)
+
+
+@pytest.mark.parametrize("config", ALL_YAML)
+def test_config_parses_and_instantiates(config: str) -> None:
+    extra = next((v for prefix, v in COMPOSE.items() if config.startswith(prefix)), [])
+    cli = _instantiate(*extra, config)
+    model = cli.model
+    assert model.num_classes == cli.datamodule.num_classes == 10  # linked, never written twice
+    name = Path(config).stem
+    if name.startswith("wrn-"):
+        assert model.members[0].name == f"WRN-{name[4:]}"
+    if name.startswith("ensemble-"):
+        assert model.num_members == int(name.split("-")[1])
+    if config == "cifar_wrn.yaml":
+        assert model.num_members == 1 and model.members[0].name == "WRN-28-10"
+        optimizer = model.configure_optimizers()["optimizer"]
+        assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["nesterov"] is True
+        assert optimizer.defaults["weight_decay"] == 5e-4 and cli.trainer.max_epochs == 200
+        assert cli.datamodule.hparams.batch_size == 128
+
+
+def _fast(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]
+
+
+def test_recipe_end_to_end_on_generated_cifar10(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_fake_cifar10(tmp_path / "data", num_train=64, num_test=32)
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "cifar/wrn-16-1.yaml"),
+            "--config", str(CONFIGS / "cifar/ensemble-2.yaml"),
+            f"--data.root={tmp_path / 'data'}",
+            "--data.verify_checksums=false",
+            "--data.num_workers=0",
+            "--data.batch_size=16",
+            *_fast(tmp_path),
+        ]
+    )  # fmt: skip
+    assert [row["k"] for row in results["sizes"]] == [1, 2]
+    assert results["sizes"][1]["macs"] == 2 * results["members"][0]["macs"] > 0
+    assert Path(results["checkpoint"]).is_file()
+    saved = json.loads(Path(results["results_file"]).read_text())
+    assert saved["sizes"] == results["sizes"] and saved["environment"]["torch"] == torch.__version__
+    assert "| ensemble size k |" in capsys.readouterr().out
+    run_dir = Path(results["results_file"]).parent
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "results.md").is_file()
+
+
+def test_quickstart_runs_both_arms_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = quickstart.main([*_fast(tmp_path), "--trainer.limit_train_batches=3"])
+    assert [r["num_members"] for r in summary] == [1, 4]
+    assert [r["architecture"] for r in summary] == ["WRN-16-4", "WRN-16-2"]
+    single, ensemble = (r["sizes"][-1]["macs"] for r in summary)
+    assert abs(ensemble - single) / single < 0.05  # the FLOP-matched pair
+    assert "| 4 x WRN-16-2 | 4 |" in capsys.readouterr().out
+
+
+def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    base = [
+        "--config",
+        str(CONFIGS / "digits/quickstart.yaml"),
+        "--config",
+        str(CONFIGS / "cifar/wrn-16-1.yaml"),
+    ]
+    first = cifar_wrn.main([*base, *_fast(tmp_path), "--trainer.limit_train_batches=2"])
+    last = Path(first["checkpoint"]).parent / "last.ckpt"
+    resumed = cifar_wrn.main(
+        [
+            *base,
+            *_fast(tmp_path),
+            "--trainer.limit_train_batches=2",
+            "--trainer.max_epochs=2",
+            f"--ckpt_path={last}",
+        ]
+    )
+    assert (first["global_step"], resumed["global_step"]) == (2, 4)
+
+
+def test_too_many_devices_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"`--trainer.devices` to be at most \d+ on this machine.*got 4096"):
+        _instantiate(extra=("--trainer.devices=4096", "--trainer.accelerator=cpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"at most 2 \(the CUDA GPUs on this machine\), but got 8"):
+        check_devices(8, "gpu")
+    with pytest.raises(ValueError, match=r"at most 2 .*but got \[0, 5\]"):
+        check_devices([0, 5], "auto")
+    check_devices(2, "gpu")
+    check_devices("auto", "gpu")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py"):
+        cifar_wrn.main([f"--data.root={tmp_path}", "--data.download=false", *_fast(tmp_path)])
+
+
+def test_unknown_flag_value_names_the_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        _instantiate(extra=("--model.aggregation=median",))
+    assert "aggregation" in capsys.readouterr().err
