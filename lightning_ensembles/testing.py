@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_ensembles._validation import check_int
+
 __all__ = ["CIFAR10_CLASSES", "write_fake_cifar10"]
 
 CIFAR10_CLASSES: tuple[str, ...] = (
@@ -162,24 +164,6 @@ def _batch_dict(batch_label: str, labels: np.ndarray, data: np.ndarray, first_in
     }
 
 
-def _check_count(value: object, name: str) -> int:
-    """Return ``value`` if it is an int >= 1 (bools excluded), else raise.
-
-    Args:
-        value: The value to check.
-        name: The argument name used in the error message.
-
-    Returns:
-        ``value``, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not an int >= 1.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}.")
-    return value
-
-
 def write_fake_cifar10(
     root: str | os.PathLike[str], num_train: int = 100, num_test: int = 50, seed: int = 0
 ) -> Path:
@@ -216,8 +200,8 @@ def write_fake_cifar10(
         >>> entry["data"].shape, entry["data"].dtype
         ((4, 3072), dtype('uint8'))
     """
-    _check_count(num_train, "num_train")
-    _check_count(num_test, "num_test")
+    check_int(num_train, "num_train", 1)
+    check_int(num_test, "num_test", 1)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"Expected `seed` to be an int >= 0, but got {seed!r}.")
 

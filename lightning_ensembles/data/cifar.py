@@ -30,7 +30,8 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import utils as tv_utils
 from typing_extensions import override
 
-from lightning_ensembles.data.sampling import EpochSeededRandomSampler
+from lightning_ensembles._validation import check_bool, check_int
+from lightning_ensembles.data.sampling import make_loader
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -327,46 +328,6 @@ class _TransformedSubset(Dataset[tuple[Any, int]]):
         return len(self.indices)
 
 
-def _check_int(value: object, flag: str, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` if it is an int in ``[minimum, maximum)`` (bools excluded), else raise.
-
-    Args:
-        value: The value to check.
-        flag: The CLI flag named in the error, e.g. ``"--data.batch_size"``.
-        minimum: The smallest allowed value.
-        maximum: One past the largest allowed value, or ``None`` for no upper bound.
-
-    Returns:
-        ``value``, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not such an int.
-    """
-    in_range = isinstance(value, int) and value >= minimum and (maximum is None or value < maximum)
-    if isinstance(value, bool) or not in_range:
-        allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum})"
-        raise ValueError(f"Expected `{flag}` to be {allowed}, but got {value!r}.")
-    return value  # type: ignore[return-value]
-
-
-def _check_bool(value: object, flag: str) -> bool:
-    """Return ``value`` if it is a bool, else raise.
-
-    Args:
-        value: The value to check.
-        flag: The CLI flag named in the error.
-
-    Returns:
-        ``value``, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not a bool.
-    """
-    if not isinstance(value, bool):
-        raise ValueError(f"Expected `{flag}` to be a bool, but got {value!r}.")
-    return value
-
-
 class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 (50,000 train / 10,000 test 32x32 RGB images, 10 classes) with Wide ResNet augmentation.
 
@@ -423,13 +384,13 @@ class CIFAR10DataModule(LightningDataModule):
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ValueError(f"Expected `--data.root` to be a non-empty directory path, but got {root!r}.")
         self.root = root
-        self.batch_size = _check_int(batch_size, "--data.batch_size", 1)
-        self.num_workers = _check_int(num_workers, "--data.num_workers", 0)
-        self.val_size = _check_int(val_size, "--data.val_size", 0, _NUM_TRAIN_IMAGES)
-        self.download = _check_bool(download, "--data.download")
-        self.verify_checksums = _check_bool(verify_checksums, "--data.verify_checksums")
-        self.augment = _check_bool(augment, "--data.augment")
-        self.seed = _check_int(seed, "--data.seed", 0)
+        self.batch_size = check_int(batch_size, "--data.batch_size", 1)
+        self.num_workers = check_int(num_workers, "--data.num_workers", 0)
+        self.val_size = check_int(val_size, "--data.val_size", 0, _NUM_TRAIN_IMAGES)
+        self.download = check_bool(download, "--data.download")
+        self.verify_checksums = check_bool(verify_checksums, "--data.verify_checksums")
+        self.augment = check_bool(augment, "--data.augment")
+        self.seed = check_int(seed, "--data.seed", 0)
         self.save_hyperparameters()
 
         normalize = [transforms.ToTensor(), transforms.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD)]
@@ -593,16 +554,7 @@ class CIFAR10DataModule(LightningDataModule):
         """
         if dataset is None:
             raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededRandomSampler(dataset, seed=self.seed) if train else None,
-            shuffle=False,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, self.batch_size, self.num_workers, self.seed, train)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

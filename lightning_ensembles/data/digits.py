@@ -19,7 +19,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_ensembles.data.sampling import EpochSeededRandomSampler
+from lightning_ensembles._validation import check_int
+from lightning_ensembles.data.sampling import make_loader
 
 __all__ = ["DigitsDataModule"]
 
@@ -27,25 +28,6 @@ _NUM_SAMPLES = 1797
 _NUM_CLASSES = 10
 _MIN_TRAIN = 10
 _STAGES = ("fit", "validate", "test", "predict")
-
-
-def _check_int(value: object, flag: str, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum`` (bools excluded), else raise.
-
-    Args:
-        value: The value to check.
-        flag: The CLI flag named in the error, e.g. ``"--data.batch_size"``.
-        minimum: The smallest allowed value.
-
-    Returns:
-        ``value``, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not such an int.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{flag}` to be an int >= {minimum}, but got {value!r}.")
-    return value
 
 
 class DigitsDataModule(LightningDataModule):
@@ -93,16 +75,16 @@ class DigitsDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.batch_size = _check_int(batch_size, "--data.batch_size", 1)
-        self.num_workers = _check_int(num_workers, "--data.num_workers", 0)
-        self.val_size = _check_int(val_size, "--data.val_size", 0)
+        self.batch_size = check_int(batch_size, "--data.batch_size", 1)
+        self.num_workers = check_int(num_workers, "--data.num_workers", 0)
+        self.val_size = check_int(val_size, "--data.val_size", 0)
         if 0 < val_size < _NUM_CLASSES:
             raise ValueError(
                 f"Expected `--data.val_size` to be 0 or an int >= {_NUM_CLASSES} (one image per class for a "
                 f"stratified split), but got {val_size}."
             )
-        self.test_size = _check_int(test_size, "--data.test_size", _NUM_CLASSES)
-        self.seed = _check_int(seed, "--data.seed", 0)
+        self.test_size = check_int(test_size, "--data.test_size", _NUM_CLASSES)
+        self.seed = check_int(seed, "--data.seed", 0)
         if _NUM_SAMPLES - val_size - test_size < _MIN_TRAIN:
             raise ValueError(
                 f"Expected `--data.val_size` + `--data.test_size` to leave at least {_MIN_TRAIN} of the "
@@ -196,16 +178,7 @@ class DigitsDataModule(LightningDataModule):
         """
         if dataset is None:
             raise RuntimeError("The digits are not loaded yet: call `setup(stage)` first.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededRandomSampler(dataset, seed=self.seed) if train else None,
-            shuffle=False,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, self.batch_size, self.num_workers, self.seed, train)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

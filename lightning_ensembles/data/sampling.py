@@ -17,29 +17,14 @@ which forwards ``set_epoch`` and shards the permutation across ranks, so the ord
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_ensembles._validation import check_int
 
 __all__ = ["EpochSeededRandomSampler"]
-
-
-def _check_non_negative_int(value: object, name: str) -> int:
-    """Return ``value`` if it is an int >= 0 (bools excluded), else raise.
-
-    Args:
-        value: The value to check.
-        name: The argument name used in the error message.
-
-    Returns:
-        ``value``, unchanged.
-
-    Raises:
-        ValueError: If ``value`` is not an int >= 0.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Expected `{name}` to be an int >= 0, but got {value!r}.")
-    return value
 
 
 class EpochSeededRandomSampler(Sampler[int]):
@@ -76,7 +61,7 @@ class EpochSeededRandomSampler(Sampler[int]):
                 f"but got {type(data_source).__name__}."
             )
         self.data_source = data_source
-        self.seed = _check_non_negative_int(seed, "seed")
+        self.seed = check_int(seed, "seed", 0)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,7 +73,7 @@ class EpochSeededRandomSampler(Sampler[int]):
         Raises:
             ValueError: If ``epoch`` is not an int >= 0.
         """
-        self.epoch = _check_non_negative_int(epoch, "epoch")
+        self.epoch = check_int(epoch, "epoch", 0)
 
     def __iter__(self) -> Iterator[int]:
         """Yield the indices of the permutation for the current epoch.
@@ -106,3 +91,30 @@ class EpochSeededRandomSampler(Sampler[int]):
             ``len(data_source)``.
         """
         return len(self.data_source)
+
+
+def make_loader(
+    dataset: Dataset[Any], batch_size: int, num_workers: int, seed: int, train: bool
+) -> DataLoader[Any]:
+    """The DataLoader every datamodule here uses: shuffled by ``(seed, epoch)`` for training, in order else.
+
+    Args:
+        dataset: the split.
+        batch_size: samples per batch.
+        num_workers: loader worker processes (0 loads in the main process).
+        seed: the shuffle seed (training only).
+        train: shuffle with :class:`EpochSeededRandomSampler` if true.
+
+    Returns:
+        The loader; pinned memory only when CUDA is available, persistent workers when there are any.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSeededRandomSampler(dataset, seed=seed) if train else None,  # type: ignore[arg-type]
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
