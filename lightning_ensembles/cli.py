@@ -109,7 +109,8 @@ class EnsembleCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
-        assert isinstance(model, EnsembleLightningModule)
+        if not isinstance(model, EnsembleLightningModule):
+            raise TypeError(f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}.")
         results = build_results(
             list(model.members),
             metrics,

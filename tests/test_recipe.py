@@ -100,6 +100,32 @@ def test_quickstart_runs_both_arms_on_digits(tmp_path: Path, capsys: pytest.Capt
     assert "| 4 x WRN-16-2 | 4 |" in capsys.readouterr().out
 
 
+def test_mixed_architecture_members_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "mixed.yaml"
+    config.write_text(
+        """
+model:
+  member: null
+  members:
+    - class_path: lightning_ensembles.models.WideResNet
+      init_args: {depth: 10, width: 1, in_channels: 1}
+    - class_path: lightning_ensembles.models.WideResNet
+      init_args: {depth: 16, width: 2, in_channels: 1}
+"""
+    )
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "digits/quickstart.yaml"),
+            "--config", str(config),
+            *_fast(tmp_path),
+            "--trainer.limit_train_batches=2",
+        ]
+    )  # fmt: skip
+    assert [row["architecture"] for row in results["members"]] == ["WRN-10-1", "WRN-16-2"]
+    assert results["architecture"] == "WRN-10-1+WRN-16-2"
+    assert results["sizes"][1]["macs"] == sum(row["macs"] for row in results["members"])
+
+
 def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     base = [
         "--config",
