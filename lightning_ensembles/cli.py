@@ -1,7 +1,8 @@
 """The LightningCLI subclass every reproduction shares.
 
 A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.devices N]`` with no
-subcommand: it trains, tests the best checkpoint, then prints and saves the results table
+subcommand: it trains, tests the best checkpoint (the final weights when validation runs on the test
+split), then prints and saves the results table
 (:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
 are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module.
 """
@@ -88,7 +89,7 @@ class EnsembleCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help="Resume training from this checkpoint ('last' finds the newest one of this run).",
+            help="Resume training from this checkpoint file (e.g. <run dir>/checkpoints/last.ckpt).",
         )
 
     @override
@@ -97,7 +98,11 @@ class EnsembleCLI(LightningCLI):
         check_devices(config.trainer.devices, config.trainer.accelerator)
 
     def fit_test_report(self) -> dict[str, Any]:
-        """Train, test the best checkpoint, and write the results table into the run directory.
+        """Train, test, and write the results table into the run directory.
+
+        The best checkpoint (by the checkpoint callback's monitor) is tested when the datamodule validates on
+        a split of its own. When validation runs on the test split (``val_size == 0``), choosing the best
+        epoch there would select on the test set, so the final weights are tested instead.
 
         Returns:
             The results dict (see :func:`lightning_ensembles.results.build_results`).
@@ -108,15 +113,22 @@ class EnsembleCLI(LightningCLI):
         fit_seconds = time.perf_counter() - started
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        if getattr(datamodule, "val_size", None) == 0:
+            best, selection = "", "final weights (validation ran on the test split)"
+        else:
+            selection = "best checkpoint on the validation split" if best else "final weights"
         (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
         if not isinstance(model, EnsembleLightningModule):
-            raise TypeError(f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}.")
+            raise TypeError(
+                f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}."
+            )
         results = build_results(
             list(model.members),
             metrics,
             input_shape=datamodule.input_shape,
             extra={
                 "checkpoint": best or None,
+                "tested": selection,
                 "fit_seconds": round(fit_seconds, 2),
                 "epochs": trainer.current_epoch,
                 "global_step": trainer.global_step,

@@ -83,7 +83,8 @@ def test_recipe_end_to_end_on_generated_cifar10(tmp_path: Path, capsys: pytest.C
     )  # fmt: skip
     assert [row["k"] for row in results["sizes"]] == [1, 2]
     assert results["sizes"][1]["macs"] == 2 * results["members"][0]["macs"] > 0
-    assert Path(results["checkpoint"]).is_file()
+    assert results["checkpoint"] is None  # val_size 0: validation is the test split, so no selection on it
+    assert results["tested"].startswith("final weights")
     saved = json.loads(Path(results["results_file"]).read_text())
     assert saved["sizes"] == results["sizes"] and saved["environment"]["torch"] == torch.__version__
     assert "| ensemble size k |" in capsys.readouterr().out
@@ -134,6 +135,7 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         str(CONFIGS / "cifar/wrn-16-1.yaml"),
     ]
     first = cifar_wrn.main([*base, *_fast(tmp_path), "--trainer.limit_train_batches=2"])
+    assert first["tested"] == "best checkpoint on the validation split"  # digits hold out a validation split
     last = Path(first["checkpoint"]).parent / "last.ckpt"
     resumed = cifar_wrn.main(
         [

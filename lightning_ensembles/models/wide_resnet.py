@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = ["WideResNet"]
 
-_FLAG = "--model.members.init_args"
+_FLAG = "--model.member.init_args"
 
 
 def _is_int(value: object) -> bool:

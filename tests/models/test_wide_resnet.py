@@ -133,7 +133,7 @@ def test_bad_arguments_raise(kwargs, name, shown):
         WideResNet(**kwargs)
     message = str(excinfo.value)
     assert f"`{name}`" in message
-    assert f"--model.members.init_args.{name}" in message
+    assert f"--model.member.init_args.{name}" in message
     assert f"but got {shown}." in message
 
 
