@@ -18,12 +18,14 @@ import copy
 import os
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -248,6 +250,46 @@ class EnsembleLightningModule(LightningModule):
             self.members[i].eval()
         return self
 
+    def summary(self, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+        """What a run is, for the HParams dashboard and results tables.
+
+        Args:
+            input_shape: one sample's shape; when given, multiply-adds are counted (meta device, no compute).
+
+        Returns:
+            ``architecture`` (e.g. ``"WRN-16-2"``, ``"+"``-joined when mixed), ``num_members``, ``depth`` and
+            ``width`` when every member has them and they agree, ``member_gmacs`` (mean) and
+            ``ensemble_gmacs`` when ``input_shape`` is given.
+        """
+        from lightning_ensembles.cost import count_macs
+        from lightning_ensembles.results import member_name
+
+        names = sorted({member_name(m) for m in self.members})
+        info: dict[str, Any] = {"architecture": "+".join(names), "num_members": len(self.members)}
+        for attribute in ("depth", "width"):
+            values = {getattr(m, attribute, None) for m in self.members}
+            if len(values) == 1 and isinstance(next(iter(values)), int):
+                info[attribute] = values.pop()
+        if input_shape is not None:
+            macs = [count_macs(m, input_shape) for m in self.members]
+            info["member_gmacs"] = sum(macs) / len(macs) / 1e9
+            info["ensemble_gmacs"] = sum(macs) / 1e9
+        return info
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Lightning logs `hparams_initial` to the loggers (TensorBoard's HParams dashboard) right after setup;
+        # the summary goes there only, so checkpoints keep exactly the constructor's arguments.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        input_shape = getattr(datamodule, "input_shape", None)
+        try:
+            summary = self.summary(input_shape)
+        except ValueError as err:  # informational only: a shape that does not fit fails later, with context
+            rank_zero_warn(f"Could not count multiply-adds for the HParams summary: {err}")
+            summary = self.summary()
+        initial = cast(AttributeDict, self._hparams_initial)
+        initial.update({f"ensemble/{k}": v for k, v in summary.items()})
+
     # ------------------------------------------------------------------ steps
 
     @override
@@ -271,9 +313,12 @@ class EnsembleLightningModule(LightningModule):
         self.log_dict({f"train/member_{i}/loss": losses[j] for j, i in enumerate(indices)})
         return loss
 
-    def _evaluation_step(self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics) -> None:
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics) -> dict[str, Tensor]:
         x, y = batch
-        metrics.update(self(x), y)
+        logits = self(x)
+        metrics.update(logits, y)
+        # Returned so callbacks (e.g. the ensemble-size ablation) read them in `on_*_batch_end`.
+        return {"logits": logits.detach(), "target": y}
 
     def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics
@@ -281,16 +326,16 @@ class EnsembleLightningModule(LightningModule):
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
 
     @override
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, self.val_metrics)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, self.val_metrics)
 
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
     @override
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, self.test_metrics)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, self.test_metrics)
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -12,7 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PUBLIC_MODULES = ("lightning_ensembles", "lightning_ensembles.data", "lightning_ensembles.models")
+PUBLIC_MODULES = (
+    "lightning_ensembles",
+    "lightning_ensembles.data",
+    "lightning_ensembles.models",
+    "lightning_ensembles.callbacks",
+)
 
 
 def test_mkdocs_builds_strict(tmp_path: Path) -> None:

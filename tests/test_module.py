@@ -183,3 +183,23 @@ def test_members_disagreeing_in_output_shape_are_reported() -> None:
     )
     with pytest.raises(ValueError, match=r"member 1 gave \(4, 7\).*member 0': \(4, 5\)"):
         module(torch.randn(4, 12))
+
+
+def test_hparams_summary_for_the_dashboard_and_a_shape_that_does_not_fit() -> None:
+    class Data(pl.LightningDataModule):
+        input_shape = (12,)
+
+        def train_dataloader(self):
+            return make_loader(n=16)
+
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    pl.Trainer(max_steps=1, **trainer_kwargs()).fit(module, datamodule=Data())
+    logged = module.hparams_initial
+    assert logged["ensemble/architecture"] == "TinyNet" and logged["ensemble/num_members"] == 2
+    assert logged["ensemble/ensemble_gmacs"] == pytest.approx(2 * logged["ensemble/member_gmacs"])
+    assert "ensemble/architecture" not in module.hparams  # not saved into checkpoints
+
+    Data.input_shape = (7,)
+    module = EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES)
+    with pytest.warns(UserWarning, match="Could not count multiply-adds"):
+        pl.Trainer(max_steps=1, **trainer_kwargs()).fit(module, datamodule=Data())

@@ -1,0 +1,399 @@
+"""Ensemble-size ablation: metrics for every ensemble size k = 1..M next to its cost.
+
+Kondratyuk et al. 2020 draw one point per ensemble size, accuracy against multiply-adds (and latency). This
+callback computes those points from one run: for every k, the metrics of the first k members, and their
+average over random subsets of size k, which removes the luck of which members happen to come first (all
+subsets are used when there are at most ``num_subsets`` of them). Each point carries its multiply-adds
+(counted on the meta device) and, optionally, its measured latency. Results go to the loggers as scalars,
+to TensorBoard as figures (accuracy vs GMACs, accuracy vs latency), and to ``ablation_{stage}.csv`` /
+``.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from typing_extensions import override
+
+from lightning_ensembles._validation import check_int
+from lightning_ensembles.aggregation import cumulative_log_probs
+from lightning_ensembles.cost import count_macs
+from lightning_ensembles.metrics import ECE_BINS, nll_per_sample
+from lightning_ensembles.results import atomic_write_text
+
+if TYPE_CHECKING:
+    from lightning_ensembles.module import EnsembleLightningModule
+
+METRICS = ("top1", "nll", "ece")
+STAGES = ("val", "test")
+
+
+def _make_metric(name: str, num_classes: int) -> Metric:
+    if name == "top1":
+        return MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+    if name == "ece":
+        return MulticlassCalibrationError(num_classes=num_classes, n_bins=ECE_BINS, validate_args=False)
+    return MeanMetric()
+
+
+def choose_subsets(num_members: int, num_subsets: int, seed: int) -> dict[int, list[tuple[int, ...]]]:
+    """The member subsets evaluated for every size ``k``: all of them, or ``num_subsets`` random ones.
+
+    Args:
+        num_members: ``M``.
+        num_subsets: the most subsets per size.
+        seed: seed of the random choice.
+
+    Returns:
+        ``{k: [subset, ...]}``; each subset is a sorted tuple of member indices.
+
+    Example:
+        >>> choose_subsets(3, 10, seed=0)[2]
+        [(0, 1), (0, 2), (1, 2)]
+    """
+    rng = random.Random(seed)
+    chosen: dict[int, list[tuple[int, ...]]] = {}
+    for k in range(1, num_members + 1):
+        if math.comb(num_members, k) <= num_subsets:
+            chosen[k] = list(itertools.combinations(range(num_members), k))
+            continue
+        picked: set[tuple[int, ...]] = set()
+        while len(picked) < num_subsets:
+            picked.add(tuple(sorted(rng.sample(range(num_members), k))))
+        chosen[k] = sorted(picked)
+    return chosen
+
+
+class EnsembleSizeAblation(Callback):
+    """Metrics, multiply-adds and latency for every ensemble size, at validation and test end.
+
+    Needs an :class:`~lightning_ensembles.EnsembleLightningModule` (it reads the logits its evaluation steps
+    return, so members run once).
+
+    Args:
+        metrics: any of ``"top1"``, ``"nll"``, ``"ece"``.
+        num_subsets: the most random subsets averaged per size (all subsets when there are fewer).
+        seed: seed of the subset choice.
+        stages: ``"val"`` and/or ``"test"``.
+        input_shape: one sample's shape for counting multiply-adds; defaults to the datamodule's
+            ``input_shape``. With neither, points carry no cost.
+        latency_batch_size: batch size of the latency measured once per run for every size (first-k members,
+            sequential), or ``None`` not to measure.
+        figures: draw the accuracy-vs-cost figures into TensorBoard.
+
+    Raises:
+        ValueError: for an unknown metric or stage, or ``num_subsets < 1``.
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] = METRICS,
+        num_subsets: int = 10,
+        seed: int = 0,
+        stages: Sequence[str] = STAGES,
+        input_shape: Sequence[int] | None = None,
+        latency_batch_size: int | None = 1,
+        figures: bool = True,
+    ) -> None:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(
+                f"Expected `metrics` of EnsembleSizeAblation to be a non-empty subset of {list(METRICS)}, "
+                f"but got {list(metrics)}."
+            )
+        bad_stages = [s for s in stages if s not in STAGES]
+        if bad_stages or not stages:
+            raise ValueError(
+                f"Expected `stages` of EnsembleSizeAblation to be a non-empty subset of {list(STAGES)}, "
+                f"but got {list(stages)}."
+            )
+        self.metric_names = tuple(metrics)
+        self.num_subsets = check_int(num_subsets, "num_subsets", 1)
+        self.seed = seed
+        self.stages = tuple(stages)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.latency_batch_size = (
+            None if latency_batch_size is None else check_int(latency_batch_size, "latency_batch_size", 1)
+        )
+        self.figures = figures
+        self.subsets: dict[int, list[tuple[int, ...]]] = {}
+        self.macs: list[int] = []
+        self.latency_ms: dict[int, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self._metrics: nn.ModuleDict | None = None
+        self._device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        members = getattr(pl_module, "members", None)
+        if not isinstance(members, nn.ModuleList) or len(members) == 0:
+            raise ValueError(
+                "EnsembleSizeAblation needs an EnsembleLightningModule with at least one member, "
+                f"but got {type(pl_module).__name__}."
+            )
+        num_members = len(members)
+        if len({m for s in self.subsets.values() for subset in s for m in subset}) != num_members:
+            self.subsets = choose_subsets(num_members, self.num_subsets, self.seed)
+        unique = sorted(
+            {subset for subsets in self.subsets.values() for subset in subsets}, key=lambda s: (len(s), s)
+        )
+        num_classes = cast(int, pl_module.num_classes)
+        self._metrics = nn.ModuleDict(
+            {
+                _key(subset): nn.ModuleDict(
+                    {name: _make_metric(name, num_classes) for name in self.metric_names}
+                )
+                for subset in unique
+            }
+        )
+        self._device = torch.device("cpu")
+        shape = self.input_shape or getattr(getattr(trainer, "datamodule", None), "input_shape", None)
+        if shape is not None and len(self.macs) != num_members:
+            self.macs = [count_macs(member, shape) for member in members]
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._prepare(trainer, pl_module)
+
+    def _active(self, trainer: Trainer, stage: str) -> bool:
+        return stage in self.stages and not trainer.sanity_checking and self._metrics is not None
+
+    # ------------------------------------------------------------------ accumulate
+
+    def _update(self, outputs: Any, pl_module: LightningModule) -> None:
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            raise ValueError(
+                "EnsembleSizeAblation needs the evaluation step to return {'logits': (M, B, C), 'target': (B,)}"
+                " as EnsembleLightningModule does."
+            )
+        logits: Tensor = outputs["logits"].float()
+        target: Tensor = outputs["target"]
+        assert self._metrics is not None
+        if self._device != logits.device:  # setup() runs before Lightning moves the model to its device
+            self._metrics.to(logits.device)
+            self._device = logits.device
+        aggregation = getattr(pl_module, "aggregation", "mean_probs")
+        for key, group in self._metrics.items():
+            subset = [int(i) for i in key.split("_")]
+            log_probs = cumulative_log_probs(logits[subset], aggregation)[-1]
+            probs = log_probs.exp().clamp(0.0, 1.0)
+            for name, metric in _metrics_of(group):
+                if name == "nll":
+                    metric.update(nll_per_sample(log_probs, target))
+                else:
+                    metric.update(probs, target)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, "val"):
+            self._update(outputs, pl_module)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, "test"):
+            self._update(outputs, pl_module)
+
+    # ------------------------------------------------------------------ report
+
+    def _compute(self) -> dict[str, dict[str, float]]:
+        assert self._metrics is not None
+        values = {}
+        for key, group in self._metrics.items():
+            values[key] = {name: float(metric.compute()) for name, metric in _metrics_of(group)}
+            for _, metric in _metrics_of(group):
+                metric.reset()
+        return values
+
+    def _rows(
+        self, stage: str, trainer: Trainer, values: dict[str, dict[str, float]]
+    ) -> list[dict[str, Any]]:
+        rows = []
+        for k, subsets in sorted(self.subsets.items()):
+            row: dict[str, Any] = {
+                "stage": stage,
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+            }
+            row["k"] = k
+            row["num_subsets"] = len(subsets)
+            first = values[_key(tuple(range(k)))]
+            for name in self.metric_names:
+                row[f"first_{name}"] = first[name]
+                row[f"random_{name}"] = sum(values[_key(s)][name] for s in subsets) / len(subsets)
+            if self.macs:
+                row["first_gmacs"] = sum(self.macs[:k]) / 1e9
+                row["random_gmacs"] = sum(sum(self.macs[i] for i in s) for s in subsets) / len(subsets) / 1e9
+            if k in self.latency_ms:
+                row["latency_ms"] = self.latency_ms[k]
+            rows.append(row)
+        return rows
+
+    def _measure_latency(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.latency_batch_size is None or self.latency_ms:
+            return
+        shape = self.input_shape or getattr(getattr(trainer, "datamodule", None), "input_shape", None)
+        if shape is None:
+            return
+        from lightning_ensembles.latency import measure_ensemble_latency
+
+        module = cast("EnsembleLightningModule", pl_module)
+        stats = measure_ensemble_latency(
+            module, shape, batch_size=self.latency_batch_size, warmup=2, repeats=7
+        )
+        self.latency_ms = {int(k): float(s.p50_ms) for k, s in stats.items()}
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        values = self._compute()  # every rank: torchmetrics synchronises the states
+        if not trainer.is_global_zero:
+            return
+        self._measure_latency(trainer, pl_module)
+        rows = self._rows(stage, trainer, values)
+        self.history.extend(rows)
+        scalars: dict[str, float] = {}
+        for row in rows:
+            prefix = f"ablation/{stage}"
+            for name in self.metric_names:
+                scalars[f"{prefix}/first/size_{row['k']}/{name}"] = row[f"first_{name}"]
+                scalars[f"{prefix}/random/size_{row['k']}/{name}"] = row[f"random_{name}"]
+            if "first_gmacs" in row:
+                scalars[f"{prefix}/size_{row['k']}/gmacs"] = row["first_gmacs"]
+            if "latency_ms" in row:
+                scalars[f"{prefix}/size_{row['k']}/latency_ms"] = row["latency_ms"]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+        if self.figures:
+            self._draw(trainer, stage, rows)
+        self._write(trainer, stage)
+
+    def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
+        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
+        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        if not writers or "top1" not in self.metric_names:
+            return
+        for axis, label in (("gmacs", "GMACs (multiply-adds) per sample"), ("latency_ms", "latency (ms)")):
+            if not all(f"first_{axis}" in r or axis in r for r in rows):
+                continue
+            figure = accuracy_figure(rows, axis, label, title=f"{stage}: one point per ensemble size k")
+            for writer in writers:
+                writer.add_figure(
+                    f"ablation/{stage}/accuracy_vs_{axis}", figure, trainer.global_step, close=False
+                )
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+    def _write(self, trainer: Trainer, stage: str) -> None:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        rows = [row for row in self.history if row["stage"] == stage]
+        buffer = io.StringIO()
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(directory / f"ablation_{stage}.csv", buffer.getvalue())
+        atomic_write_text(directory / f"ablation_{stage}.json", json.dumps(rows, indent=2) + "\n")
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active(trainer, "val"):
+            self._report(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active(trainer, "test"):
+            self._report(trainer, pl_module, "test")
+
+    # ------------------------------------------------------------------ state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "subsets": {k: [list(s) for s in v] for k, v in self.subsets.items()},
+            "macs": list(self.macs),
+            "latency_ms": dict(self.latency_ms),
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.subsets = {int(k): [tuple(s) for s in v] for k, v in state_dict.get("subsets", {}).items()}
+        self.macs = list(state_dict.get("macs", []))
+        self.latency_ms = {int(k): float(v) for k, v in state_dict.get("latency_ms", {}).items()}
+        self.history = list(state_dict.get("history", []))
+
+
+def _metrics_of(group: nn.Module) -> list[tuple[str, Metric]]:
+    return [(name, cast(Metric, metric)) for name, metric in cast(nn.ModuleDict, group).items()]
+
+
+def _key(subset: Sequence[int]) -> str:
+    return "_".join(str(i) for i in subset)
+
+
+def accuracy_figure(rows: Sequence[dict[str, Any]], axis: str, label: str, title: str = "") -> Any:
+    """Top-1 accuracy against a cost, one point per ensemble size, first-k and random-subset curves.
+
+    Args:
+        rows: ablation rows (``k``, ``first_top1``, ``random_top1`` and the cost columns).
+        axis: ``"gmacs"`` or ``"latency_ms"``.
+        label: the x-axis label.
+        title: the figure title.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    for kind, marker in (("first", "o-"), ("random", "s--")):
+        xs = [r[f"{kind}_gmacs"] if axis == "gmacs" else r["latency_ms"] for r in rows]
+        ys = [100 * r[f"{kind}_top1"] for r in rows]
+        ax.plot(
+            xs, ys, marker, label=f"{'first k members' if kind == 'first' else 'random k-subsets (mean)'}"
+        )
+        if kind == "first":
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+__all__ = ["EnsembleSizeAblation", "accuracy_figure", "choose_subsets"]

@@ -1,0 +1,163 @@
+"""EnsembleSizeAblation: per-size metrics, their equalities with the module's metrics, logs and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.data import DataLoader
+
+from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation, choose_subsets
+from lightning_ensembles.cost import count_macs
+from lightning_ensembles.module import EnsembleLightningModule
+from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+
+M = 3
+
+
+class TinyData(pl.LightningDataModule):
+    input_shape = (IN_FEATURES,)
+    num_classes = NUM_CLASSES
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(64, seed=0), batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(40, seed=1), batch_size=16)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(50, seed=2), batch_size=16)
+
+
+def _run(tmp_path: Path, epochs: int = 1, callbacks=(), ckpt_path=None, **kwargs):
+    module = EnsembleLightningModule(member=TinyNet, num_members=M, num_classes=NUM_CLASSES, optimizer=sgd())
+    ablation = EnsembleSizeAblation(**kwargs)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        **trainer_kwargs(
+            logger=logger,
+            callbacks=[ablation, *callbacks],
+            num_sanity_val_steps=2,
+            enable_checkpointing=bool(callbacks),
+        ),
+    )
+    trainer.fit(module, datamodule=TinyData(), ckpt_path=ckpt_path)
+    return module, ablation, trainer
+
+
+def test_size_metrics_equal_the_modules_own_metrics(tmp_path: Path) -> None:
+    module, ablation, trainer = _run(tmp_path)
+    (results,) = trainer.test(module, datamodule=TinyData(), verbose=False)
+    rows = {row["k"]: row for row in ablation.history if row["stage"] == "test"}
+    assert sorted(rows) == [1, 2, 3]
+    # k = M: the whole ensemble, whichever way the subsets are drawn.
+    for name in ("top1", "nll", "ece"):
+        assert rows[M][f"first_{name}"] == pytest.approx(results[f"test/{name}"], abs=1e-6)
+        assert rows[M][f"random_{name}"] == pytest.approx(results[f"test/{name}"], abs=1e-6)
+    # k = 1 over all single-member subsets: the mean of the member metrics.
+    for name in ("top1", "nll"):
+        mean = sum(results[f"test/member_{i}/{name}"] for i in range(M)) / M
+        assert rows[1][f"random_{name}"] == pytest.approx(mean, abs=1e-6)
+    # first-k rows are the module's own per-size metrics.
+    for k in (1, 2):
+        assert rows[k]["first_top1"] == pytest.approx(results[f"test/size_{k}/top1"], abs=1e-6)
+        assert rows[k]["first_nll"] == pytest.approx(results[f"test/size_{k}/nll"], abs=1e-6)
+    member_gmacs = count_macs(module.members[0], (IN_FEATURES,)) / 1e9
+    assert [rows[k]["first_gmacs"] for k in (1, 2, 3)] == pytest.approx([member_gmacs * k for k in (1, 2, 3)])
+    assert all(rows[k]["latency_ms"] > 0 for k in (1, 2, 3))
+
+
+def test_logs_scalars_figures_files_and_hparams(tmp_path: Path) -> None:
+    module, _, trainer = _run(tmp_path)
+    trainer.test(module, datamodule=TinyData(), verbose=False)
+    run_dir = tmp_path / "run" / "version_0"
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for stage in ("val", "test"):
+        for k in range(1, M + 1):
+            assert {
+                f"ablation/{stage}/first/size_{k}/top1",
+                f"ablation/{stage}/random/size_{k}/ece",
+                f"ablation/{stage}/size_{k}/gmacs",
+                f"ablation/{stage}/size_{k}/latency_ms",
+            } <= scalars
+    images = set(events.Tags()["images"])
+    assert {"ablation/test/accuracy_vs_gmacs", "ablation/test/accuracy_vs_latency_ms"} <= images
+    png = events.Images("ablation/test/accuracy_vs_gmacs")[-1].encoded_image_string
+    assert png.startswith(b"\x89PNG")
+    (tmp_path / "figure.png").write_bytes(png)
+
+    content = events.PluginTagToContent("hparams")
+    session = next(
+        plugin_data_pb2.HParamsPluginData.FromString(v).session_start_info
+        for v in content.values()
+        if plugin_data_pb2.HParamsPluginData.FromString(v).HasField("session_start_info")
+    )
+    hparams = dict(session.hparams)
+    assert hparams["ensemble/architecture"].string_value == "TinyNet"
+    assert hparams["ensemble/num_members"].number_value == M
+    assert hparams["ensemble/ensemble_gmacs"].number_value == pytest.approx(
+        M * count_macs(module.members[0], (IN_FEATURES,)) / 1e9
+    )
+
+    saved = json.loads((run_dir / "ablation_test.json").read_text())
+    assert [row["k"] for row in saved] == [1, 2, 3]
+    csv_lines = (run_dir / "ablation_val.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("stage,epoch,step,k,num_subsets,first_top1") and len(csv_lines) == 1 + M
+
+
+def test_sanity_check_is_ignored_and_history_survives_resume(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _, ablation, _ = _run(tmp_path, epochs=2, callbacks=[checkpoint], latency_batch_size=None)
+    assert [row["epoch"] for row in ablation.history] == [0] * M + [1] * M  # no sanity-check rows
+
+    _, resumed, _ = _run(
+        tmp_path / "second",
+        epochs=3,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True)],
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+        latency_batch_size=None,
+    )
+    assert [row["epoch"] for row in resumed.history] == [0] * M + [1] * M + [2] * M
+    assert resumed.history[: 2 * M] == ablation.history
+
+
+def test_choose_subsets_is_complete_or_sampled_and_deterministic() -> None:
+    small = choose_subsets(4, 10, seed=0)
+    assert [len(small[k]) for k in (1, 2, 3, 4)] == [4, 6, 4, 1]
+    big = choose_subsets(8, 5, seed=1)
+    assert all(len(set(big[k])) == 5 for k in (1, 2, 3, 4, 5, 6, 7)) and big[8] == [tuple(range(8))]
+    assert choose_subsets(8, 5, seed=1) == big != choose_subsets(8, 5, seed=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(metrics=["top1", "f1"]), r"`metrics`.*\['top1', 'nll', 'ece'\].*'f1'"),
+        (dict(metrics=[]), r"non-empty"),
+        (dict(stages=["train"]), r"`stages`.*'train'"),
+        (dict(num_subsets=0), r"`num_subsets` to be an int >= 1, but got 0"),
+        (dict(latency_batch_size=0), r"`latency_batch_size` to be an int >= 1, but got 0"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EnsembleSizeAblation(**kwargs)
+
+
+def test_rejects_a_module_without_members(tmp_path: Path) -> None:
+    class Plain(pl.LightningModule):
+        def test_step(self, batch, batch_idx):  # pragma: no cover - never reached
+            return None
+
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[EnsembleSizeAblation()]))
+    with pytest.raises(ValueError, match="needs an EnsembleLightningModule"):
+        trainer.test(Plain(), datamodule=TinyData())
