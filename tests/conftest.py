@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +65,17 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def fast_recipe_args(log_dir: Path) -> list[str]:
+    """Flags that make a reproduction run one quick CPU epoch, logging under ``log_dir``."""
+    return [
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={log_dir}",
+    ]
 
 
 def sgd(**kwargs: Any) -> Any:

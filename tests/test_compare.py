@@ -15,6 +15,7 @@ from lightning_ensembles.callbacks import EnsembleSizeAblation, FlopsMonitor, La
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.compare import compare, main
 from lightning_ensembles.testing import write_fake_cifar10
+from tests.conftest import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"
@@ -22,13 +23,6 @@ PRESETS = ROOT / "callbacks"
 sys.path.insert(0, str(ROOT / "reproductions"))
 
 import cifar_wrn  # noqa: E402
-
-FAST = [
-    "--trainer.max_epochs=1",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-]
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
@@ -52,9 +46,8 @@ def test_efficiency_preset_runs_with_the_digits_recipe(tmp_path: Path) -> None:
             "--config", str(CONFIGS / "cifar/wrn-16-1.yaml"),
             "--config", str(CONFIGS / "cifar/ensemble-2.yaml"),
             "--config", str(PRESETS / "efficiency.yaml"),
-            *FAST,
+            *fast_recipe_args(tmp_path),
             "--trainer.limit_train_batches=2",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
         ]
     )  # fmt: skip
     events = EventAccumulator(str(Path(results["results_file"]).parent))
@@ -85,8 +78,7 @@ def _recipe_run(tmp_path: Path, data: Path, *configs: str) -> dict:
             "--data.verify_checksums=false",
             "--data.num_workers=0",
             "--data.batch_size=32",
-            *FAST,
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            *fast_recipe_args(tmp_path / "logs"),
         ]
     )  # fmt: skip
 

@@ -11,6 +11,7 @@ import torch
 
 from lightning_ensembles.cli import EnsembleCLI, check_devices
 from lightning_ensembles.testing import write_fake_cifar10
+from tests.conftest import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"
@@ -59,13 +60,7 @@ def test_config_parses_and_instantiates(config: str) -> None:
 
 
 def _fast(tmp_path: Path) -> list[str]:
-    return [
-        "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-    ]
+    return fast_recipe_args(tmp_path / "logs")
 
 
 def test_recipe_end_to_end_on_generated_cifar10(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
