@@ -91,6 +91,12 @@ class EnsembleCLI(LightningCLI):
             default=None,
             help="Resume training from this checkpoint file (e.g. <run dir>/checkpoints/last.ckpt).",
         )
+        parser.add_argument(
+            "--train",
+            type=bool,
+            default=True,
+            help="Train before testing; false evaluates the members as built (a committee of pretrained models).",
+        )
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -109,11 +115,15 @@ class EnsembleCLI(LightningCLI):
         """
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=self.config.get("ckpt_path"))
+        train = self.config.get("train", True)
+        if train:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=self.config.get("ckpt_path"))
         fit_seconds = time.perf_counter() - started
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        if getattr(datamodule, "val_size", None) == 0:
+        if not train:
+            best, selection = "", "members as built, not trained (--train false)"
+        elif getattr(datamodule, "val_size", None) == 0:
             best, selection = "", "final weights (validation ran on the test split)"
         else:
             selection = "best checkpoint on the validation split" if best else "final weights"

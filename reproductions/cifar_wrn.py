@@ -2,7 +2,7 @@
 
     python reproductions/cifar_wrn.py --trainer.devices 8
     python reproductions/cifar_wrn.py --config reproductions/configs/cifar/wrn-40-4.yaml \
-        --config reproductions/configs/cifar/ensemble-4.yaml
+        --config reproductions/configs/ensemble-4.yaml
 
 The default configuration (configs/cifar_wrn.yaml) is the standard WRN recipe of Zagoruyko & Komodakis
 2016 with WRN-28-10. The script trains, tests the best checkpoint, then prints the results table and saves

@@ -20,7 +20,7 @@ from cifar_wrn import main as run_cifar_wrn  # noqa: E402
 CONFIGS = Path(__file__).resolve().parent / "configs"
 RUNS = {
     "single WRN-16-4": ["cifar/wrn-16-4.yaml"],
-    "4 x WRN-16-2": ["cifar/wrn-16-2.yaml", "cifar/ensemble-4.yaml"],
+    "4 x WRN-16-2": ["cifar/wrn-16-2.yaml", "ensemble-4.yaml"],
 }
 
 

@@ -44,7 +44,7 @@ def test_efficiency_preset_runs_with_the_digits_recipe(tmp_path: Path) -> None:
         [
             "--config", str(CONFIGS / "digits/quickstart.yaml"),
             "--config", str(CONFIGS / "cifar/wrn-16-1.yaml"),
-            "--config", str(CONFIGS / "cifar/ensemble-2.yaml"),
+            "--config", str(CONFIGS / "ensemble-2.yaml"),
             "--config", str(PRESETS / "efficiency.yaml"),
             *fast_recipe_args(tmp_path),
             "--trainer.limit_train_batches=2",
@@ -88,8 +88,8 @@ def cifar_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("compare")
     data = tmp_path / "data"
     write_fake_cifar10(data, num_train=64, num_test=32)
-    _recipe_run(tmp_path, data, "cifar/wrn-16-1.yaml", "cifar/ensemble-3.yaml")
-    _recipe_run(tmp_path, data, "cifar/wrn-16-2.yaml", "cifar/ensemble-2.yaml")
+    _recipe_run(tmp_path, data, "cifar/wrn-16-1.yaml", "ensemble-3.yaml")
+    _recipe_run(tmp_path, data, "cifar/wrn-16-2.yaml", "ensemble-2.yaml")
     _recipe_run(tmp_path, data, "cifar/wrn-16-2.yaml")  # a single model: merged into the WRN-16-2 line
     return tmp_path / "logs"
 

@@ -203,3 +203,16 @@ def test_hparams_summary_for_the_dashboard_and_a_shape_that_does_not_fit() -> No
     module = EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES)
     with pytest.warns(UserWarning, match="Could not count multiply-adds"):
         pl.Trainer(max_steps=1, **trainer_kwargs()).fit(module, datamodule=Data())
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
+    from lightning_ensembles.models import WideResNet
+
+    factory = functools.partial(WideResNet, depth=10, width=1)
+    plain = EnsembleLightningModule(member=factory, num_members=2, num_classes=10)
+    fast = EnsembleLightningModule(member=factory, num_members=2, num_classes=10, channels_last=True)
+    assert fast.members[0].stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 16, 16)
+    assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-4)
+    fast.grow(1)
+    assert fast.members[2].stem.weight.is_contiguous(memory_format=torch.channels_last)

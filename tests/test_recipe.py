@@ -23,7 +23,7 @@ import quickstart  # noqa: E402
 
 ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 # What each shipped config is composed with to make a complete run (cheap members where the file allows).
-COMPOSE = {"cifar/ensemble-": ["cifar/wrn-16-1.yaml"], "digits/": ["cifar/wrn-16-1.yaml"]}
+COMPOSE = {"ensemble-": ["cifar/wrn-16-1.yaml"], "digits/": ["cifar/wrn-16-1.yaml"]}
 
 
 def _instantiate(*configs: str, extra: tuple[str, ...] = ()) -> EnsembleCLI:
@@ -37,7 +37,7 @@ def test_every_config_is_tested() -> None:
     assert "cifar_wrn.yaml" in ALL_YAML and "digits/quickstart.yaml" in ALL_YAML
     for arch in ("16-4", "16-8", "28-10", "40-4"):
         assert f"cifar/wrn-{arch}.yaml" in ALL_YAML
-    assert {"cifar/ensemble-2.yaml", "cifar/ensemble-3.yaml", "cifar/ensemble-4.yaml"} <= set(ALL_YAML)
+    assert {"ensemble-2.yaml", "ensemble-3.yaml", "ensemble-4.yaml"} <= set(ALL_YAML)
 
 
 @pytest.mark.parametrize("config", ALL_YAML)
@@ -68,7 +68,7 @@ def test_recipe_end_to_end_on_generated_cifar10(tmp_path: Path, capsys: pytest.C
     results = cifar_wrn.main(
         [
             "--config", str(CONFIGS / "cifar/wrn-16-1.yaml"),
-            "--config", str(CONFIGS / "cifar/ensemble-2.yaml"),
+            "--config", str(CONFIGS / "ensemble-2.yaml"),
             f"--data.root={tmp_path / 'data'}",
             "--data.verify_checksums=false",
             "--data.num_workers=0",

@@ -1,0 +1,168 @@
+"""``MemberEMA``: an exponential moving average of each member's weights, evaluated as the member.
+
+timm's EfficientNet training recipes (used by the ImageNet reproduction of Kondratyuk et al. 2020) keep an
+EMA of the weights (``--model-ema --model-ema-decay 0.9999``) and report the EMA model. In an ensemble every
+member keeps its own EMA, built with timm's ``ModelEmaV3``, so members stay independent. During validation,
+test and predict the EMA weights stand in for the members; the trained weights are put back afterwards, so
+training, and checkpoints' ``state_dict``, keep the raw weights. The EMA weights travel in the callback's
+state, so a resumed run continues them. As in timm, the first update copies the weights and later ones
+average with ``decay``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from timm.utils import ModelEmaV3
+from torch import nn
+from typing_extensions import override
+
+
+class MemberEMA(Callback):
+    """Keep an EMA of every trainable member's weights and evaluate with it.
+
+    Args:
+        decay: EMA decay per update, in ``[0, 1)`` (timm's recipes use 0.9999).
+        warmup: use timm's decay warm-up (``decay * (1 - (1 + step / gamma) ** -power)``) early in training.
+        every_n_steps: update every ``n`` optimizer steps.
+        evaluate_with_ema: swap the EMA weights in for validation, test and predict.
+
+    Raises:
+        ValueError: for a decay outside ``[0, 1)`` or ``every_n_steps < 1``.
+    """
+
+    def __init__(
+        self, decay: float = 0.9999, warmup: bool = False, every_n_steps: int = 1, evaluate_with_ema: bool = True
+    ) -> None:
+        if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"Expected `decay` of MemberEMA to be in [0, 1), but got {decay!r}.")
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"Expected `every_n_steps` of MemberEMA to be an int >= 1, but got {every_n_steps!r}.")
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.every_n_steps = every_n_steps
+        self.evaluate_with_ema = evaluate_with_ema
+        self.emas: dict[int, ModelEmaV3] = {}
+        self._restored: dict[int, dict[str, torch.Tensor]] = {}
+        self._backup: dict[int, dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _members(pl_module: LightningModule) -> nn.ModuleList:
+        members = getattr(pl_module, "members", None)
+        if not isinstance(members, nn.ModuleList):
+            raise TypeError(f"MemberEMA needs an EnsembleLightningModule, but got {type(pl_module).__name__}.")
+        return members
+
+    def _ensure(self, pl_module: LightningModule) -> None:
+        members = self._members(pl_module)
+        trainable = getattr(pl_module, "trainable_members", list(range(len(members))))
+        for i in trainable:
+            if i not in self.emas:
+                ema = ModelEmaV3(members[i], decay=self.decay, use_warmup=self.warmup, device=pl_module.device)
+                if i in self._restored:
+                    ema.module.load_state_dict(self._restored.pop(i))
+                self.emas[i] = ema
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps != 0:
+            return
+        members = self._members(pl_module)
+        for i, ema in self.emas.items():
+            ema.update(members[i], step=trainer.global_step)
+
+    # ------------------------------------------------------------------ evaluate with the EMA weights
+
+    def _swap_in(self, pl_module: LightningModule) -> None:
+        if not self.evaluate_with_ema or self._backup is not None:
+            return
+        self._ensure(pl_module)
+        members = self._members(pl_module)
+        self._backup = {}
+        for i, ema in self.emas.items():
+            self._backup[i] = {k: v.detach().clone() for k, v in members[i].state_dict().items()}
+            members[i].load_state_dict(ema.module.state_dict())
+
+    def _swap_out(self, pl_module: LightningModule) -> None:
+        if self._backup is None:
+            return
+        members = self._members(pl_module)
+        for i, state in self._backup.items():
+            members[i].load_state_dict(state)
+        self._backup = None
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written while the EMA weights stand in (e.g. from a validation-end hook) must still
+        # hold the trained weights under `state_dict`.
+        if self._backup is not None:
+            for i, state in self._backup.items():
+                for key, value in state.items():
+                    checkpoint["state_dict"][f"members.{i}.{key}"] = value
+
+    # ------------------------------------------------------------------ state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "members": {i: copy.deepcopy(ema.module.state_dict()) for i, ema in self.emas.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restored = {int(i): state for i, state in state_dict.get("members", {}).items()}
+        for i, state in restored.items():
+            if i in self.emas:
+                self.emas[i].module.load_state_dict(state)
+            else:
+                self._restored[i] = state
+
+    def ema_member(self, index: int) -> nn.Module:
+        """The EMA copy of member ``index`` (a plain ``nn.Module``, e.g. for export).
+
+        Args:
+            index: a trainable member's index.
+
+        Returns:
+            The EMA module.
+
+        Raises:
+            KeyError: if the member has no EMA (frozen, or training has not started).
+        """
+        if index not in self.emas:
+            raise KeyError(f"Member {index} has no EMA; members with one: {sorted(self.emas)}.")
+        return self.emas[index].module

@@ -1,0 +1,36 @@
+"""ImageNet EfficientNets, single models and ensembles (Kondratyuk et al. 2020, figure 2).
+
+    python reproductions/imagenet_efficientnet.py --config reproductions/configs/imagenet/b5.yaml \
+        --config reproductions/configs/ensemble-2.yaml --trainer.devices 8          # 2 x B5 (19.8 B MACs)
+    python reproductions/imagenet_efficientnet.py --config reproductions/configs/imagenet/b7.yaml \
+        --trainer.devices 8                                                          # B7 (37 B MACs)
+    python reproductions/imagenet_efficientnet.py --config reproductions/configs/imagenet/committee.yaml
+
+Members are timm models at their native resolution (from timm's pretrained config). The default
+configuration (configs/imagenet_efficientnet.yaml) follows timm's published EfficientNet-B2 training recipe.
+The committee config evaluates pretrained models without training (``--train false``). Like the CIFAR
+recipe it trains, tests, then prints and saves the results table next to the TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning_ensembles.cli import run_recipe
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imagenet_efficientnet.yaml"
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the recipe with ``args`` (default: the command line) and return its results."""
+    args = sys.argv[1:] if args is None else args
+    # The default config goes first so that later --config files and flags override it.
+    results = run_recipe(["--config", str(DEFAULT_CONFIG), *args])
+    if "results_file" in results:  # rank 0 only
+        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
