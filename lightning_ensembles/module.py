@@ -141,6 +141,7 @@ class EnsembleLightningModule(LightningModule):
         self.predict_members = predict_members
         self.detect_nonfinite = detect_nonfinite
         self.channels_last = channels_last
+        self._own_hparams: dict[str, Any] | None = None
         self.members = nn.ModuleList(build_members(specs, seed))
         if channels_last:
             self.members.to(memory_format=torch.channels_last)
@@ -295,7 +296,13 @@ class EnsembleLightningModule(LightningModule):
         except ValueError as err:  # informational only: a shape that does not fit fails later, with context
             rank_zero_warn(f"Could not count multiply-adds for the HParams summary: {err}")
             summary = self.summary()
+        # Logged under `model/`: Lightning merges module and datamodule hparams for the loggers and fails on a
+        # shared key with different values (both have `seed`, for instance).
         initial = cast(AttributeDict, self._hparams_initial)
+        if self._own_hparams is None:
+            self._own_hparams = {k: v for k, v in initial.items() if not k.startswith("_")}
+        initial.clear()
+        initial.update({f"model/{k}": v for k, v in self._own_hparams.items()})
         initial.update({f"ensemble/{k}": v for k, v in summary.items()})
 
     # ------------------------------------------------------------------ steps

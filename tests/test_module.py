@@ -216,3 +216,20 @@ def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
     assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-4)
     fast.grow(1)
     assert fast.members[2].stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_module_and_datamodule_may_share_hparam_names_with_different_values() -> None:
+    class Data(pl.LightningDataModule):
+        def __init__(self, seed: int = 7, label_smoothing: float = 0.0) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+        def train_dataloader(self):
+            return make_loader(n=16)
+
+    module = EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES, seed=3, label_smoothing=0.1)
+    trainer = pl.Trainer(max_steps=1, **trainer_kwargs())
+    trainer.fit(module, datamodule=Data())  # Lightning refuses conflicting keys; ours are namespaced
+    trainer.fit(module, datamodule=Data())  # and again (setup runs once per stage)
+    assert module.hparams_initial["model/seed"] == 3 and module.hparams_initial["model/label_smoothing"] == 0.1
+    assert module.hparams["seed"] == 3  # what checkpoints hold is unchanged

@@ -1,11 +1,13 @@
-"""Callbacks that cost an ensemble (Kondratyuk et al. 2020): FLOPs, latency and the ensemble-size ablation.
+"""Callbacks that cost an ensemble (Kondratyuk et al. 2020): FLOPs, latency, the ensemble-size ablation,
+cascades, and the per-member EMA of the EfficientNet recipe.
 
 Each is usable on its own in any Lightning run with an :class:`~lightning_ensembles.EnsembleLightningModule`;
 ready-made LightningCLI presets live in the top-level ``callbacks/`` folder.
 """
 
 from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation
+from lightning_ensembles.callbacks.ema import MemberEMA
 from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.callbacks.latency import LatencyMonitor
 
-__all__ = ["EnsembleSizeAblation", "FlopsMonitor", "LatencyMonitor"]
+__all__ = ["EnsembleSizeAblation", "FlopsMonitor", "LatencyMonitor", "MemberEMA"]
