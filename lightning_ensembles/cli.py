@@ -146,12 +146,12 @@ class EnsembleCLI(LightningCLI):
                 "config": _plain(self.config),
             },
         )
-        self._save_results(results)
+        # `log_dir` broadcasts from rank 0 under DDP, so every rank must ask for it.
+        self._save_results(results, self.trainer.log_dir or self.trainer.default_root_dir)
         return results
 
     @rank_zero_only
-    def _save_results(self, results: dict[str, Any]) -> None:
-        directory = self.trainer.log_dir or self.trainer.default_root_dir
+    def _save_results(self, results: dict[str, Any], directory: str) -> None:
         json_path, _ = write_results(results, directory)
         results["results_file"] = str(json_path)
         log.info("Results written to %s", json_path)

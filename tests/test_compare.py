@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_ensembles.callbacks import EnsembleSizeAblation, FlopsMonitor, LatencyMonitor
+from lightning_ensembles.callbacks import CascadeMonitor, EnsembleSizeAblation, FlopsMonitor, LatencyMonitor
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.compare import compare, main
 from lightning_ensembles.testing import write_fake_cifar10
@@ -35,6 +35,7 @@ def test_presets_add_to_the_recipes_callbacks(preset: str) -> None:
         "flops.yaml": {FlopsMonitor},
         "latency.yaml": {LatencyMonitor},
         "ablation.yaml": {EnsembleSizeAblation},
+        "cascade.yaml": {CascadeMonitor},
     }[preset]
     assert expected <= set(kinds)
 

@@ -231,5 +231,7 @@ def test_module_and_datamodule_may_share_hparam_names_with_different_values() ->
     trainer = pl.Trainer(max_steps=1, **trainer_kwargs())
     trainer.fit(module, datamodule=Data())  # Lightning refuses conflicting keys; ours are namespaced
     trainer.fit(module, datamodule=Data())  # and again (setup runs once per stage)
-    assert module.hparams_initial["model/seed"] == 3 and module.hparams_initial["model/label_smoothing"] == 0.1
+    assert (
+        module.hparams_initial["model/seed"] == 3 and module.hparams_initial["model/label_smoothing"] == 0.1
+    )
     assert module.hparams["seed"] == 3  # what checkpoints hold is unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,6 +147,29 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         ]
     )
     assert (first["global_step"], resumed["global_step"]) == (2, 4)
+
+
+@pytest.mark.timeout(240)
+def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path) -> None:
+    # `--trainer.devices 2` with Lightning's own launcher: the script runs again on each rank (gloo, CPU).
+    # Every rank must take part in `trainer.log_dir` (a broadcast) for the results and ablation files.
+    command = [
+        sys.executable, str(ROOT / "reproductions" / "cifar_wrn.py"),
+        "--config", str(CONFIGS / "digits/quickstart.yaml"),
+        "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
+        "--config", str(CONFIGS / "ensemble-2.yaml"),
+        "--config", str(ROOT / "callbacks/ablation.yaml"),
+        *_fast(tmp_path),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.limit_train_batches=3",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=220)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (results_file,) = (tmp_path / "logs").rglob("results.json")
+    saved = json.loads(results_file.read_text())
+    assert saved["world_size"] == 2 and [row["k"] for row in saved["sizes"]] == [1, 2]
+    assert (results_file.parent / "ablation_test.json").is_file()
 
 
 def test_too_many_devices_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,9 @@ ready-made LightningCLI presets live in the top-level ``callbacks/`` folder.
 """
 
 from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation
+from lightning_ensembles.callbacks.cascade import CascadeMonitor
 from lightning_ensembles.callbacks.ema import MemberEMA
 from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.callbacks.latency import LatencyMonitor
 
-__all__ = ["EnsembleSizeAblation", "FlopsMonitor", "LatencyMonitor", "MemberEMA"]
+__all__ = ["CascadeMonitor", "EnsembleSizeAblation", "FlopsMonitor", "LatencyMonitor", "MemberEMA"]

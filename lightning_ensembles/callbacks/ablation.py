@@ -274,6 +274,7 @@ class EnsembleSizeAblation(Callback):
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         values = self._compute()  # every rank: torchmetrics synchronises the states
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir is a broadcast
         if not trainer.is_global_zero:
             return
         self._measure_latency(trainer, pl_module)
@@ -293,7 +294,7 @@ class EnsembleSizeAblation(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
         if self.figures:
             self._draw(trainer, stage, rows)
-        self._write(trainer, stage)
+        self._write(directory, stage)
 
     def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
         experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
@@ -312,8 +313,7 @@ class EnsembleSizeAblation(Callback):
 
             plt.close(figure)
 
-    def _write(self, trainer: Trainer, stage: str) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+    def _write(self, directory: Path, stage: str) -> None:
         rows = [row for row in self.history if row["stage"] == stage]
         buffer = io.StringIO()
         fields = list(dict.fromkeys(key for row in rows for key in row))

@@ -35,12 +35,18 @@ class MemberEMA(Callback):
     """
 
     def __init__(
-        self, decay: float = 0.9999, warmup: bool = False, every_n_steps: int = 1, evaluate_with_ema: bool = True
+        self,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        every_n_steps: int = 1,
+        evaluate_with_ema: bool = True,
     ) -> None:
         if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"Expected `decay` of MemberEMA to be in [0, 1), but got {decay!r}.")
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"Expected `every_n_steps` of MemberEMA to be an int >= 1, but got {every_n_steps!r}.")
+            raise ValueError(
+                f"Expected `every_n_steps` of MemberEMA to be an int >= 1, but got {every_n_steps!r}."
+            )
         self.decay = float(decay)
         self.warmup = warmup
         self.every_n_steps = every_n_steps
@@ -53,7 +59,9 @@ class MemberEMA(Callback):
     def _members(pl_module: LightningModule) -> nn.ModuleList:
         members = getattr(pl_module, "members", None)
         if not isinstance(members, nn.ModuleList):
-            raise TypeError(f"MemberEMA needs an EnsembleLightningModule, but got {type(pl_module).__name__}.")
+            raise TypeError(
+                f"MemberEMA needs an EnsembleLightningModule, but got {type(pl_module).__name__}."
+            )
         return members
 
     def _ensure(self, pl_module: LightningModule) -> None:
@@ -61,7 +69,9 @@ class MemberEMA(Callback):
         trainable = getattr(pl_module, "trainable_members", list(range(len(members))))
         for i in trainable:
             if i not in self.emas:
-                ema = ModelEmaV3(members[i], decay=self.decay, use_warmup=self.warmup, device=pl_module.device)
+                ema = ModelEmaV3(
+                    members[i], decay=self.decay, use_warmup=self.warmup, device=pl_module.device
+                )
                 if i in self._restored:
                     ema.module.load_state_dict(self._restored.pop(i))
                 self.emas[i] = ema
@@ -125,7 +135,9 @@ class MemberEMA(Callback):
         self._swap_out(pl_module)
 
     @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # A checkpoint written while the EMA weights stand in (e.g. from a validation-end hook) must still
         # hold the trained weights under `state_dict`.
         if self._backup is not None:

@@ -161,3 +161,22 @@ def test_rejects_a_module_without_members(tmp_path: Path) -> None:
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[EnsembleSizeAblation()]))
     with pytest.raises(ValueError, match="needs an EnsembleLightningModule"):
         trainer.test(Plain(), datamodule=TinyData())
+
+
+@pytest.mark.timeout(120)
+def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
+    # gloo on CPU. Every rank must take part in `trainer.log_dir` (a broadcast): asking on rank 0 alone hangs.
+    module = EnsembleLightningModule(member=TinyNet, num_members=M, num_classes=NUM_CLASSES)
+    kwargs = trainer_kwargs(
+        default_root_dir=str(tmp_path / "ddp"), callbacks=[EnsembleSizeAblation(latency_batch_size=None)]
+    )
+    kwargs.update(devices=2, strategy="ddp_spawn")
+    pl.Trainer(**kwargs).test(module, datamodule=TinyData(), verbose=False)  # 50 samples: 25 per rank
+    gathered = json.loads((tmp_path / "ddp" / "ablation_test.json").read_text())
+
+    single = EnsembleSizeAblation(latency_batch_size=None)
+    trainer = pl.Trainer(**trainer_kwargs(default_root_dir=str(tmp_path / "one"), callbacks=[single]))
+    trainer.test(module, datamodule=TinyData(), verbose=False)
+    for got, expected in zip(gathered, single.history, strict=True):
+        for key in ("first_top1", "first_nll", "random_top1", "random_ece"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["k"], key)

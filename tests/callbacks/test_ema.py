@@ -67,7 +67,9 @@ def test_validation_sees_ema_weights_and_training_keeps_raw_ones(tmp_path: Path)
     class Spy(Callback):
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             if not trainer.sanity_checking:
-                seen.append((pl_module.members[0][0].weight.detach().clone(), ema.ema_member(0)[0].weight.clone()))
+                seen.append(
+                    (pl_module.members[0][0].weight.detach().clone(), ema.ema_member(0)[0].weight.clone())
+                )
 
     ema = MemberEMA(decay=0.9)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
