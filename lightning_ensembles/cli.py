@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -172,17 +173,24 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_recipe(args: Sequence[str] | None = None, **cli_kwargs: Any) -> dict[str, Any]:
+def run_recipe(
+    args: Sequence[str] | None = None, default_config: str | os.PathLike[str] | None = None, **cli_kwargs: Any
+) -> dict[str, Any]:
     """Run a reproduction: parse ``args`` (or ``sys.argv``), fit, test and report.
 
     Args:
-        args: command-line arguments; ``None`` reads ``sys.argv``.
-        **cli_kwargs: forwarded to :class:`EnsembleCLI` (e.g. ``parser_kwargs`` with default config files).
+        args: command-line arguments; ``None`` reads ``sys.argv[1:]``.
+        default_config: the recipe's default config, placed first so later ``--config`` files and flags
+            override it (jsonargparse's ``default_config_files`` loses callable ``class_path`` defaults).
+        **cli_kwargs: forwarded to :class:`EnsembleCLI`.
 
     Returns:
         The results dict, with ``table`` holding the Markdown table.
     """
-    cli = EnsembleCLI(args=list(args) if args is not None else None, **cli_kwargs)
+    args = list(sys.argv[1:] if args is None else args)
+    if default_config is not None:
+        args = ["--config", os.fspath(default_config), *args]
+    cli = EnsembleCLI(args=args, **cli_kwargs)
     results = cli.fit_test_report()
     results["table"] = format_table(results)
     return results

@@ -24,9 +24,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imagenet_efficie
 
 def main(args: list[str] | None = None) -> dict:
     """Run the recipe with ``args`` (default: the command line) and return its results."""
-    args = sys.argv[1:] if args is None else args
-    # The default config goes first so that later --config files and flags override it.
-    results = run_recipe(["--config", str(DEFAULT_CONFIG), *args])
+    results = run_recipe(args, default_config=DEFAULT_CONFIG)
     if "results_file" in results:  # rank 0 only
         print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
     return results

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import cumulative_log_probs
+from lightning_ensembles.callbacks._shared import resolve_input_shape
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.metrics import ECE_BINS, nll_per_sample
 from lightning_ensembles.results import atomic_write_text
@@ -161,7 +162,7 @@ class EnsembleSizeAblation(Callback):
             }
         )
         self._device = torch.device("cpu")
-        shape = self.input_shape or getattr(getattr(trainer, "datamodule", None), "input_shape", None)
+        shape = resolve_input_shape(trainer, self.input_shape, "EnsembleSizeAblation", required=False)
         if shape is not None and len(self.macs) != num_members:
             self.macs = [count_macs(member, shape) for member in members]
 
@@ -261,7 +262,7 @@ class EnsembleSizeAblation(Callback):
     def _measure_latency(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.latency_batch_size is None or self.latency_ms:
             return
-        shape = self.input_shape or getattr(getattr(trainer, "datamodule", None), "input_shape", None)
+        shape = resolve_input_shape(trainer, self.input_shape, "EnsembleSizeAblation", required=False)
         if shape is None:
             return
         from lightning_ensembles.latency import measure_ensemble_latency

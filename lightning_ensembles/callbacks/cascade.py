@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
+from lightning_ensembles.callbacks._shared import FLAG, is_shape, resolve_input_shape
 from lightning_ensembles.cascade import (
     NEVER_EXIT,
     CascadeResult,
@@ -61,8 +62,6 @@ from lightning_ensembles.cost import count_macs
 from lightning_ensembles.results import atomic_write_text
 
 __all__ = ["CascadeMonitor", "cascade_figure"]
-
-_FLAG = "--trainer.callbacks.init_args"
 
 
 def _is_real(value: object) -> bool:
@@ -117,32 +116,32 @@ class CascadeMonitor(Callback):
         super().__init__()
         if target_accuracy is not None and cost_budget_gmacs is not None:
             raise ValueError(
-                f"Expected at most one of `{_FLAG}.target_accuracy` and `{_FLAG}.cost_budget_gmacs` (the "
+                f"Expected at most one of `{FLAG}.target_accuracy` and `{FLAG}.cost_budget_gmacs` (the "
                 f"cascade is calibrated for one of them), but got both: {target_accuracy!r} and "
                 f"{cost_budget_gmacs!r}."
             )
         if target_accuracy is not None and not (_is_real(target_accuracy) and 0.0 < target_accuracy <= 1.0):
             raise ValueError(
-                f"Expected `{_FLAG}.target_accuracy` to be None or a float in (0, 1], but got "
+                f"Expected `{FLAG}.target_accuracy` to be None or a float in (0, 1], but got "
                 f"{target_accuracy!r}."
             )
         if cost_budget_gmacs is not None and not (
             _is_real(cost_budget_gmacs) and math.isfinite(cost_budget_gmacs) and cost_budget_gmacs > 0
         ):
             raise ValueError(
-                f"Expected `{_FLAG}.cost_budget_gmacs` to be None or a finite float > 0 (GMACs per sample), "
+                f"Expected `{FLAG}.cost_budget_gmacs` to be None or a finite float > 0 (GMACs per sample), "
                 f"but got {cost_budget_gmacs!r}."
             )
-        if input_shape is not None and not _is_shape(input_shape):
+        if input_shape is not None and not is_shape(input_shape):
             raise ValueError(
-                f"Expected `{_FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
+                f"Expected `{FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
                 f"sample's shape without the batch axis, e.g. [3, 32, 32]), but got {input_shape!r}."
             )
         self.target_accuracy = None if target_accuracy is None else float(target_accuracy)
         self.cost_budget_gmacs = None if cost_budget_gmacs is None else float(cost_budget_gmacs)
-        self.num_thresholds = check_int(num_thresholds, f"{_FLAG}.num_thresholds", 2)
+        self.num_thresholds = check_int(num_thresholds, f"{FLAG}.num_thresholds", 2)
         self.input_shape: tuple[int, ...] | None = None if input_shape is None else tuple(input_shape)
-        self.max_samples = check_int(max_samples, f"{_FLAG}.max_samples", 1)
+        self.max_samples = check_int(max_samples, f"{FLAG}.max_samples", 1)
         self.member_gmacs: list[float] = []
         self.order: list[int] = []
         self.threshold: float | None = None
@@ -177,35 +176,15 @@ class CascadeMonitor(Callback):
             cheapest = self.order[0]
             if self.cost_budget_gmacs < self.member_gmacs[cheapest]:
                 raise ValueError(
-                    f"Expected `{_FLAG}.cost_budget_gmacs` to be at least the cost of the cheapest member, "
+                    f"Expected `{FLAG}.cost_budget_gmacs` to be at least the cost of the cheapest member, "
                     f"which every sample runs, but the cheapest member (member {cheapest}) costs "
                     f"{self.member_gmacs[cheapest]!r} GMACs and the budget is {self.cost_budget_gmacs!r}."
                 )
 
     def _input_shape(self, trainer: Trainer) -> tuple[int, ...]:
-        if self.input_shape is not None:
-            return self.input_shape
-        datamodule = getattr(trainer, "datamodule", None)
-        shape = getattr(datamodule, "input_shape", None)
-        if shape is None:
-            where = (
-                "no datamodule was given"
-                if datamodule is None
-                else f"the datamodule {type(datamodule).__name__} has no `input_shape` attribute"
-            )
-            raise ValueError(
-                "CascadeMonitor needs `input_shape`, the shape of one sample without the batch axis, to count "
-                f"each member's multiply-adds, but it was not set and {where}. Set `{_FLAG}.input_shape` "
-                "(e.g. [3, 32, 32]) or give the datamodule an `input_shape` attribute."
-            )
-        if not _is_shape(shape):
-            raise ValueError(
-                f"Expected the datamodule's `input_shape` ({type(datamodule).__name__}.input_shape) to be a "
-                f"non-empty sequence of ints >= 1, but got {shape!r}; set `{_FLAG}.input_shape` to override it."
-            )
-        return tuple(shape)
-
-    # ------------------------------------------------------------------ collect
+        shape = resolve_input_shape(trainer, self.input_shape, "CascadeMonitor")
+        assert shape is not None  # required=True raises instead
+        return shape
 
     def _reset(self) -> None:
         self._parts, self._num_collected = [], 0
@@ -224,7 +203,7 @@ class CascadeMonitor(Callback):
             if not self._warned_truncation:
                 rank_zero_warn(
                     f"CascadeMonitor keeps at most {self.max_samples} samples per evaluation "
-                    f"(`{_FLAG}.max_samples`, {limit} per process); the cascade curves leave the rest out."
+                    f"(`{FLAG}.max_samples`, {limit} per process); the cascade curves leave the rest out."
                 )
                 self._warned_truncation = True
             logits, target = logits[:, :room], target[:room]
@@ -452,15 +431,6 @@ def _from_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     return value
-
-
-def _is_shape(value: object) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) > 0
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
-    )
 
 
 def _minor_tick_label(value: float, _position: int) -> str:

@@ -37,25 +37,16 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool
+from lightning_ensembles.callbacks._shared import FLAG, is_shape, resolve_input_shape
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
 from lightning_ensembles.results import member_name
 
 __all__ = ["FlopsMonitor"]
 
-_FLAG = "--trainer.callbacks.init_args"
 
 #: Batch size of the training count: batch norm on one value per channel (after global pooling, or
 #: ``BatchNorm1d``) cannot run in training mode on a single sample. The count is per sample either way.
 _TRAIN_BATCH = 2
-
-
-def _is_shape(value: object) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) > 0
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
-    )
 
 
 class FlopsMonitor(Callback):
@@ -103,13 +94,13 @@ class FlopsMonitor(Callback):
 
     def __init__(self, input_shape: Sequence[int] | None = None, count_training: bool = True) -> None:
         super().__init__()
-        if input_shape is not None and not _is_shape(input_shape):
+        if input_shape is not None and not is_shape(input_shape):
             raise ValueError(
-                f"Expected `{_FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
+                f"Expected `{FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
                 f"sample's shape without the batch axis, e.g. [3, 32, 32]), but got {input_shape!r}."
             )
         self.input_shape: tuple[int, ...] | None = None if input_shape is None else tuple(input_shape)
-        self.count_training = check_bool(count_training, f"{_FLAG}.count_training")
+        self.count_training = check_bool(count_training, f"{FLAG}.count_training")
         self.results: dict[str, Any] = {}
         self._logged = False
 
@@ -178,28 +169,9 @@ class FlopsMonitor(Callback):
         return members
 
     def _resolve_input_shape(self, trainer: pl.Trainer) -> tuple[int, ...]:
-        if self.input_shape is not None:
-            return self.input_shape
-        datamodule = getattr(trainer, "datamodule", None)
-        shape = getattr(datamodule, "input_shape", None)
-        if shape is None:
-            where = (
-                "no datamodule was given"
-                if datamodule is None
-                else f"the datamodule {type(datamodule).__name__} has no `input_shape` attribute"
-            )
-            raise ValueError(
-                f"FlopsMonitor needs `input_shape`, the shape of one sample without the batch axis, but it "
-                f"was not set and {where}. Set `{_FLAG}.input_shape` (e.g. [3, 32, 32]) or give the "
-                "datamodule an `input_shape` attribute."
-            )
-        if not _is_shape(shape):
-            raise ValueError(
-                f"Expected the datamodule's `input_shape` ({type(datamodule).__name__}.input_shape) to be a "
-                f"non-empty sequence of ints >= 1, but got {shape!r}; set `{_FLAG}.input_shape` to override "
-                "it."
-            )
-        return tuple(shape)
+        shape = resolve_input_shape(trainer, self.input_shape, "FlopsMonitor")
+        assert shape is not None  # required=True raises instead
+        return shape
 
     def _needs_count(self, members: nn.ModuleList, shape: tuple[int, ...]) -> bool:
         results = self.results
@@ -223,7 +195,7 @@ class FlopsMonitor(Callback):
             except ValueError as err:
                 raise ValueError(
                     f"Expected `input_shape` {list(shape)} (one sample, without the batch axis; "
-                    f"`{_FLAG}.input_shape` or the datamodule's `input_shape`) to fit every member, but "
+                    f"`{FLAG}.input_shape` or the datamodule's `input_shape`) to fit every member, but "
                     f"member {i} ({member_name(member)}) failed: {err}"
                 ) from err
             rows.append(row)

@@ -1,0 +1,60 @@
+"""What the cost callbacks share: finding the shape of one sample to count multiply-adds at."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+FLAG = "--trainer.callbacks.init_args"
+
+
+def is_shape(value: object) -> bool:
+    """Whether ``value`` is a non-empty sequence of ints >= 1 (a sample shape without the batch axis)."""
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) > 0
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
+    )
+
+
+def resolve_input_shape(
+    trainer: Any, given: Sequence[int] | None, owner: str, required: bool = True
+) -> tuple[int, ...] | None:
+    """The callback's own ``input_shape`` if given, else the datamodule's ``input_shape`` attribute.
+
+    Args:
+        trainer: the Trainer (its ``datamodule`` is read).
+        given: the shape passed to the callback, or ``None``.
+        owner: the callback's name, for messages.
+        required: raise when no shape is found (else return ``None``).
+
+    Returns:
+        The shape, or ``None`` when not found and not required.
+
+    Raises:
+        ValueError: if a required shape is missing, or the datamodule's is not a shape.
+    """
+    if given is not None:
+        return tuple(given)
+    datamodule = getattr(trainer, "datamodule", None)
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is None:
+        if not required:
+            return None
+        where = (
+            "no datamodule was given"
+            if datamodule is None
+            else f"the datamodule {type(datamodule).__name__} has no `input_shape` attribute"
+        )
+        raise ValueError(
+            f"{owner} needs `input_shape`, the shape of one sample without the batch axis, to count each "
+            f"member's multiply-adds, but it was not set and {where}. Set `{FLAG}.input_shape` "
+            "(e.g. [3, 32, 32]) or give the datamodule an `input_shape` attribute."
+        )
+    if not is_shape(shape):
+        raise ValueError(
+            f"Expected the datamodule's `input_shape` ({type(datamodule).__name__}.input_shape) to be a "
+            f"non-empty sequence of ints >= 1, but got {shape!r}; set `{FLAG}.input_shape` to override it."
+        )
+    return tuple(shape)
