@@ -119,6 +119,11 @@ def test_committee_of_local_pretrained_weights_evaluates_without_training(tree: 
     assert results["tested"].startswith("members as built") and results["global_step"] == 0
     assert results["input_shape"] == [3, 64, 64]  # the largest member's resolution feeds both
     assert results["architecture"] == TINY and len(results["members"]) == 2
+    # Each member is costed at its own native resolution although both are fed 64x64 images.
+    for row, size in zip(results["members"], (48, 64), strict=True):
+        with torch.device("meta"):
+            alone = timm.create_model(TINY, num_classes=3)
+        assert row["macs"] == count_macs(alone, (3, size, size))
 
 
 def test_efficientnet_multiply_adds_match_the_published_table() -> None:
