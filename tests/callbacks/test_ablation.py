@@ -171,12 +171,16 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
         default_root_dir=str(tmp_path / "ddp"), callbacks=[EnsembleSizeAblation(latency_batch_size=None)]
     )
     kwargs.update(devices=2, strategy="ddp_spawn")
-    pl.Trainer(**kwargs).test(module, datamodule=TinyData(), verbose=False)  # 50 samples: 25 per rank
+    (ddp_metrics,) = pl.Trainer(**kwargs).test(module, datamodule=TinyData(), verbose=False)  # 25 per rank
     gathered = json.loads((tmp_path / "ddp" / "ablation_test.json").read_text())
 
     single = EnsembleSizeAblation(latency_batch_size=None)
     trainer = pl.Trainer(**trainer_kwargs(default_root_dir=str(tmp_path / "one"), callbacks=[single]))
-    trainer.test(module, datamodule=TinyData(), verbose=False)
+    (one_metrics,) = trainer.test(module, datamodule=TinyData(), verbose=False)
+    # The module's own metrics (torchmetrics state sync) equal the single-process values too.
+    assert set(ddp_metrics) == set(one_metrics) and len(one_metrics) == 19  # 6 ensemble + 1 loss + 6 + 6
+    for key, value in one_metrics.items():
+        assert ddp_metrics[key] == pytest.approx(value, abs=1e-6), key
     for got, expected in zip(gathered, single.history, strict=True):
         for key in ("first_top1", "first_nll", "random_top1", "random_ece"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["k"], key)
