@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles.aggregation import Aggregation, aggregate, validate_aggregation
+from lightning_ensembles.fused import EXECUTIONS, check_fusable, choose_execution, vmap_forward
 from lightning_ensembles.members import (
     MemberFactory,
     MemberSpec,
@@ -78,6 +79,10 @@ class EnsembleLightningModule(LightningModule):
         detect_nonfinite: check every training step for a NaN/inf member loss (one device sync per step).
         channels_last: keep 4-d weights and inputs in ``torch.channels_last`` memory format (faster convolutions
             on GPUs with tensor cores, especially under AMP).
+        execution: ``"loop"`` runs members one after another; ``"vmap"`` runs identical members as one
+            vectorised computation (:mod:`lightning_ensembles.fused`: same outputs, gradients and BatchNorm
+            statistics); ``"auto"`` times both once on the first batch and keeps the faster, and uses the
+            loop for mixed architectures.
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
@@ -105,6 +110,7 @@ class EnsembleLightningModule(LightningModule):
         predict_members: bool = False,
         detect_nonfinite: bool = True,
         channels_last: bool = False,
+        execution: Literal["loop", "vmap", "auto"] = "loop",
     ) -> None:
         super().__init__()
         specs = self._member_specs(member, num_members, members)
@@ -142,12 +148,20 @@ class EnsembleLightningModule(LightningModule):
         self.detect_nonfinite = detect_nonfinite
         self.channels_last = channels_last
         self._own_hparams: dict[str, Any] | None = None
+        if execution not in EXECUTIONS:
+            raise ValueError(
+                f"Expected `--model.execution` to be one of {list(EXECUTIONS)}, but got {execution!r}."
+            )
+        self.execution = execution
+        self._auto_choice: str | None = None
         self.members = nn.ModuleList(build_members(specs, seed))
         if channels_last:
             self.members.to(memory_format=torch.channels_last)
         self.frozen_members: tuple[int, ...] = ()
         self._set_frozen(frozen_members)
         self._make_metrics()
+        if execution == "vmap":
+            check_fusable(list(self.members))
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -235,10 +249,27 @@ class EnsembleLightningModule(LightningModule):
         Returns:
             Shape ``(len(indices), B, C)``.
         """
-        indices = range(len(self.members)) if indices is None else indices
+        indices = list(range(len(self.members)) if indices is None else indices)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._stack([self.members[i](x) for i in indices], list(indices))
+        members = [self.members[i] for i in indices]
+        if len(members) > 1 and self._execution_for(members, x) == "vmap":
+            logits = vmap_forward(members, x)
+            expected = (len(members), x.shape[0], self.num_classes)
+            if tuple(logits.shape) != expected:
+                raise ValueError(
+                    f"Expected the fused members to output logits of shape (M, B, C) = {expected} "
+                    f"(C = `--model.num_classes`), but got {tuple(logits.shape)}."
+                )
+            return logits
+        return self._stack([member(x) for member in members], indices)
+
+    def _execution_for(self, members: list[nn.Module], x: Tensor) -> str:
+        if self.execution != "auto":
+            return self.execution
+        if self._auto_choice is None:
+            self._auto_choice = choose_execution(members, x)
+        return self._auto_choice
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -538,6 +569,9 @@ class EnsembleLightningModule(LightningModule):
         for new in build_members([spec] * num_new_members, self.seed, first_index=old):
             new = new.to(device)
             self.members.append(new.to(memory_format=torch.channels_last) if self.channels_last else new)
+        if self.execution == "vmap":
+            check_fusable(list(self.members))
+        self._auto_choice = None  # the member count changed: decide again
         self._set_frozen(range(old))
         self._make_metrics()
         self.hparams["num_members"] = len(self.members)
