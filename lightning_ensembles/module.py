@@ -83,6 +83,9 @@ class EnsembleLightningModule(LightningModule):
             vectorised computation (:mod:`lightning_ensembles.fused`: same outputs, gradients and BatchNorm
             statistics); ``"auto"`` times both once on the first batch and keeps the faster, and uses the
             loop for mixed architectures.
+        compile: compile every member with ``torch.compile`` (``nn.Module.compile``: in place, so parameter names
+            and checkpoints are unchanged); compilation happens at the first batch.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"eager"`` to debug).
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
@@ -111,6 +114,8 @@ class EnsembleLightningModule(LightningModule):
         detect_nonfinite: bool = True,
         channels_last: bool = False,
         execution: Literal["loop", "vmap", "auto"] = "loop",
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         specs = self._member_specs(member, num_members, members)
@@ -162,6 +167,15 @@ class EnsembleLightningModule(LightningModule):
         self._make_metrics()
         if execution == "vmap":
             check_fusable(list(self.members))
+        if compile and execution != "loop":
+            raise ValueError(
+                f"`--model.compile true` compiles each member on its own and needs `--model.execution loop`, but got "
+                f"{execution!r}: vmap over compiled members is not supported."
+            )
+        self.compile_backend = compile_backend
+        if compile:
+            for member in self.members:
+                member.compile(backend=compile_backend)
 
     # ------------------------------------------------------------------ construction helpers
 

@@ -134,3 +134,21 @@ def test_module_auto_mode_trains_and_records_its_choice() -> None:
     mixed = EnsembleLightningModule(members=[TinyNet, TinyConvNet], num_classes=5, execution="auto")
     mixed(torch.randn(4, 12))
     assert mixed._auto_choice == "loop"
+
+
+def test_compiled_members_keep_their_names_and_outputs() -> None:
+    plain = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=5)
+    compiled = EnsembleLightningModule(
+        member=TinyNet, num_members=2, num_classes=5, compile=True, compile_backend="eager"
+    )
+    assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
+    assert all(m._compiled_call_impl is not None for m in compiled.members)
+    plain.eval()
+    compiled.eval()
+    x = torch.randn(4, 12)
+    assert_close(compiled(x), plain(x))
+    pl.Trainer(max_steps=2, **trainer_kwargs()).fit(
+        compiled, DataLoader(TensorDataset(x, torch.arange(4)), batch_size=2)
+    )
+    with pytest.raises(ValueError, match=r"`--model.compile true`.*`--model.execution loop`.*'vmap'"):
+        EnsembleLightningModule(member=TinyNet, num_classes=5, compile=True, execution="vmap")

@@ -92,6 +92,23 @@ def test_recipe_end_to_end_on_generated_cifar10(tmp_path: Path, capsys: pytest.C
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "results.md").is_file()
 
 
+def test_recipe_with_the_device_resident_loader(tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path / "data", num_train=64, num_test=32)
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
+            "--config", str(CONFIGS / "ensemble-2.yaml"),
+            "--data", "lightning_ensembles.data.GPUCIFAR10DataModule",
+            f"--data.root={tmp_path / 'data'}",
+            "--data.verify_checksums=false",
+            "--data.batch_size=16",
+            "--model.execution=auto",
+            *_fast(tmp_path),
+        ]
+    )  # fmt: skip
+    assert [row["k"] for row in results["sizes"]] == [1, 2] and results["global_step"] == 4
+
+
 def test_quickstart_runs_both_arms_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     summary = quickstart.main([*_fast(tmp_path), "--trainer.limit_train_batches=3"])
     assert [r["num_members"] for r in summary] == [1, 4]

@@ -7,7 +7,14 @@ shuffles by ``(seed, epoch)`` only, so resumed and separate runs see the same or
 
 from lightning_ensembles.data.cifar import CIFAR10DataModule
 from lightning_ensembles.data.digits import DigitsDataModule
+from lightning_ensembles.data.gpu_cifar import GPUCIFAR10DataModule
 from lightning_ensembles.data.imagenet import ImageNetDataModule
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochSeededRandomSampler", "ImageNetDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "EpochSeededRandomSampler",
+    "GPUCIFAR10DataModule",
+    "ImageNetDataModule",
+]
