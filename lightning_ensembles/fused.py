@@ -115,7 +115,7 @@ def choose_execution(
     """Time the loop and the fused path once on ``x`` and return the faster (``"loop"`` or ``"vmap"``).
 
     Mixed architectures always get ``"loop"``. So does a CPU input: on the 2-core CPU we measured
-    (``benchmarks/RESULTS.md``), vmap was 0.58-0.94x the loop's speed for WRN-16-1/2/4 at M = 4, and a short
+    (``benchmarks/RESULTS.md``), vmap ran at 0.59-0.84x the loop's speed for WRN-16-1/2/4 at M = 4, and a short
     timing on a shared CPU is too noisy to overrule that. The timing runs in eval mode without gradients, so
     it neither trains nor changes BatchNorm statistics, and the members' modes are restored.
 
