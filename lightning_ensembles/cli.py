@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_ensembles.module import EnsembleLightningModule
-from lightning_ensembles.results import build_results, format_table, write_results
+from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,11 @@ class EnsembleCLI(LightningCLI):
                 "config": _plain(self.config),
             },
         )
-        # `log_dir` broadcasts from rank 0 under DDP, so every rank must ask for it.
-        self._save_results(results, self.trainer.log_dir or self.trainer.default_root_dir)
+        self._save_results(results, run_directory(self.trainer))  # every rank: a collective under DDP
         return results
 
     @rank_zero_only
-    def _save_results(self, results: dict[str, Any], directory: str) -> None:
+    def _save_results(self, results: dict[str, Any], directory: Path) -> None:
         json_path, _ = write_results(results, directory)
         results["results_file"] = str(json_path)
         log.info("Results written to %s", json_path)

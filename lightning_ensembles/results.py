@@ -49,6 +49,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def run_directory(trainer: Any) -> Path:
+    """The run's folder for result files: the first logger's ``log_dir``, else ``default_root_dir``.
+
+    Call it on **every** rank, not only where the files are written: under DDP ``trainer.log_dir`` is a
+    broadcast from rank 0, and asking on rank 0 alone hangs the run.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        The folder.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 def member_name(member: nn.Module) -> str:
     """A short architecture name: the member's ``name`` attribute (``"WRN-28-10"``) or its class name."""
     name = getattr(member, "name", None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 FLAG = "--trainer.callbacks.init_args"
 
 
@@ -58,3 +60,28 @@ def resolve_input_shape(
             f"non-empty sequence of ints >= 1, but got {shape!r}; set `{FLAG}.input_shape` to override it."
         )
     return tuple(shape)
+
+
+def evaluation_outputs(outputs: Any, owner: str) -> tuple[Tensor, Tensor]:
+    """The ``(logits (M, B, C), target (B,))`` an EnsembleLightningModule's evaluation step returns.
+
+    Args:
+        outputs: what the evaluation step returned (``on_*_batch_end``'s ``outputs``).
+        owner: the callback's name, for the message.
+
+    Returns:
+        The detached logits and the targets.
+
+    Raises:
+        ValueError: if ``outputs`` is not such a dict.
+    """
+    if (
+        not isinstance(outputs, dict)
+        or not isinstance(outputs.get("logits"), Tensor)
+        or "target" not in outputs
+    ):
+        raise ValueError(
+            f"{owner} needs the evaluation step to return {{'logits': (M, B, C), 'target': (B,)}} as "
+            f"EnsembleLightningModule does, but got {type(outputs).__name__}."
+        )
+    return outputs["logits"].detach(), outputs["target"].detach()

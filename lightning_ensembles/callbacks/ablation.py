@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import cumulative_log_probs
-from lightning_ensembles.callbacks._shared import resolve_input_shape
+from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.metrics import ECE_BINS, nll_per_sample
-from lightning_ensembles.results import atomic_write_text
+from lightning_ensembles.results import atomic_write_text, run_directory
 
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
@@ -176,13 +176,8 @@ class EnsembleSizeAblation(Callback):
     # ------------------------------------------------------------------ accumulate
 
     def _update(self, outputs: Any, pl_module: LightningModule) -> None:
-        if not isinstance(outputs, dict) or "logits" not in outputs:
-            raise ValueError(
-                "EnsembleSizeAblation needs the evaluation step to return {'logits': (M, B, C), 'target': (B,)}"
-                " as EnsembleLightningModule does."
-            )
-        logits: Tensor = outputs["logits"].float()
-        target: Tensor = outputs["target"]
+        logits, target = evaluation_outputs(outputs, "EnsembleSizeAblation")
+        logits = logits.float()
         assert self._metrics is not None
         if self._device != logits.device:  # setup() runs before Lightning moves the model to its device
             self._metrics.to(logits.device)
@@ -275,7 +270,7 @@ class EnsembleSizeAblation(Callback):
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         values = self._compute()  # every rank: torchmetrics synchronises the states
-        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir is a broadcast
+        directory = run_directory(trainer)  # every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
         self._measure_latency(trainer, pl_module)

@@ -40,7 +40,6 @@ import json
 import math
 import numbers
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
-from lightning_ensembles.callbacks._shared import FLAG, is_shape, resolve_input_shape
+from lightning_ensembles.callbacks._shared import FLAG, evaluation_outputs, is_shape, resolve_input_shape
 from lightning_ensembles.cascade import (
     NEVER_EXIT,
     CascadeResult,
@@ -59,7 +58,7 @@ from lightning_ensembles.cascade import (
     cascade_stages,
 )
 from lightning_ensembles.cost import count_macs
-from lightning_ensembles.results import atomic_write_text
+from lightning_ensembles.results import atomic_write_text, run_directory
 
 __all__ = ["CascadeMonitor", "cascade_figure"]
 
@@ -190,15 +189,9 @@ class CascadeMonitor(Callback):
         self._parts, self._num_collected = [], 0
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, outputs: Any) -> None:
-        if not isinstance(outputs, dict) or "logits" not in outputs or "target" not in outputs:
-            raise ValueError(
-                "CascadeMonitor needs the evaluation step to return {'logits': (M, B, C), 'target': (B,)} as "
-                f"EnsembleLightningModule does, but got {type(outputs).__name__}."
-            )
+        logits, target = evaluation_outputs(outputs, "CascadeMonitor")
         limit = math.ceil(self.max_samples / max(trainer.world_size, 1))
         room = limit - self._num_collected
-        logits: Tensor = outputs["logits"].detach()
-        target: Tensor = outputs["target"].detach()
         if logits.shape[1] > room:
             if not self._warned_truncation:
                 rank_zero_warn(
@@ -291,8 +284,7 @@ class CascadeMonitor(Callback):
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         stages = self._gathered(trainer, pl_module)  # every rank computes the same numbers
-        # `trainer.log_dir` broadcasts from rank 0 under DDP: every rank must ask for it, not rank 0 alone.
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = run_directory(trainer)  # every rank: a collective under DDP
         if stages is None:
             return
         curve = stages.curve(self.num_thresholds)

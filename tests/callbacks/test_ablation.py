@@ -184,3 +184,17 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     for got, expected in zip(gathered, single.history, strict=True):
         for key in ("first_top1", "first_nll", "random_top1", "random_ece"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["k"], key)
+
+
+@pytest.mark.parametrize("callback", ["EnsembleSizeAblation", "CascadeMonitor"])
+def test_evaluation_steps_must_return_logits_and_target(callback: str) -> None:
+    from lightning_ensembles import callbacks
+
+    class Silent(EnsembleLightningModule):
+        def test_step(self, batch, batch_idx):
+            super().test_step(batch, batch_idx)  # returns nothing to the callbacks
+
+    module = Silent(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[getattr(callbacks, callback)()]))
+    with pytest.raises(ValueError, match=rf"{callback} needs the evaluation step to return .*NoneType"):
+        trainer.test(module, datamodule=TinyData(), verbose=False)
