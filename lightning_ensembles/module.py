@@ -164,6 +164,7 @@ class EnsembleLightningModule(LightningModule):
             self.members.to(memory_format=torch.channels_last)
         self.frozen_members: tuple[int, ...] = ()
         self._set_frozen(frozen_members)
+        self._assigned: tuple[int, ...] | None = None  # set by MemberParallelStrategy
         self._make_metrics()
         if execution == "vmap":
             check_fusable(list(self.members))
@@ -237,6 +238,38 @@ class EnsembleLightningModule(LightningModule):
     def trainable_members(self) -> list[int]:
         """Indices of the members that are trained (all but the frozen ones)."""
         return [i for i in range(len(self.members)) if i not in self.frozen_members]
+
+    @property
+    def local_members(self) -> list[int]:
+        """Indices of the trainable members this process trains: all of them unless a member-parallel
+        strategy (:class:`~lightning_ensembles.distributed.MemberParallelStrategy`) assigned a subset."""
+        if self._assigned is None:
+            return self.trainable_members
+        return [i for i in self.trainable_members if i in self._assigned]
+
+    def assign_members(self, indices: Sequence[int] | None) -> None:
+        """Train only ``indices`` in this process (``None``: every trainable member).
+
+        The other members are still held, evaluated and checkpointed, but get no forward pass, loss or
+        gradient in ``training_step``. :class:`~lightning_ensembles.distributed.MemberParallelStrategy` calls
+        this; it is not a way to freeze members (see ``frozen_members``).
+
+        Args:
+            indices: member indices in ``[0, M)``, or ``None``.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        if indices is None:
+            self._assigned = None
+            return
+        chosen = tuple(sorted({int(i) for i in indices}))
+        if any(not 0 <= i < len(self.members) for i in chosen):
+            raise ValueError(
+                f"Expected member indices in [0, {len(self.members)}) to assign to this process, but got "
+                f"{list(indices)}."
+            )
+        self._assigned = chosen
 
     # ------------------------------------------------------------------ forward
 
@@ -353,9 +386,11 @@ class EnsembleLightningModule(LightningModule):
     # ------------------------------------------------------------------ steps
 
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
-        indices = self.trainable_members
+        indices = self.local_members
+        if not indices:  # member-parallel: every member of this process is frozen
+            return None
         logits = self.member_logits(x, indices)
         losses = torch.stack(
             [F.cross_entropy(logits[j], y, label_smoothing=self.label_smoothing) for j in range(len(indices))]
@@ -463,7 +498,7 @@ class EnsembleLightningModule(LightningModule):
         """Clip each member's gradients on their own, never by a norm over the whole ensemble."""
         if not gradient_clip_val:
             return
-        for i in self.trainable_members:
+        for i in self.local_members:
             params = [p for p in self.members[i].parameters() if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

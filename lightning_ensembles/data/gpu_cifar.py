@@ -42,6 +42,7 @@ from typing_extensions import override
 from lightning_ensembles._validation import check_bool, check_int
 from lightning_ensembles.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler
+from lightning_ensembles.distributed import training_shard
 
 __all__ = ["DeviceBatches", "GPUCIFAR10DataModule", "augment_batch", "normalize_batch"]
 
@@ -505,7 +506,8 @@ class GPUCIFAR10DataModule(LightningDataModule):
             train: Shuffle, augment (if ``augment``) and honour ``drop_last``.
 
         Returns:
-            The loader, sharded by the trainer's global rank and world size if one is attached.
+            The loader, sharded by the trainer's global rank and world size if one is attached (training
+            data: by :func:`~lightning_ensembles.distributed.training_shard`).
 
         Raises:
             RuntimeError: If the split has not been loaded.
@@ -513,16 +515,21 @@ class GPUCIFAR10DataModule(LightningDataModule):
         split = self._splits.get(name)
         if split is None:
             raise RuntimeError(f"The {name} split is not loaded yet: call `setup({stage!r})` first.")
-        rank, world_size = (
-            (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
-        )
+        if train:  # a member-parallel strategy shards training data within a member group only
+            shard = training_shard(self.trainer)
+            rank, world_size, seed = shard.rank, shard.num_replicas, self.seed + shard.seed_offset
+        else:
+            rank, world_size = (
+                (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+            )
+            seed = self.seed
         return DeviceBatches(
             split[0],
             split[1],
             self.batch_size,
             shuffle=train,
             augment=train and self.augment,
-            seed=self.seed,
+            seed=seed,
             drop_last=train and self.drop_last,
             rank=rank,
             world_size=world_size,

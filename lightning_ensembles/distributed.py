@@ -1,0 +1,505 @@
+"""Member-parallel training: each ensemble member trained by its own group of processes.
+
+Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single Large Models* (arXiv
+2005.00570), conclude that ensemble members "can be easily distributed across multiple workers": a member
+never needs another member's gradients. Data-parallel DDP (Lightning's ``ddp``) replicates the whole
+ensemble on every process and all-reduces every member's gradients across all of them;
+:class:`MemberParallelStrategy` instead places members on processes and keeps every gradient inside the
+group of processes that trains that member.
+
+With ``W`` processes and ``M`` members (:func:`plan_members`):
+
+- ``W`` divides ``M``: each process trains ``M / W`` members on the whole training set; no gradient is
+  communicated at all.
+- ``M`` divides ``W``: each member is trained by ``W / M`` processes with DDP inside that group only.
+
+Every process still holds every member, so evaluation, checkpoints and the cost callbacks work as in one
+process: before evaluation and before a checkpoint is written, each member's parameters and buffers are
+broadcast from the first process of the group that trains it, and the optimizer state of every member is
+gathered, so checkpoints have exactly the single-process format. Evaluation is data-parallel over all ``W``
+processes, with metrics synchronised by torchmetrics.
+
+The strategy extends Lightning's :class:`~lightning.pytorch.strategies.DDPStrategy`: launching, cluster
+environments (torchrun, SLURM, ...), devices and precision are Lightning's. It is registered as
+``member_parallel`` (script launch, like ``ddp``) and ``member_parallel_spawn``, so
+``--trainer.strategy member_parallel`` works from the CLI once :mod:`lightning_ensembles` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_ensembles.module import EnsembleLightningModule
+
+__all__ = ["MemberLayout", "MemberParallelStrategy", "plan_members", "training_shard"]
+
+DataOrder = Literal["shared", "per_group"]
+_MEMBER_GROUP = re.compile(r"^member_(\d+)$")
+
+
+@dataclass(frozen=True)
+class MemberLayout:
+    """Which process trains which member: ``num_groups`` groups of ``group_size`` consecutive ranks.
+
+    Group ``g`` holds ranks ``g * group_size ... (g + 1) * group_size - 1`` and trains members
+    ``g * members_per_group ... (g + 1) * members_per_group - 1``.
+
+    Args:
+        world_size: ``W``, the number of processes.
+        num_members: ``M``, the number of members.
+        group_size: processes per group (``W / M`` when ``M`` divides ``W``, else 1).
+        members_per_group: members per group (``M / W`` when ``W`` divides ``M``, else 1).
+
+    Example:
+        >>> layout = plan_members(world_size=4, num_members=2)
+        >>> layout.group_size, layout.num_groups, layout.members_of_rank(3), layout.leader(1)
+        (2, 2, [1], 2)
+        >>> plan_members(world_size=2, num_members=4).members_of_rank(1)
+        [2, 3]
+    """
+
+    world_size: int
+    num_members: int
+    group_size: int
+    members_per_group: int
+
+    @property
+    def num_groups(self) -> int:
+        """``G``, the number of member groups."""
+        return self.world_size // self.group_size
+
+    def group_of_rank(self, rank: int) -> int:
+        """The group of global rank ``rank``."""
+        return rank // self.group_size
+
+    def ranks_of_group(self, group: int) -> list[int]:
+        """The global ranks of group ``group``."""
+        return list(range(group * self.group_size, (group + 1) * self.group_size))
+
+    def members_of_group(self, group: int) -> list[int]:
+        """The members trained by group ``group``."""
+        return list(range(group * self.members_per_group, (group + 1) * self.members_per_group))
+
+    def members_of_rank(self, rank: int) -> list[int]:
+        """The members trained by global rank ``rank``."""
+        return self.members_of_group(self.group_of_rank(rank))
+
+    def leader(self, member: int) -> int:
+        """The global rank whose copy of ``member`` is broadcast to the others (its group's first rank)."""
+        return (member // self.members_per_group) * self.group_size
+
+
+def plan_members(world_size: int, num_members: int) -> MemberLayout:
+    """Place ``num_members`` members on ``world_size`` processes.
+
+    Args:
+        world_size: ``W`` (devices per node × nodes).
+        num_members: ``M``.
+
+    Returns:
+        The layout: ``W / M`` processes per member if ``M`` divides ``W``, else ``M / W`` members per process.
+
+    Raises:
+        ValueError: if neither divides the other, naming both flags and the nearest valid process counts.
+    """
+    if world_size < 1 or num_members < 1:
+        raise ValueError(
+            f"Expected W >= 1 processes and M >= 1 members, but got W={world_size}, M={num_members}."
+        )
+    if world_size % num_members == 0:
+        return MemberLayout(world_size, num_members, world_size // num_members, 1)
+    if num_members % world_size == 0:
+        return MemberLayout(world_size, num_members, 1, num_members // world_size)
+    valid = sorted(
+        {d for d in range(1, num_members + 1) if num_members % d == 0} | {2 * num_members, 4 * num_members}
+    )
+    raise ValueError(
+        f"`--trainer.strategy member_parallel` needs the number of processes (W = `--trainer.devices` × "
+        f"`--trainer.num_nodes` = {world_size}) to divide the number of members (`--model.num_members` = "
+        f"{num_members}) or to be a multiple of it. Use W in {valid} (or any multiple of {num_members}), or "
+        f"change the number of members."
+    )
+
+
+@dataclass(frozen=True)
+class TrainingShard:
+    """The slice of the training set one process iterates: ``rank`` of ``num_replicas``, seed offset."""
+
+    rank: int
+    num_replicas: int
+    seed_offset: int
+
+
+def training_shard(trainer: pl.Trainer | None) -> TrainingShard:
+    """The shard of the training data this process should read, for loaders that shard themselves.
+
+    Under :class:`MemberParallelStrategy` the training set is sharded within a member group only (and, with
+    ``data_order="per_group"``, each group shuffles with its own seed offset); otherwise by global rank over
+    the world, as Lightning's samplers do.
+
+    Args:
+        trainer: the attached trainer, or ``None`` (one process).
+
+    Returns:
+        The shard.
+    """
+    if trainer is None:
+        return TrainingShard(0, 1, 0)
+    strategy = trainer.strategy
+    if isinstance(strategy, MemberParallelStrategy) and strategy.layout is not None:
+        return strategy.training_shard()
+    return TrainingShard(trainer.global_rank, trainer.world_size, 0)
+
+
+class MemberParallelStrategy(DDPStrategy):
+    """Train each ensemble member on its own group of processes; no gradient crosses member groups.
+
+    Use it like ``ddp``: ``Trainer(strategy="member_parallel", devices=8)`` or
+    ``--trainer.strategy member_parallel``. The module must be an
+    :class:`~lightning_ensembles.EnsembleLightningModule`. See :func:`plan_members` for the placement.
+
+    Args:
+        data_order: ``"shared"`` (default): every member group reads the training set in the same seeded order
+            (the loader's own order when its sampler is a custom one such as
+            :class:`~lightning_ensembles.data.EpochSeededRandomSampler`), so with one process per group the
+            members see exactly the batches of a single-process run. ``"per_group"``: group ``g`` shuffles
+            with seed ``PL_GLOBAL_SEED + g``, so members also differ in data order.
+        **kwargs: forwarded to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``,
+            ``timeout``, ``process_group_backend``, ``ddp_comm_hook``, DDP keyword arguments, ...).
+
+    Raises:
+        ValueError: for an unknown ``data_order``, a ``process_group`` argument (the strategy makes its own),
+            or a number of processes that does not fit the number of members.
+        TypeError: if the module is not an ``EnsembleLightningModule``.
+
+    Attributes:
+        layout: the :class:`MemberLayout`, known after setup.
+        gradient_bytes: bytes of gradients this process has all-reduced, per process group (a tuple of global
+            ranks). Only member groups ever appear; it stays empty when each process trains whole members.
+    """
+
+    strategy_name = "member_parallel"
+
+    def __init__(self, data_order: DataOrder = "shared", **kwargs: Any) -> None:
+        if data_order not in ("shared", "per_group"):
+            raise ValueError(
+                f"Expected `--trainer.strategy.data_order` to be 'shared' or 'per_group', but got {data_order!r}."
+            )
+        if "process_group" in kwargs:
+            raise ValueError(
+                "MemberParallelStrategy builds one process group per member group itself; do not pass "
+                "`process_group`."
+            )
+        super().__init__(**kwargs)
+        self.data_order: DataOrder = data_order
+        self.layout: MemberLayout | None = None
+        self.gradient_bytes: dict[tuple[int, ...], int] = {}
+        self._member_group: Any = None  # the process group of this rank's member group (None: one process)
+        self._stale = False  # members were trained since the last synchronisation
+
+    # ------------------------------------------------------------------ placement
+
+    @property
+    def member_group_ranks(self) -> list[int]:
+        """Global ranks of the group this process belongs to."""
+        if self.layout is None:
+            return [self.global_rank]
+        return self.layout.ranks_of_group(self.layout.group_of_rank(self.global_rank))
+
+    def training_shard(self) -> TrainingShard:
+        """This process's shard of the training set: its rank within its member group.
+
+        Returns:
+            The shard; ``seed_offset`` is the group index with ``data_order="per_group"``, else 0.
+        """
+        layout = self.layout
+        if layout is None:
+            return TrainingShard(self.global_rank, self.world_size, 0)
+        group = layout.group_of_rank(self.global_rank)
+        offset = group if self.data_order == "per_group" else 0
+        return TrainingShard(self.global_rank % layout.group_size, layout.group_size, offset)
+
+    def _ensemble(self) -> EnsembleLightningModule:
+        from lightning_ensembles.module import EnsembleLightningModule
+
+        module = self.lightning_module
+        if not isinstance(module, EnsembleLightningModule):
+            raise TypeError(
+                "`--trainer.strategy member_parallel` places ensemble members on processes and needs an "
+                f"EnsembleLightningModule, but got {type(module).__name__}. Use `ddp` for other modules."
+            )
+        return module
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        module = self._ensemble()
+        self.layout = layout = plan_members(self.world_size, module.num_members)
+        group = layout.group_of_rank(self.global_rank)
+        self._member_group = None
+        if layout.group_size == self.world_size and self.world_size > 1:
+            self._member_group = dist.group.WORLD
+        elif layout.group_size > 1:
+            # every process must create every group, in the same order
+            groups = [dist.new_group(layout.ranks_of_group(g)) for g in range(layout.num_groups)]
+            self._member_group = groups[group]
+        module.assign_members(layout.members_of_group(group))
+        if self._layer_sync is not None:
+            # SyncBatchNorm synchronises statistics inside a member group only (plain BatchNorm for one process)
+            self._layer_sync = (
+                _GroupSyncBatchNorm(self._member_group) if self._member_group is not None else None
+            )
+        if trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
+            _check_callbacks(trainer)
+        super().setup(trainer)
+        self._stale = False
+
+    @override
+    def configure_ddp(self) -> None:
+        assert self.model is not None
+        if self.world_size > 1:
+            # as DDP would, start every process from rank 0's weights, so that all groups agree
+            self._broadcast_all_states(src=0)
+        self.model = self._setup_model(self.model)
+        self._register_ddp_hooks()
+
+    @override
+    def _setup_model(self, model: nn.Module) -> Any:
+        if self._member_group is None:
+            return model  # one process per group: nothing to reduce
+        module = self._ensemble()
+        local = set(module.local_members)
+        if not local:
+            return model
+        ignored = [
+            f"members.{i}.{name}"
+            for i in range(module.num_members)
+            if i not in local
+            for name, _ in [*module.members[i].named_parameters(), *module.members[i].named_buffers()]
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        device_ids = self.determine_ddp_device_ids()
+        return DistributedDataParallel(
+            module=model, device_ids=device_ids, process_group=self._member_group, **self._ddp_kwargs
+        )
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        if not isinstance(self.model, DistributedDataParallel):
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        inner: Callable[..., Any] = self._ddp_comm_hook or default_hooks.allreduce_hook
+        if self._ddp_comm_wrapper is not None:
+            inner = self._ddp_comm_wrapper(inner)
+        state = self._ddp_comm_state if self._ddp_comm_state is not None else self._member_group
+        ranks = tuple(dist.get_process_group_ranks(self._member_group))
+        traffic = self.gradient_bytes
+
+        # unannotated: DDP checks annotations by identity, and this module's are strings (__future__)
+        def counted(hook_state, bucket):  # type: ignore[no-untyped-def]
+            buffer = bucket.buffer()
+            traffic[ranks] = traffic.get(ranks, 0) + buffer.numel() * buffer.element_size()
+            return inner(hook_state, bucket)
+
+        self.model.register_comm_hook(state, counted)
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.layout is None or trainer is None or not trainer.training:
+            return super().distributed_sampler_kwargs  # evaluation: data-parallel over every process
+        shard = self.training_shard()
+        kwargs: dict[str, Any] = {"num_replicas": shard.num_replicas, "rank": shard.rank}
+        if self.data_order == "per_group":
+            kwargs["seed"] = int(os.getenv("PL_GLOBAL_SEED", 0)) + shard.seed_offset
+        return kwargs
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        sampler = getattr(dataloader, "sampler", None)
+        if (
+            trainer is not None
+            and trainer.training
+            and self.data_order == "shared"
+            and isinstance(sampler, DistributedSamplerWrapper)
+        ):
+            # Keep the loader's own (seeded) order and only shard it; reshuffling it would give every run a
+            # different order from the single-process one.
+            sampler.shuffle = False
+        return super().process_dataloader(dataloader)
+
+    # ------------------------------------------------------------------ synchronisation
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._stale = True
+        return super().training_step(*args, **kwargs)
+
+    def synchronize_members(self) -> None:
+        """Give every process every member's current weights (a collective: call it on all processes).
+
+        Each member's parameters and buffers are broadcast from the first process of the group that trains
+        it. Called automatically before evaluation, before a checkpoint is written and at the end of fit.
+        """
+        if self.layout is None or self.world_size == 1 or not self._stale:
+            self._stale = False
+            return
+        module = self._ensemble()
+        for member in range(self.layout.num_members):
+            _broadcast(_member_tensors(module.members[member]), src=self.layout.leader(member))
+        self._stale = False
+
+    def _broadcast_all_states(self, src: int) -> None:
+        module = self.lightning_module
+        assert module is not None
+        _broadcast([*module.parameters(), *module.buffers()], src=src)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.synchronize_members()
+        super().on_validation_start()
+
+    @override
+    def on_test_start(self) -> None:
+        self.synchronize_members()
+        super().on_test_start()
+
+    @override
+    def on_predict_start(self) -> None:
+        self.synchronize_members()
+        super().on_predict_start()
+
+    @override
+    def on_train_end(self) -> None:
+        self.synchronize_members()
+        super().on_train_end()
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self.synchronize_members()
+        return super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state dict with every member's state, gathered from the processes that train it.
+
+        A collective: Lightning calls it on every process when it writes a checkpoint.
+        """
+        state = super().optimizer_state(optimizer)
+        if self.layout is None or self.world_size == 1:
+            return state
+        layout, rank = self.layout, self.global_rank
+        mine: dict[int, Any] = {}
+        if rank == layout.ranks_of_group(layout.group_of_rank(rank))[0]:
+            owned = set(layout.members_of_rank(rank))
+            for group in state["param_groups"]:
+                match = _MEMBER_GROUP.match(str(group.get("name", "")))
+                if match is None or int(match.group(1)) not in owned:
+                    continue
+                for index in group["params"]:
+                    if index in state["state"]:
+                        mine[index] = _to_cpu(state["state"][index])
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        merged: dict[int, Any] = {}
+        for part in gathered:
+            merged.update(part)
+        owned_anywhere = {
+            index
+            for group in state["param_groups"]
+            if _MEMBER_GROUP.match(str(group.get("name", "")))
+            for index in group["params"]
+        }
+        others = {k: v for k, v in dict(state["state"]).items() if k not in owned_anywhere}
+        return {**state, "state": dict(sorted({**others, **merged}.items()))}
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (
+            ("member_parallel", "popen"),
+            ("member_parallel_spawn", "spawn"),
+            ("member_parallel_fork", "fork"),
+        ):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Member-parallel ensemble training (lightning-ensembles), start_method {start_method!r}",
+                start_method=start_method,
+                override=True,
+            )
+
+
+class _GroupSyncBatchNorm(TorchSyncBatchNorm):
+    """Lightning's SyncBatchNorm plugin, restricted to one process group."""
+
+    def __init__(self, process_group: Any) -> None:
+        self.process_group = process_group
+
+    @override
+    def apply(self, model: nn.Module) -> nn.Module:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=self.process_group)
+
+
+def _check_callbacks(trainer: pl.Trainer) -> None:
+    from lightning_ensembles.callbacks.ema import MemberEMA
+
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, MemberEMA):
+            raise ValueError(
+                "MemberEMA is not supported with `--trainer.strategy member_parallel` on more than one process "
+                "yet: each process would average only its own members. Train with `ddp`, or without MemberEMA."
+            )
+
+
+def _member_tensors(member: nn.Module) -> list[Tensor]:
+    return [*member.parameters(), *member.buffers()]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+@torch.no_grad()
+def _broadcast(tensors: list[Tensor], src: int) -> None:
+    """Broadcast ``tensors`` in place from global rank ``src``, one flat buffer per device and dtype."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        buckets.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    for bucket in buckets.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for tensor in bucket:
+            tensor.data.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+MemberParallelStrategy.register_strategies(StrategyRegistry)
