@@ -162,7 +162,7 @@ def training_shard(trainer: pl.Trainer | None) -> TrainingShard:
     """
     if trainer is None:
         return TrainingShard(0, 1, 0)
-    strategy = trainer.strategy
+    strategy = getattr(trainer, "strategy", None)
     if isinstance(strategy, MemberParallelStrategy) and strategy.layout is not None:
         return strategy.training_shard()
     return TrainingShard(trainer.global_rank, trainer.world_size, 0)
