@@ -9,6 +9,7 @@ are the configuration; ``num_classes`` is given once, by the datamodule, and lin
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -21,9 +22,11 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_ensembles.distributed import plan_members
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
@@ -66,6 +69,47 @@ def check_devices(devices: Any, accelerator: Any) -> None:
             )
 
 
+def check_strategy(strategy: Any) -> None:
+    """Fail early, with the flag named and the closest names suggested, on an unknown strategy name.
+
+    Args:
+        strategy: the value of ``--trainer.strategy`` (a name, or a strategy given by class path).
+
+    Raises:
+        ValueError: if ``strategy`` is a name that is neither ``"auto"`` nor registered with Lightning.
+    """
+    if not isinstance(strategy, str) or strategy == "auto":
+        return
+    available = StrategyRegistry.available_strategies()
+    if strategy in available:
+        return
+    close = difflib.get_close_matches(strategy, available, n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"Expected `--trainer.strategy` to be 'auto' or a registered strategy name "
+        f"({', '.join(sorted(available))}), but got {strategy!r}.{hint}"
+    )
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, str):
+        return strategy
+    class_path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if isinstance(strategy, dict) else None
+    )
+    return "member_parallel" if class_path and class_path.endswith("MemberParallelStrategy") else ""
+
+
+def _count_devices(devices: Any, accelerator: Any) -> int | None:
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices
+    return None  # "auto", -1: known only once Lightning has looked
+
+
 class EnsembleCLI(LightningCLI):
     """LightningCLI for ensembles: links ``num_classes``, checks devices, adds ``--ckpt_path``.
 
@@ -103,6 +147,12 @@ class EnsembleCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        check_strategy(config.trainer.strategy)
+        if _strategy_name(config.trainer.strategy).startswith("member_parallel"):
+            members = config.model.get("num_members") or len(config.model.get("members") or []) or 1
+            processes = _count_devices(config.trainer.devices, config.trainer.accelerator)
+            if processes is not None:  # fail before launching W processes
+                plan_members(processes * int(config.trainer.num_nodes or 1), int(members))
         check_devices(config.trainer.devices, config.trainer.accelerator)
 
     def fit_test_report(self) -> dict[str, Any]:

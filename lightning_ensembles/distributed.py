@@ -52,6 +52,10 @@ __all__ = ["MemberLayout", "MemberParallelStrategy", "plan_members", "training_s
 
 DataOrder = Literal["shared", "per_group"]
 _MEMBER_GROUP = re.compile(r"^member_(\d+)$")
+# how gloo and NCCL report a peer process that died or hung
+_PEER_LOST = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|NCCL.*(error|timeout)|timed out|Timeout", re.I
+)
 
 
 @dataclass(frozen=True)
@@ -433,6 +437,25 @@ class MemberParallelStrategy(DDPStrategy):
         }
         others = {k: v for k, v in dict(state["state"]).items() if k not in owned_anywhere}
         return {**state, "state": dict(sorted({**others, **merged}.items()))}
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        text = str(exception)
+        if not isinstance(exception, RuntimeError) or not _PEER_LOST.search(text):
+            return
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        checkpoint = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "") or ""
+        resume = (
+            f"The last checkpoint written is intact; resume with `--ckpt_path {checkpoint}`."
+            if checkpoint
+            else "No checkpoint was written in this run; add a ModelCheckpoint (e.g. every_n_train_steps) to resume."
+        )
+        exception.args = (
+            f"member_parallel: another worker process stopped or cannot be reached (rank {self.global_rank} of "
+            f"{self.world_size} lost its peer in a collective operation). Check the other workers' logs for the "
+            f"cause. {resume}\n{text}",
+        )
 
     @classmethod
     @override

@@ -418,7 +418,8 @@ class EnsembleLightningModule(LightningModule):
     def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics
         metrics.reset()
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        # Already equal on every process; `sync_dist` only averages equal values (and tells Lightning so).
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:

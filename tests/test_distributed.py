@@ -1,0 +1,329 @@
+"""Member-parallel training (gloo on CPU): equality with one process, checkpoints both ways, no cross-group
+gradients, and the bad inputs of the strategy."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from lightning_ensembles import EnsembleLightningModule, MemberParallelStrategy
+from lightning_ensembles.callbacks import MemberEMA
+from lightning_ensembles.cli import EnsembleCLI
+from lightning_ensembles.data.sampling import EpochSeededRandomSampler, make_loader
+from lightning_ensembles.distributed import _check_callbacks, plan_members
+from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_data, trainer_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "reproductions" / "configs"
+TRAIN_SEED = 3
+
+
+class Data(pl.LightningDataModule):
+    """64 training samples shuffled by ``(seed, epoch)``, 32 evaluation samples (divisible by 2 processes)."""
+
+    def __init__(self, batch_size: int = 8, order: Any = None) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.order = order  # a sampler factory for the training set, or None for the standard one
+
+    def train_dataloader(self) -> DataLoader:
+        data = make_data(64)
+        if self.order is not None:
+            return DataLoader(data, batch_size=self.batch_size, sampler=self.order(data))
+        return make_loader(data, self.batch_size, 0, seed=TRAIN_SEED, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(make_data(32, seed=1), 8, 0, seed=0, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def mlp() -> nn.Module:
+    """A member without BatchNorm, so DDP inside a member group equals one process on the whole batch."""
+    return nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+
+
+def ensemble(member: Any = TinyNet, num_members: int = 2, **kwargs: Any) -> EnsembleLightningModule:
+    return EnsembleLightningModule(
+        member=member,
+        num_members=num_members,
+        num_classes=NUM_CLASSES,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        **kwargs,
+    )
+
+
+class RecordPlacement(pl.Callback):
+    """Checks, inside every worker, what the strategy placed and reduced."""
+
+    def __init__(self, members_per_rank: list[list[int]], group_bytes: dict[int, int], wrapped: bool) -> None:
+        self.members_per_rank = members_per_rank
+        self.group_bytes = group_bytes  # rank -> expected gradient bytes within its group
+        self.wrapped = wrapped
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, MemberParallelStrategy) and isinstance(pl_module, EnsembleLightningModule)
+        rank = trainer.global_rank
+        assert pl_module.local_members == self.members_per_rank[rank]
+        assert isinstance(strategy.model, DistributedDataParallel) == self.wrapped
+        group = tuple(strategy.member_group_ranks)
+        expected = {group: self.group_bytes[rank]} if self.group_bytes[rank] else {}
+        # Every gradient byte this process all-reduced went to its own member group, and nowhere else.
+        assert strategy.gradient_bytes == expected, (rank, strategy.gradient_bytes, expected)
+        if self.wrapped:
+            ddp = strategy.model
+            assert isinstance(ddp, DistributedDataParallel)
+            assert torch.distributed.get_process_group_ranks(ddp.process_group) == list(group)
+
+
+def _fit(
+    module: pl.LightningModule, data: pl.LightningDataModule, devices: int = 1, **kwargs: Any
+) -> pl.Trainer:
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    settings = trainer_kwargs(**{"max_epochs": 2, **kwargs})
+    if devices > 1:
+        settings.update(devices=devices)
+        settings.setdefault("strategy", "member_parallel_spawn")
+    trainer = pl.Trainer(**settings)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _checkpointer(directory: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0)
+
+
+def _assert_same_weights(got: nn.Module | dict, expected: nn.Module | dict, atol: float = 1e-6) -> None:
+    got = got if isinstance(got, dict) else got.state_dict()
+    expected = expected if isinstance(expected, dict) else expected.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key].float(), expected[key].float(), atol=atol, rtol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------- placement
+
+
+def test_plan_members_places_whole_members_or_member_groups() -> None:
+    layout = plan_members(world_size=2, num_members=4)
+    assert (layout.group_size, layout.num_groups) == (1, 2)
+    assert [layout.members_of_rank(r) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [layout.leader(m) for m in range(4)] == [0, 0, 1, 1]
+    layout = plan_members(world_size=8, num_members=2)
+    assert (layout.group_size, layout.num_groups) == (4, 2)
+    assert layout.ranks_of_group(1) == [4, 5, 6, 7] and layout.members_of_rank(5) == [1]
+    assert plan_members(world_size=1, num_members=3).members_of_rank(0) == [0, 1, 2]  # trivially one process
+    with pytest.raises(
+        ValueError, match=r"W = `--trainer.devices` × `--trainer.num_nodes` = 3\) to divide .*= 4\)"
+    ):
+        plan_members(world_size=3, num_members=4)
+
+
+def test_cli_rejects_a_strategy_typo_and_an_impossible_placement_before_launching() -> None:
+    args = [
+        "--config", str(CONFIGS / "cifar_wrn.yaml"),
+        "--config", str(CONFIGS / "digits/quickstart.yaml"),
+        "--config", str(CONFIGS / "ensemble-4.yaml"),
+        "--trainer.accelerator=cpu",
+    ]  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"`--trainer.strategy`.*got 'member_paralel'\. Did you mean 'member_parallel'"
+    ):
+        EnsembleCLI(args=[*args, "--trainer.strategy=member_paralel"])
+    with pytest.raises(
+        ValueError, match=r"= 3\) to divide the number of members \(`--model.num_members` = 4\)"
+    ):
+        EnsembleCLI(args=[*args, "--trainer.strategy=member_parallel", "--trainer.devices=3"])
+    with pytest.raises(
+        ValueError, match=r"`--trainer.strategy.data_order` to be 'shared' or 'per_group'.*'random'"
+    ):
+        MemberParallelStrategy(data_order="random")  # type: ignore[arg-type]
+
+
+def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema() -> None:
+    class Plain(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(IN_FEATURES, NUM_CLASSES)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # pragma: no cover
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match="needs an EnsembleLightningModule, but got Plain"):
+        _fit(Plain(), Data(), strategy="member_parallel")
+    with pytest.raises(
+        ValueError, match="MemberEMA is not supported with `--trainer.strategy member_parallel`"
+    ):
+        _check_callbacks(SimpleNamespace(callbacks=[MemberEMA()]))  # type: ignore[arg-type]
+
+
+def test_one_process_is_trivially_the_plain_run() -> None:
+    single, member_parallel = ensemble(), ensemble()
+    _fit(single, Data())
+    trainer = _fit(member_parallel, Data(), strategy="member_parallel")
+    assert isinstance(trainer.strategy, MemberParallelStrategy) and trainer.strategy.gradient_bytes == {}
+    _assert_same_weights(member_parallel, single)
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_two_members_equal_one_process_with_checkpoints_both_ways(tmp_path: Path) -> None:
+    # The single-process references: one epoch (with its checkpoint), and two epochs.
+    one_epoch = ensemble()
+    _fit(one_epoch, Data(), max_epochs=1, callbacks=[_checkpointer(tmp_path / "single")],
+         enable_checkpointing=True)  # fmt: skip
+    two_epochs = ensemble()
+    _fit(two_epochs, Data())
+
+    # Member-parallel, stopped after one epoch: each rank trains one member, no gradient is communicated.
+    placement = RecordPlacement([[0], [1]], group_bytes={0: 0, 1: 0}, wrapped=False)
+    stopped = ensemble()
+    _fit(stopped, Data(), devices=2, max_epochs=1, enable_checkpointing=True,
+         callbacks=[_checkpointer(tmp_path / "mp"), placement])  # fmt: skip
+    _assert_same_weights(stopped, one_epoch)
+
+    # Its checkpoint has the single-process format: every member's weights and optimizer state.
+    saved = torch.load(tmp_path / "mp" / "last.ckpt", weights_only=True)
+    reference = torch.load(tmp_path / "single" / "last.ckpt", weights_only=True)
+    _assert_same_weights(saved["state_dict"], reference["state_dict"])
+    got, expected = saved["optimizer_states"][0], reference["optimizer_states"][0]
+    assert got["param_groups"] == expected["param_groups"] and got["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        torch.testing.assert_close(got["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    loaded = EnsembleLightningModule.load_from_checkpoint(tmp_path / "mp" / "last.ckpt", member=TinyNet)
+    _assert_same_weights(loaded, one_epoch)
+
+    # Resume member-parallel from its own checkpoint, and from the single-process one: both end where two
+    # uninterrupted single-process epochs end.
+    for checkpoint in (tmp_path / "mp" / "last.ckpt", tmp_path / "single" / "last.ckpt"):
+        resumed = ensemble()
+        _fit(resumed, Data(), devices=2, ckpt_path=str(checkpoint))
+        _assert_same_weights(resumed, two_epochs)
+
+    # Evaluation combines every member's predictions: the metrics equal one process's on the gathered weights.
+    test = trainer_kwargs(devices=2, strategy="member_parallel_spawn")
+    (distributed,) = pl.Trainer(**test).test(resumed, datamodule=Data(), verbose=False)
+    (single,) = pl.Trainer(**trainer_kwargs()).test(two_epochs, datamodule=Data(), verbose=False)
+    assert set(distributed) == set(single) and "test/size_2/top1" in single
+    for key, value in single.items():
+        assert distributed[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.timeout(300)
+def test_per_group_data_order_with_mixed_members_equals_single_member_runs(tmp_path: Path) -> None:
+    # Members of different architectures, each group shuffling with its own seed: member g must end where a
+    # single-member run over group g's order ends (the wrapper Lightning puts around the loader's sampler,
+    # reshuffled with seed PL_GLOBAL_SEED + g, here 0 + g).
+    members = [TinyNet, TinyConvNet]
+    strategy = MemberParallelStrategy(data_order="per_group", start_method="spawn")
+    mixed = EnsembleLightningModule(
+        members=members, num_classes=NUM_CLASSES, optimizer=functools.partial(torch.optim.SGD, lr=0.1)
+    )
+    _fit(mixed, Data(), devices=2, strategy=strategy)
+    for g, member in enumerate(members):
+
+        def order(data: Any, g: int = g) -> DistributedSamplerWrapper:
+            inner = EpochSeededRandomSampler(data, seed=TRAIN_SEED)
+            return DistributedSamplerWrapper(inner, num_replicas=1, rank=0, shuffle=True, seed=g)
+
+        alone = EnsembleLightningModule(
+            members=[member],
+            num_classes=NUM_CLASSES,
+            seed=g,
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        )
+        _fit(alone, Data(order=order))
+        _assert_same_weights(mixed.members[g], alone.members[0])
+    # and the shared order would have given member 1 a different result
+    shared = EnsembleLightningModule(
+        members=members, num_classes=NUM_CLASSES, optimizer=functools.partial(torch.optim.SGD, lr=0.1)
+    )
+    _fit(shared, Data())
+    assert not torch.allclose(shared.members[1].head.weight, mixed.members[1].head.weight)
+
+
+# ---------------------------------------------------------------------------------------------- 4 processes
+
+
+@pytest.mark.timeout(300)
+def test_member_groups_reduce_gradients_only_inside_the_group() -> None:
+    # W = 4, M = 2: each member trained by 2 processes with DDP in that group only. With members that have no
+    # BatchNorm, that equals one process on batches twice as large (the group's two shards of the same order).
+    single = ensemble(mlp)
+    _fit(single, Data(batch_size=16))
+    params_per_member = sum(p.numel() for p in mlp().parameters())
+    steps = 2 * 64 // 16
+    placement = RecordPlacement(
+        [[0], [0], [1], [1]], group_bytes=dict.fromkeys(range(4), steps * params_per_member * 4), wrapped=True
+    )
+    member_groups = ensemble(mlp)
+    _fit(member_groups, Data(batch_size=8), devices=4, callbacks=[placement])
+    _assert_same_weights(member_groups, single)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+KILLED_RUN = """
+import functools, os, signal, sys
+sys.path.insert(0, {root!r})
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tests.conftest import TinyNet, NUM_CLASSES
+from tests.test_distributed import Data, ensemble
+
+class KillRankOne(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 10:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="member_parallel", max_epochs=3, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath={checkpoints!r}, save_last=True, save_top_k=0, every_n_train_steps=4),
+                   KillRankOne()],
+    )
+    trainer.fit(ensemble(), datamodule=Data())
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_worker_ends_the_run_and_the_last_checkpoint_resumes(tmp_path: Path) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_RUN.format(root=str(ROOT), checkpoints=str(tmp_path / "ckpt"))))
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    # Either rank 0 reports the lost peer first, or Lightning's launcher kills it, naming the dead process.
+    assert "member_parallel: another worker process stopped" in output or "terminated with code -9" in output
+    assert "intact; resume with `--ckpt_path" in output or "terminated with code -9" in output
+    last = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 8  # the last one written before rank 1 died at step 10
+    resumed = ensemble()
+    trainer = _fit(resumed, Data(), max_epochs=3, ckpt_path=str(last))
+    assert trainer.global_step == 3 * 64 // 8
