@@ -167,9 +167,11 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "member_parallel"])
+def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path, strategy: str) -> None:
     # `--trainer.devices 2` with Lightning's own launcher: the script runs again on each rank (gloo, CPU).
     # Every rank must take part in `trainer.log_dir` (a broadcast) for the results and ablation files.
+    # The callbacks (FLOPs, ablation) and the results table work the same under both strategies.
     command = [
         sys.executable, str(ROOT / "reproductions" / "cifar_wrn.py"),
         "--config", str(CONFIGS / "digits/quickstart.yaml"),
@@ -178,7 +180,7 @@ def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path) -> None:
         "--config", str(ROOT / "callbacks/ablation.yaml"),
         *_fast(tmp_path),
         "--trainer.devices=2",
-        "--trainer.strategy=ddp",
+        f"--trainer.strategy={strategy}",
         "--trainer.limit_train_batches=3",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=220)
@@ -187,6 +189,8 @@ def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path) -> None:
     saved = json.loads(results_file.read_text())
     assert saved["world_size"] == 2 and [row["k"] for row in saved["sizes"]] == [1, 2]
     assert (results_file.parent / "ablation_test.json").is_file()
+    ablation = json.loads((results_file.parent / "ablation_test.json").read_text())
+    assert [row["k"] for row in ablation] == [1, 2] and saved["sizes"][-1]["macs"] > 0
 
 
 def test_too_many_devices_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
