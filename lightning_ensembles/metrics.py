@@ -191,3 +191,47 @@ class EnsembleMetrics(nn.Module):
         """Reset every metric's state."""
         for _, metric in self.items():
             metric.reset()
+
+
+class MemberLossMean(Metric):
+    """Mean training loss of every member over an epoch, correct whichever process trained which member.
+
+    Each process adds the losses of the members it trains; :meth:`compute` sums the per-member totals and
+    counts over all processes (torchmetrics' ``dist_reduce_fx="sum"``), so under data-parallel DDP and under
+    member-parallel training alike member ``i``'s mean covers exactly the steps that trained it.
+
+    Args:
+        num_members: ``M``.
+
+    Example:
+        >>> metric = MemberLossMean(3)
+        >>> metric.update(torch.tensor([2.0, 4.0]), [0, 2])
+        >>> metric.update(torch.tensor([1.0]), [2])
+        >>> metric.compute()
+        tensor([2.0000,    nan, 2.5000])
+    """
+
+    full_state_update = False
+    total: Tensor
+    count: Tensor
+
+    def __init__(self, num_members: int) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(num_members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_members, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, losses: Tensor, members: list[int]) -> None:
+        """Add one step's losses.
+
+        Args:
+            losses: shape ``(len(members),)``.
+            members: the member index of each loss.
+        """
+        index = torch.as_tensor(members, device=self.total.device)
+        self.total.index_add_(0, index, losses.detach().to(self.total.dtype))
+        self.count.index_add_(0, index, torch.ones_like(index, dtype=self.count.dtype))
+
+    def compute(self) -> Tensor:
+        """Return the mean loss per member, shape ``(M,)`` (NaN for a member without steps; torchmetrics
+        squeezes ``M = 1`` to a scalar)."""
+        return (self.total / self.count).float()

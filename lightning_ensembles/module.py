@@ -38,7 +38,7 @@ from lightning_ensembles.members import (
     load_member_state_dicts,
     load_member_weights,
 )
-from lightning_ensembles.metrics import EnsembleMetrics
+from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
 
 _PRIMITIVES = (type(None), bool, int, float, str)
 _RNG_KEY = "lightning_ensembles_rng"
@@ -226,6 +226,7 @@ class EnsembleLightningModule(LightningModule):
                 member.eval()
 
     def _make_metrics(self) -> None:
+        self.train_member_loss = MemberLossMean(len(self.members))
         self.val_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
         self.test_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
 
@@ -406,7 +407,23 @@ class EnsembleLightningModule(LightningModule):
         loss = losses.sum()
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/member_{i}/loss": losses[j] for j, i in enumerate(indices)})
+        self.train_member_loss.update(losses, indices)
         return loss
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        # Every member's epoch-mean loss, whichever process trained it (member-parallel logs each member's
+        # per-step loss on its own process only).
+        means = self.train_member_loss.compute().reshape(-1)  # a collective under DDP: every process calls it
+        self.train_member_loss.reset()
+        self.log_dict(
+            {
+                f"train/member_{i}/loss_epoch": means[i]
+                for i in self.trainable_members
+                if not means[i].isnan()
+            },
+            sync_dist=True,
+        )
 
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics) -> dict[str, Tensor]:
         x, y = batch

@@ -191,17 +191,23 @@ def test_one_process_is_trivially_the_plain_run() -> None:
 def test_two_ranks_two_members_equal_one_process_with_checkpoints_both_ways(tmp_path: Path) -> None:
     # The single-process references: one epoch (with its checkpoint), and two epochs.
     one_epoch = ensemble()
-    _fit(one_epoch, Data(), max_epochs=1, callbacks=[_checkpointer(tmp_path / "single")],
-         enable_checkpointing=True)  # fmt: skip
+    reference_trainer = _fit(one_epoch, Data(), max_epochs=1, callbacks=[_checkpointer(tmp_path / "single")],
+                             enable_checkpointing=True)  # fmt: skip
     two_epochs = ensemble()
     _fit(two_epochs, Data())
 
     # Member-parallel, stopped after one epoch: each rank trains one member, no gradient is communicated.
     placement = RecordPlacement([[0], [1]], group_bytes={0: 0, 1: 0}, wrapped=False)
     stopped = ensemble()
-    _fit(stopped, Data(), devices=2, max_epochs=1, enable_checkpointing=True,
-         callbacks=[_checkpointer(tmp_path / "mp"), placement])  # fmt: skip
+    trainer = _fit(stopped, Data(), devices=2, max_epochs=1, enable_checkpointing=True,
+                   callbacks=[_checkpointer(tmp_path / "mp"), placement])  # fmt: skip
     _assert_same_weights(stopped, one_epoch)
+    # Each member's epoch-mean training loss reaches rank 0's loggers, although rank 1 trained member 1.
+    for i in range(2):
+        key = f"train/member_{i}/loss_epoch"
+        assert trainer.callback_metrics[key].item() == pytest.approx(
+            reference_trainer.callback_metrics[key].item()
+        )
 
     # Its checkpoint has the single-process format: every member's weights and optimizer state.
     saved = torch.load(tmp_path / "mp" / "last.ckpt", weights_only=True)
