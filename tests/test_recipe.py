@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 
 from lightning_ensembles.cli import EnsembleCLI, check_devices
@@ -177,7 +178,7 @@ def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path, strategy: str) -> N
         "--config", str(CONFIGS / "digits/quickstart.yaml"),
         "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
         "--config", str(CONFIGS / "ensemble-2.yaml"),
-        "--config", str(ROOT / "callbacks/ablation.yaml"),
+        "--config", str(ROOT / "callbacks/efficiency.yaml"),
         *_fast(tmp_path),
         "--trainer.devices=2",
         f"--trainer.strategy={strategy}",
@@ -191,6 +192,11 @@ def test_recipe_under_ddp_as_users_launch_it(tmp_path: Path, strategy: str) -> N
     assert (results_file.parent / "ablation_test.json").is_file()
     ablation = json.loads((results_file.parent / "ablation_test.json").read_text())
     assert [row["k"] for row in ablation] == [1, 2] and saved["sizes"][-1]["macs"] > 0
+    events = EventAccumulator(str(results_file.parent))
+    events.Reload()
+    logged = set(events.Tags()["scalars"])
+    assert {"flops/ensemble_gmacs", "flops/member_1_gmacs", "train/member_1/loss_epoch"} <= logged, logged
+    assert any(tag.startswith("latency/") for tag in logged), logged
 
 
 def test_too_many_devices_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
