@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ensembles.cli import EnsembleCLI, check_devices
 from lightning_ensembles.testing import write_fake_cifar10
