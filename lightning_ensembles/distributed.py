@@ -216,6 +216,7 @@ class MemberParallelStrategy(DDPStrategy):
         self.layout: MemberLayout | None = None
         self.gradient_bytes: dict[tuple[int, ...], int] = {}
         self._member_group: Any = None  # the process group of this rank's member group (None: one process)
+        self._groups: tuple[MemberLayout, list[Any]] | None = None
         self._stale = False  # members were trained since the last synchronisation
 
     # ------------------------------------------------------------------ placement
@@ -260,9 +261,13 @@ class MemberParallelStrategy(DDPStrategy):
         if layout.group_size == self.world_size and self.world_size > 1:
             self._member_group = dist.group.WORLD
         elif layout.group_size > 1:
-            # every process must create every group, in the same order
-            groups = [dist.new_group(layout.ranks_of_group(g)) for g in range(layout.num_groups)]
-            self._member_group = groups[group]
+            if self._groups is None or self._groups[0] != layout:
+                # every process must create every group, in the same order; once per layout (fit, then test)
+                self._groups = (
+                    layout,
+                    [dist.new_group(layout.ranks_of_group(g)) for g in range(layout.num_groups)],
+                )
+            self._member_group = self._groups[1][group]
         module.assign_members(layout.members_of_group(group))
         if self._layer_sync is not None:
             # SyncBatchNorm synchronises statistics inside a member group only (plain BatchNorm for one process)
@@ -437,6 +442,15 @@ class MemberParallelStrategy(DDPStrategy):
         }
         others = {k: v for k, v in dict(state["state"]).items() if k not in owned_anywhere}
         return {**state, "state": dict(sorted({**others, **merged}.items()))}
+
+    @override
+    def teardown(self) -> None:
+        from lightning_ensembles.module import EnsembleLightningModule
+
+        module = self.lightning_module
+        super().teardown()
+        if isinstance(module, EnsembleLightningModule):
+            module.assign_members(None)  # the module trains every member again outside this strategy
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -182,6 +182,23 @@ def test_one_process_is_trivially_the_plain_run() -> None:
     trainer = _fit(member_parallel, Data(), strategy="member_parallel")
     assert isinstance(trainer.strategy, MemberParallelStrategy) and trainer.strategy.gradient_bytes == {}
     _assert_same_weights(member_parallel, single)
+    assert member_parallel._assigned is None  # the placement ends with the run
+
+
+def test_a_module_left_by_a_member_parallel_run_trains_every_member_again() -> None:
+    module = ensemble()
+    module.assign_members([1])
+    assert module.local_members == [1]
+    before = [p.detach().clone() for p in module.members[0].parameters()]
+    _fit(module, Data(), max_epochs=1)  # single-device: nothing assigns, and member 0 is not trained
+    assert all(torch.equal(a, b) for a, b in zip(before, module.members[0].parameters()))
+    module.assign_members(None)
+    _fit(module, Data(), max_epochs=1)
+    assert not all(torch.equal(a, b) for a, b in zip(before, module.members[0].parameters()))
+    with pytest.raises(
+        ValueError, match=r"member indices in \[0, 2\) to assign to this process, but got \[2\]"
+    ):
+        module.assign_members([2])
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
