@@ -4,6 +4,7 @@ gradients, and the bad inputs of the strategy."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import textwrap
@@ -105,6 +106,18 @@ def _fit(
     return trainer
 
 
+@pytest.fixture
+def in_process_group() -> Any:
+    """For a strategy run in this process (one device): leave no process group or port behind, so the
+    spawned tests that follow can bind their own."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _checkpointer(directory: Path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0)
 
@@ -156,7 +169,7 @@ def test_cli_rejects_a_strategy_typo_and_an_impossible_placement_before_launchin
         MemberParallelStrategy(data_order="random")  # type: ignore[arg-type]
 
 
-def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema() -> None:
+def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema(in_process_group: None) -> None:
     class Plain(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -176,7 +189,7 @@ def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema() -> No
         _check_callbacks(SimpleNamespace(callbacks=[MemberEMA()]))  # type: ignore[arg-type]
 
 
-def test_one_process_is_trivially_the_plain_run() -> None:
+def test_one_process_is_trivially_the_plain_run(in_process_group: None) -> None:
     single, member_parallel = ensemble(), ensemble()
     _fit(single, Data())
     trainer = _fit(member_parallel, Data(), strategy="member_parallel")
