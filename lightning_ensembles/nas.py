@@ -1,0 +1,985 @@
+"""Architecture search with Optuna: accuracy against multiply-adds or latency, trained proxies, shared studies.
+
+The third experiment of Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single
+Large Models* (arXiv 2005.00570, figure 3), searches architectures under a cost budget and then asks whether
+one searched architecture replicated ``N`` times is as good as ``N`` different searched architectures of the
+same total cost (their answer: nearly the same). :class:`NASSearch` runs that search over a
+:class:`~lightning_ensembles.models.NASSearchSpace` with Optuna (Akiba et al., KDD 2019):
+
+- every trial samples an architecture, costs it (multiply-adds with
+  :func:`~lightning_ensembles.cost.count_macs`, or batch-1 latency with
+  :func:`~lightning_ensembles.latency.measure_ensemble_latency`) and trains a proxy: an
+  :class:`~lightning_ensembles.EnsembleLightningModule` with one member, for a few epochs, through a Lightning
+  ``Trainer``; its validation top-1 is the accuracy objective;
+- without a target the study has two objectives (maximise top-1, minimise cost) and its result is the Pareto
+  set; with ``target`` it maximises MnasNet's reward ``top1 * (cost / target) ** w`` (Tan et al., *MnasNet*,
+  CVPR 2019, arXiv 1807.11626), with ``w = alpha`` at or under the target and ``beta`` above it, and bad
+  trials are pruned after each epoch by an Optuna pruner (Optuna prunes single-objective studies only, so a
+  Pareto search trains every trial to the end);
+- the study lives in any Optuna storage URL (SQLite by default), so several worker processes or machines can
+  share it: ``n_trials`` architectures are trained in total over all workers, and a rerun of a finished study
+  trains nothing (a sampler proposing an architecture already trained gets the trial recorded as a repeat);
+- a trial that diverges (a NaN loss, which the module reports as ``FloatingPointError``) is recorded as
+  failed with its reason and the study goes on.
+
+:func:`choose_architectures` picks the two arms of the comparison from the finished trials and
+:func:`export_search` writes the Pareto set and the chosen architectures as LightningCLI YAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import OptimizerCallable
+from typing_extensions import override
+
+from lightning_ensembles._validation import check_int
+from lightning_ensembles.cost import count_macs, count_params
+from lightning_ensembles.models.nas import NASArchitecture, NASSearchSpace
+from lightning_ensembles.results import atomic_write_text, environment
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "NASSearch",
+    "OptunaPruning",
+    "choose_architectures",
+    "export_search",
+    "import_optuna",
+    "member_config",
+    "pareto_front",
+    "trial_records",
+]
+
+log = logging.getLogger(__name__)
+
+_FLAG = "--search"
+_NASNET = "lightning_ensembles.models.NASNet"
+_INSTALL = 'pip install "lightning-ensembles[nas]"'
+_STORAGE_ATTEMPTS = 6
+_MAX_TRIALS_FACTOR = 4  # repeats of trained architectures are free, but not endless
+
+
+def import_optuna() -> Any:
+    """Import Optuna, which the search needs (an optional dependency).
+
+    Returns:
+        The ``optuna`` module.
+
+    Raises:
+        ImportError: If Optuna is not installed, saying how to install it.
+    """
+    try:
+        import optuna
+    except ImportError as err:
+        raise ImportError(
+            f"The architecture search needs Optuna (>= 3.6): `{_INSTALL}` or `pip install optuna`."
+        ) from err
+    return optuna
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: shown as given
+        return url
+
+
+class OptunaPruning(Callback):
+    """Report a validation metric to an Optuna trial after every epoch and stop training when it is pruned.
+
+    Training is stopped the Lightning way (``trainer.should_stop``), so the run ends cleanly; the caller then
+    raises ``optuna.TrialPruned`` when :attr:`pruned_epoch` is set. Optuna prunes single-objective studies
+    only.
+
+    Args:
+        trial: The Optuna trial.
+        monitor: The logged metric, e.g. ``"val/top1"``.
+        transform: Maps the metric to the value reported (e.g. accuracy to MnasNet's reward); identity if
+            ``None``.
+
+    Raises:
+        ValueError: If the trial belongs to a multi-objective study.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str = "val/top1", transform: Any = None) -> None:
+        if len(trial.study.directions) > 1:
+            raise ValueError(
+                "Expected a single-objective study for pruning (Optuna prunes only those), but the trial's "
+                f"study has {len(trial.study.directions)} objectives."
+            )
+        self.trial = trial
+        self.monitor = monitor
+        self.transform = transform
+        self.pruned_epoch: int | None = None
+        """The epoch after which the trial was pruned, or ``None``."""
+        self.last_value: float | None = None
+        """The last value reported."""
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is None:
+            raise KeyError(
+                f"OptunaPruning monitors {self.monitor!r}, which the run did not log; logged: "
+                f"{sorted(trainer.callback_metrics)}."
+            )
+        value = float(metric)
+        if self.transform is not None:
+            value = float(self.transform(value))
+        self.last_value = value
+        epoch = trainer.current_epoch
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            self.pruned_epoch = epoch
+            trainer.should_stop = True
+
+
+class NASSearch:
+    """An Optuna search over a :class:`~lightning_ensembles.models.NASSearchSpace` with trained proxies.
+
+    Args:
+        space: The search space.
+        n_trials: Architectures the study trains in total, over every worker sharing it and every rerun
+            (pruned and failed ones count). A trial proposing an architecture the study already trained is
+            recorded as pruned with ``duplicate_of`` and does not count; the study stops after
+            ``4 * n_trials`` trials in any case.
+        objective: The cost: ``"macs"`` (multiply-adds of one input, counted) or ``"latency"`` (median
+            batch-1 latency in milliseconds, measured on ``latency_device``).
+        target: ``None`` for a two-objective search (top-1 up, cost down; the result is a Pareto set), or the
+            target cost of MnasNet's single reward, in GMACs (``objective="macs"``) or milliseconds
+            (``"latency"``). The space's cheapest architecture must meet it.
+        reward_exponents: MnasNet's ``(alpha, beta)``: the reward's exponent at or under the target and
+            above it. ``(-0.07, -0.07)`` is MnasNet's soft constraint, ``(0, -1)`` a hard one.
+        storage: An Optuna storage URL (``sqlite:///search.db``, ``postgresql://...``, ``mysql://...``) shared by
+            the workers, or ``None`` for an in-memory study of this process only.
+        study_name: The study's name in the storage.
+        seed: Seed of the sampler (give every worker of a shared study its own, or they propose the same first
+            architectures) and of the proxies' initialisation; ``None`` for an unseeded sampler.
+        sampler: ``"tpe"`` (Optuna's default; multi-objective TPE for a Pareto search) or ``"random"``.
+        proxy_epochs: Epochs each proxy is trained for.
+        pruner: ``"median"`` (Optuna's median pruner, after ``pruner_startup_trials`` trials and one epoch) or
+            ``"none"``; used with a ``target`` only.
+        pruner_startup_trials: Finished trials before the median pruner prunes.
+        optimizer: The proxies' optimizer (as ``--model.optimizer`` of the recipes).
+        member_kwargs: Further :class:`~lightning_ensembles.models.NASNet` arguments of the proxies and the
+            exported configs, e.g. ``{"input_size": [16, 16], "activation": "relu"}``; ``in_channels`` comes
+            from the datamodule.
+        trainer: Further ``Trainer`` arguments of the proxies (``accelerator``, ``precision``,
+            ``limit_train_batches``, ...). Each worker trains on one device; to use eight GPUs, run eight
+            workers on one storage.
+        latency_device: Where latency is measured (``objective="latency"``).
+        latency_repeats: Timed runs per latency measurement.
+
+    Raises:
+        ValueError: For an invalid argument, naming its ``--search.*`` flag and the value.
+
+    Example:
+        >>> from lightning_ensembles.models import StageSpace
+        >>> space = NASSearchSpace(stages=[StageSpace(channels=[8], expand_ratios=[1], max_blocks=1)])
+        >>> NASSearch(space, n_trials=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `--search.n_trials` to be an int >= 1, but got 0.
+    """
+
+    def __init__(
+        self,
+        space: NASSearchSpace,
+        n_trials: int = 20,
+        objective: Literal["macs", "latency"] = "macs",
+        target: float | None = None,
+        reward_exponents: tuple[float, float] = (-0.07, -0.07),
+        storage: str | None = None,
+        study_name: str = "nas",
+        seed: int | None = 0,
+        sampler: Literal["tpe", "random"] = "tpe",
+        proxy_epochs: int = 3,
+        pruner: Literal["median", "none"] = "median",
+        pruner_startup_trials: int = 3,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        member_kwargs: dict[str, Any] | None = None,
+        trainer: dict[str, Any] | None = None,
+        latency_device: str = "cpu",
+        latency_repeats: int = 20,
+    ) -> None:
+        if not isinstance(space, NASSearchSpace):
+            raise ValueError(f"Expected `{_FLAG}.space` to be a NASSearchSpace, but got {space!r}.")
+        self.space = space
+        self.n_trials = check_int(n_trials, f"{_FLAG}.n_trials", 1)
+        if objective not in ("macs", "latency"):
+            raise ValueError(
+                f"Expected `{_FLAG}.objective` to be 'macs' or 'latency', but got {objective!r}."
+            )
+        self.objective = objective
+        if target is not None and (
+            not isinstance(target, (int, float))
+            or isinstance(target, bool)
+            or not math.isfinite(target)
+            or target <= 0
+        ):
+            raise ValueError(
+                f"Expected `{_FLAG}.target` to be a positive number (GMACs or ms) or null, but got {target!r}."
+            )
+        self.target = None if target is None else float(target)
+        exponents = tuple(reward_exponents) if isinstance(reward_exponents, Sequence) else ()
+        if len(exponents) != 2 or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and e <= 0 for e in exponents
+        ):
+            raise ValueError(
+                f"Expected `{_FLAG}.reward_exponents` to be two numbers <= 0 (alpha, beta), but got "
+                f"{reward_exponents!r}."
+            )
+        self.reward_exponents = (float(exponents[0]), float(exponents[1]))
+        if storage is not None and (not isinstance(storage, str) or not storage):
+            raise ValueError(
+                f"Expected `{_FLAG}.storage` to be an Optuna storage URL (e.g. 'sqlite:///search.db') or null, "
+                f"but got {storage!r}."
+            )
+        self.storage = storage
+        if not isinstance(study_name, str) or not study_name:
+            raise ValueError(
+                f"Expected `{_FLAG}.study_name` to be a non-empty string, but got {study_name!r}."
+            )
+        self.study_name = study_name
+        if seed is not None:
+            check_int(seed, f"{_FLAG}.seed", 0)
+        self.seed = seed
+        if sampler not in ("tpe", "random"):
+            raise ValueError(f"Expected `{_FLAG}.sampler` to be 'tpe' or 'random', but got {sampler!r}.")
+        self.sampler = sampler
+        self.proxy_epochs = check_int(proxy_epochs, f"{_FLAG}.proxy_epochs", 1)
+        if pruner not in ("median", "none"):
+            raise ValueError(f"Expected `{_FLAG}.pruner` to be 'median' or 'none', but got {pruner!r}.")
+        self.pruner = pruner
+        self.pruner_startup_trials = check_int(pruner_startup_trials, f"{_FLAG}.pruner_startup_trials", 0)
+        self.optimizer = optimizer
+        self.member_kwargs = dict(member_kwargs or {})
+        for key in ("stages", "stem_channels", "num_features", "num_classes", "in_channels", "name"):
+            if key in self.member_kwargs:
+                raise ValueError(
+                    f"Expected `{_FLAG}.member_kwargs` not to set {key!r}, which the search decides, but got "
+                    f"{self.member_kwargs!r}."
+                )
+        self.trainer_kwargs = dict(trainer or {})
+        devices = self.trainer_kwargs.get("devices", 1)
+        if devices not in (1, "1", [0]) and not (isinstance(devices, list) and len(devices) == 1):
+            raise ValueError(
+                f"Expected `{_FLAG}.trainer.devices` to be 1 (each worker trains one proxy on one device; run "
+                f"one worker per device on a shared `{_FLAG}.storage` to use more), but got {devices!r}."
+            )
+        for key in ("max_epochs", "callbacks", "logger"):
+            if key in self.trainer_kwargs:
+                raise ValueError(
+                    f"Expected `{_FLAG}.trainer` not to set {key!r} (the search sets it; epochs are "
+                    f"`{_FLAG}.proxy_epochs`), but got {self.trainer_kwargs!r}."
+                )
+        self.latency_device = latency_device
+        self.latency_repeats = check_int(latency_repeats, f"{_FLAG}.latency_repeats", 1)
+
+    # ------------------------------------------------------------------ cost
+
+    @property
+    def cost_key(self) -> str:
+        """The user attribute holding each trial's cost: ``"gmacs"`` or ``"latency_ms"``."""
+        return "gmacs" if self.objective == "macs" else "latency_ms"
+
+    def _member_kwargs(self, datamodule: LightningDataModule) -> dict[str, Any]:
+        return {
+            "num_classes": _num_classes(datamodule),
+            "in_channels": _input_shape(datamodule)[0],
+            **self.member_kwargs,
+        }
+
+    def measure(self, architecture: NASArchitecture, datamodule: LightningDataModule) -> dict[str, float]:
+        """Cost an architecture: multiply-adds and parameters always, latency with ``objective="latency"``.
+
+        Args:
+            architecture: The architecture.
+            datamodule: Gives ``num_classes`` and ``input_shape``.
+
+        Returns:
+            ``{"macs", "gmacs", "params"}`` and ``"latency_ms"`` (median, batch 1) when measured.
+        """
+        from lightning_ensembles.latency import measure_ensemble_latency
+        from lightning_ensembles.module import EnsembleLightningModule
+
+        input_shape = _input_shape(datamodule)
+        member = architecture.build(**self._member_kwargs(datamodule))
+        macs = count_macs(member, input_shape)
+        cost: dict[str, float] = {"macs": macs, "gmacs": macs / 1e9, "params": count_params(member)}
+        if self.objective == "latency":
+            module = EnsembleLightningModule(members=[member], num_classes=_num_classes(datamodule))
+            module.to(self.latency_device)
+            stats = measure_ensemble_latency(
+                module, input_shape, sizes=[1], warmup=3, repeats=self.latency_repeats
+            )
+            cost["latency_ms"] = stats[1].p50_ms
+        return cost
+
+    def check_target(self, datamodule: LightningDataModule) -> dict[str, float] | None:
+        """Fail before searching if no architecture of the space can meet ``target``.
+
+        The space's cheapest architecture (:meth:`~lightning_ensembles.models.NASSearchSpace.smallest`) is
+        costed; if it exceeds the target, so does every other.
+
+        Args:
+            datamodule: Gives ``num_classes`` and ``input_shape``.
+
+        Returns:
+            The cost of the cheapest architecture, or ``None`` without a target.
+
+        Raises:
+            ValueError: If the cheapest architecture costs more than ``target``.
+        """
+        if self.target is None:
+            return None
+        smallest = self.space.smallest()
+        cost = self.measure(smallest, datamodule)
+        if cost[self.cost_key] > self.target:
+            unit = "GMACs" if self.objective == "macs" else "ms (batch-1 latency, median)"
+            raise ValueError(
+                f"Expected `{_FLAG}.target` to be a cost some architecture of `{_FLAG}.space` can meet, but got "
+                f"{self.target:g} {unit}: the cheapest architecture of the space "
+                f"({', '.join(s[0] for s in smallest.block_strings())}) costs {cost[self.cost_key]:.6g} {unit} at "
+                f"input shape {tuple(_input_shape(datamodule))}. Raise the target or shrink the space."
+            )
+        return cost
+
+    def reward(self, top1: float, cost: float) -> float:
+        """MnasNet's reward ``top1 * (cost / target) ** w``.
+
+        Args:
+            top1: Validation accuracy in ``[0, 1]``.
+            cost: The architecture's cost in the target's unit.
+
+        Returns:
+            The reward (``top1`` itself without a target).
+        """
+        if self.target is None:
+            return top1
+        alpha, beta = self.reward_exponents
+        return top1 * (cost / self.target) ** (alpha if cost <= self.target else beta)
+
+    # ------------------------------------------------------------------ study
+
+    def create_study(self) -> optuna.Study:
+        """Create the study in the storage, or load it when it exists (how workers share one study).
+
+        Returns:
+            The study.
+
+        Raises:
+            ConnectionError: If the storage cannot be opened, naming ``--search.storage`` and the URL.
+            ValueError: If the storage URL is malformed, or the stored study was created with other
+                objectives or another space.
+        """
+        optuna = import_optuna()
+        storage: Any = None
+        if self.storage is not None:
+            storage = self._open_storage(optuna, self.storage)
+        sampler: Any
+        if self.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=self.seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=self.seed)
+        pruner: Any = optuna.pruners.NopPruner()
+        if self.target is not None and self.pruner == "median":
+            pruner = optuna.pruners.MedianPruner(
+                n_startup_trials=self.pruner_startup_trials, n_warmup_steps=1
+            )
+        directions = ["maximize"] if self.target is not None else ["maximize", "minimize"]
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            study_name=self.study_name,
+            directions=directions,
+            load_if_exists=True,
+        )
+        settings = {
+            "space": json.dumps(_space_dict(self.space), sort_keys=True),
+            "objective": self.objective,
+            "target": self.target,
+        }
+        stored = study.user_attrs
+        if [d.name.lower() for d in study.directions] != directions or any(
+            key in stored and stored[key] != value for key, value in settings.items()
+        ):
+            raise ValueError(
+                f"Expected the study {self.study_name!r} in `{_FLAG}.storage` to have been created by the same "
+                f"search (objective {self.objective!r}, target {self.target!r}, the same space), but it was created "
+                f"with objective {stored.get('objective')!r}, target {stored.get('target')!r}"
+                + (", another space" if stored.get("space") not in (None, settings["space"]) else "")
+                + f" and {len(study.directions)} objective(s). Choose another `{_FLAG}.study_name`."
+            )
+        for key, value in settings.items():
+            if key not in stored:
+                study.set_user_attr(key, value)
+        return study
+
+    def _open_storage(self, optuna: Any, url: str) -> Any:
+        shown = _hide_password(url)
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        try:
+            for attempt in range(_STORAGE_ATTEMPTS):
+                try:
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+                except Exception as err:
+                    import sqlalchemy.exc
+
+                    # Workers that start together race to create the tables of a new storage; the losers see
+                    # an integrity error (or a locked SQLite file) and find the schema there when they retry.
+                    racing = isinstance(err, sqlalchemy.exc.IntegrityError) or "locked" in str(err)
+                    if not racing or attempt == _STORAGE_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
+            raise AssertionError("unreachable")  # pragma: no cover
+        except ImportError as err:
+            raise ConnectionError(
+                f"Could not open the Optuna storage `{_FLAG}.storage` {shown!r}: its database driver is not "
+                f"installed ({err}). Install the driver (e.g. `pip install psycopg2-binary` for PostgreSQL, "
+                "`pip install pymysql` for MySQL) or use an SQLite URL ('sqlite:///path/search.db')."
+            ) from err
+        except Exception as err:
+            import sqlalchemy.exc
+
+            if isinstance(err, sqlalchemy.exc.ArgumentError) or (
+                isinstance(err, ValueError) and not isinstance(err, sqlalchemy.exc.SQLAlchemyError)
+            ):
+                raise ValueError(
+                    f"Expected `{_FLAG}.storage` to be an Optuna storage URL such as 'sqlite:///search.db' or "
+                    f"'postgresql://user@host/db', but got {shown!r}: {err}"
+                ) from err
+            raise ConnectionError(
+                f"Could not open the Optuna storage `{_FLAG}.storage` {shown!r}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''} Check that the database server is reachable "
+                "from this machine (or, for SQLite, that the file's folder exists and is writable)."
+            ) from err
+
+    # ------------------------------------------------------------------ trials
+
+    def optimize(self, datamodule: LightningDataModule) -> optuna.Study:
+        """Run trials until the study holds ``n_trials`` (counting those of other workers).
+
+        Args:
+            datamodule: The data of the proxies: ``num_classes``, ``input_shape``, and a validation split
+                (the accuracy objective; keep the test split for the final comparison).
+
+        Returns:
+            The study.
+
+        Raises:
+            ValueError: If ``target`` cannot be met, or the datamodule lacks ``num_classes``/``input_shape``.
+            ConnectionError: If the storage cannot be opened.
+        """
+        import_optuna()  # a clear ImportError before any work
+        _num_classes(datamodule), _input_shape(datamodule)
+        self.check_target(datamodule)
+        study = self.create_study()
+        trained, total = self._counts(study)
+        if trained >= self.n_trials or total >= self.max_trials:
+            log.info(
+                "Study %r already holds %d trained architectures in %d trials (`%s.n_trials` %d): nothing to run.",
+                self.study_name,
+                trained,
+                total,
+                _FLAG,
+                self.n_trials,
+            )
+            return study
+        if self.target is None:
+            log.info(
+                "Two-objective search (top-1, %s): trials are not pruned (Optuna prunes single-objective "
+                "studies only).",
+                self.cost_key,
+            )
+        study.optimize(
+            lambda trial: self._objective(trial, study, datamodule),
+            catch=(FloatingPointError, torch.cuda.OutOfMemoryError),
+            callbacks=[self._stop_when_done],
+            gc_after_trial=True,
+        )
+        trained, total = self._counts(study)
+        if trained < self.n_trials:
+            log.warning(
+                "Stopped after %d trials with %d of `%s.n_trials` %d architectures trained: the sampler kept "
+                "proposing architectures already trained (is the space smaller than %d?).",
+                total,
+                trained,
+                _FLAG,
+                self.n_trials,
+                self.n_trials,
+            )
+        return study
+
+    @property
+    def max_trials(self) -> int:
+        """Trials after which the study stops even if fewer than ``n_trials`` architectures were trained."""
+        return _MAX_TRIALS_FACTOR * self.n_trials
+
+    @staticmethod
+    def _counts(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
+        """(architectures trained or in training, all trials), optionally among the trials numbered below."""
+        trials = [t for t in study.get_trials(deepcopy=False) if before is None or t.number < before]
+        trained = sum(
+            1 for t in trials if "duplicate_of" not in t.user_attrs and "surplus" not in t.user_attrs
+        )
+        return trained, len(trials)
+
+    def _stop_when_done(self, study: optuna.Study, trial: Any) -> None:
+        trained, total = self._counts(study)
+        if trained >= self.n_trials or total >= self.max_trials:
+            study.stop()
+
+    def _objective(self, trial: optuna.Trial, study: optuna.Study, datamodule: LightningDataModule) -> Any:
+        optuna = import_optuna()
+        architecture = self.space.sample(trial)
+        trial.set_user_attr("architecture", architecture.to_dict())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        for previous in study.get_trials(deepcopy=False, states=done):
+            if previous.params == trial.params and not {"duplicate_of", "surplus"} & set(previous.user_attrs):
+                # A discrete space: samplers propose architectures again. Training the same proxy again would
+                # give the same result, so the repeat is recorded (pruned, not counted) and costs nothing.
+                trial.set_user_attr("duplicate_of", previous.number)
+                raise optuna.TrialPruned(f"repeats trial {previous.number} (not trained again, not counted)")
+        if self._counts(study, before=trial.number)[0] >= self.n_trials:
+            # Another worker started the last architecture between this worker's check and this trial.
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise optuna.TrialPruned(f"surplus: the study already trains its {self.n_trials} architectures")
+
+        cost = self.measure(architecture, datamodule)
+        for key, value in cost.items():
+            trial.set_user_attr(key, value)
+        top1, fit_seconds, epochs = self._train_proxy(trial, architecture, datamodule, cost[self.cost_key])
+        trial.set_user_attr("top1", top1)
+        trial.set_user_attr("fit_seconds", fit_seconds)
+        trial.set_user_attr("epochs", epochs)
+        log.info(
+            "Trial %d: top-1 %.4f, %.4g GMACs, %.4g M params%s, %.1f s (%s)",
+            trial.number,
+            top1,
+            cost["gmacs"],
+            cost["params"] / 1e6,
+            f", {cost['latency_ms']:.3g} ms" if "latency_ms" in cost else "",
+            fit_seconds,
+            ", ".join(s[0] for s in architecture.block_strings()),
+        )
+        if self.target is not None:
+            reward = self.reward(top1, cost[self.cost_key])
+            trial.set_user_attr("reward", reward)
+            return reward
+        return top1, cost[self.cost_key]
+
+    def _train_proxy(
+        self, trial: optuna.Trial, architecture: NASArchitecture, datamodule: LightningDataModule, cost: float
+    ) -> tuple[float, float, int]:
+        optuna = import_optuna()
+        from lightning_ensembles.module import EnsembleLightningModule
+
+        kwargs = self._member_kwargs(datamodule)
+        module = EnsembleLightningModule(
+            member=lambda: architecture.build(**kwargs),
+            num_classes=kwargs["num_classes"],
+            seed=self.seed or 0,
+            optimizer=self.optimizer,
+        )
+        callbacks: list[Callback] = []
+        pruning: OptunaPruning | None = None
+        if self.target is not None and self.pruner != "none":
+            pruning = OptunaPruning(trial, "val/top1", transform=lambda top1: self.reward(top1, cost))
+            callbacks.append(pruning)
+        settings: dict[str, Any] = {
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **self.trainer_kwargs,
+            "max_epochs": self.proxy_epochs,
+            "callbacks": callbacks,
+        }
+        started = time.perf_counter()
+        try:
+            with _quiet_lightning():  # one line per trial from this module, not Lightning's banner per trial
+                trainer = Trainer(**settings)
+                trainer.fit(module, datamodule=datamodule)
+        except FloatingPointError as err:
+            reason = f"diverged: {err}"
+            trial.set_user_attr("fail_reason", reason)
+            log.warning(
+                "Trial %d failed and is recorded as FAIL; the study continues. %s", trial.number, reason
+            )
+            raise
+        fit_seconds = time.perf_counter() - started
+        metric = trainer.callback_metrics.get("val/top1")
+        if metric is None:
+            raise RuntimeError(
+                "The proxy logged no `val/top1`: the datamodule needs a validation split (`val_dataloader`)."
+            )
+        top1 = float(metric)
+        if pruning is not None and pruning.pruned_epoch is not None:
+            trial.set_user_attr("top1", top1)
+            trial.set_user_attr("fit_seconds", fit_seconds)
+            trial.set_user_attr("epochs", pruning.pruned_epoch + 1)
+            raise optuna.TrialPruned(
+                f"pruned after epoch {pruning.pruned_epoch} (reward {pruning.last_value:.4f}, top-1 {top1:.4f})"
+            )
+        return top1, fit_seconds, trainer.current_epoch
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _num_classes(datamodule: LightningDataModule) -> int:
+    value = getattr(datamodule, "num_classes", None)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(
+            f"Expected the datamodule (`--data`) to have `num_classes`, an int >= 2, but got {value!r} from "
+            f"{type(datamodule).__name__}."
+        )
+    return value
+
+
+def _input_shape(datamodule: LightningDataModule) -> tuple[int, ...]:
+    value = getattr(datamodule, "input_shape", None)
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(isinstance(v, int) and v >= 1 for v in value)
+    ):
+        raise ValueError(
+            f"Expected the datamodule (`--data`) to have `input_shape`, (C, H, W) of one image, but got {value!r} "
+            f"from {type(datamodule).__name__}."
+        )
+    return tuple(value)
+
+
+def _space_dict(space: NASSearchSpace) -> dict[str, Any]:
+    import dataclasses
+
+    return {
+        "stages": [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
+            for s in space.stages
+        ],
+        "stem_channels": space.stem_channels,
+        "num_features": space.num_features,
+    }
+
+
+# ---------------------------------------------------------------------- results
+
+
+def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every finished trial as a plain dict (for tables, YAML and selection).
+
+    Args:
+        study: The study.
+
+    Returns:
+        One dict per trial, by number: ``number``, ``state`` (``"COMPLETE"``, ``"PRUNED"``, ``"FAIL"``, ...),
+        ``values``, and the user attributes (``architecture``, ``top1``, ``gmacs``, ``params``, ``latency_ms``,
+        ``reward``, ``fit_seconds``, ``fail_reason``, ``duplicate_of``, ...).
+    """
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        record: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "values": trial.values}
+        if trial.datetime_start is not None and trial.datetime_complete is not None:
+            record["started"] = trial.datetime_start.isoformat(timespec="seconds")
+            record["seconds"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        record.update(trial.user_attrs)
+        records.append(record)
+    return sorted(records, key=lambda r: r["number"])
+
+
+def _completed(records: Sequence[Mapping[str, Any]], cost_key: str) -> list[Mapping[str, Any]]:
+    return [
+        r
+        for r in records
+        if r["state"] == "COMPLETE" and "top1" in r and cost_key in r and r.get("duplicate_of") is None
+    ]
+
+
+def pareto_front(records: Sequence[Mapping[str, Any]], cost_key: str = "gmacs") -> list[dict[str, Any]]:
+    """The completed trials no other completed trial beats on both top-1 and cost, by increasing cost.
+
+    Args:
+        records: From :func:`trial_records`.
+        cost_key: ``"gmacs"`` or ``"latency_ms"``.
+
+    Returns:
+        The non-dominated records (one per architecture), cheapest first.
+
+    Example:
+        >>> rows = [{"number": i, "state": "COMPLETE", "top1": t, "gmacs": c}
+        ...         for i, (t, c) in enumerate([(0.9, 1.0), (0.8, 2.0), (0.95, 3.0), (0.9, 0.5)])]
+        >>> [r["number"] for r in pareto_front(rows)]
+        [3, 2]
+    """
+    done = _completed(records, cost_key)
+    front = [
+        dict(r)
+        for r in done
+        if not any(
+            (o["top1"] >= r["top1"] and o[cost_key] <= r[cost_key])
+            and (o["top1"] > r["top1"] or o[cost_key] < r[cost_key])
+            for o in done
+        )
+    ]
+    unique: dict[str, dict[str, Any]] = {}
+    for r in sorted(front, key=lambda r: (r[cost_key], -r["top1"], r["number"])):
+        unique.setdefault(json.dumps(r.get("architecture", r["number"]), sort_keys=True), r)
+    return list(unique.values())
+
+
+def choose_architectures(
+    records: Sequence[Mapping[str, Any]],
+    num_members: int = 3,
+    budget: float | None = None,
+    tolerance: float = 0.25,
+    cost_key: str = "gmacs",
+) -> dict[str, Any]:
+    """Choose the two arms of the comparison from the completed trials.
+
+    Arm (a), *replicated*, is the most accurate (validation top-1) completed architecture whose cost lies
+    within ``tolerance`` of the per-member ``budget``; it is trained ``num_members`` times with different seeds.
+    Arm (b), *diverse*, is that architecture and the ``num_members - 1`` most accurate other architectures
+    whose cost lies within ``tolerance`` of arm (a)'s, one member each. The two arms' total costs therefore
+    differ by at most ``tolerance``; both are reported.
+
+    Args:
+        records: From :func:`trial_records`.
+        num_members: ``N``, the ensemble size of both arms (>= 2).
+        budget: Per-member cost (GMACs or ms, as ``cost_key``); ``None`` takes the median cost of the
+            completed trials.
+        tolerance: Relative cost window, in ``(0, 1)``.
+        cost_key: ``"gmacs"`` or ``"latency_ms"``.
+
+    Returns:
+        ``{"replicated": record, "diverse": [records], "budget": ..., "replicated_cost": N * cost,
+        "diverse_cost": sum of costs, "cost_key": ...}``.
+
+    Raises:
+        ValueError: For an invalid argument, or too few distinct architectures in a window (naming how many
+            there are and what to change).
+    """
+    check_int(num_members, "--select.num_members", 2)
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0.0 < tolerance < 1.0:
+        raise ValueError(f"Expected `--select.tolerance` to be a float in (0, 1), but got {tolerance!r}.")
+    done = _completed(records, cost_key)
+    if not done:
+        raise ValueError(
+            "Expected completed trials to choose from, but the study has none (see its failed trials)."
+        )
+    if budget is None:
+        costs = sorted(r[cost_key] for r in done)
+        budget = costs[(len(costs) - 1) // 2]
+    elif not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+        raise ValueError(f"Expected `--select.budget` to be a positive number or null, but got {budget!r}.")
+
+    def best_within(center: float) -> list[dict[str, Any]]:
+        low, high = center * (1 - tolerance), center * (1 + tolerance)
+        ranked = sorted(
+            (r for r in done if low <= r[cost_key] <= high),
+            key=lambda r: (-r["top1"], r[cost_key], r["number"]),
+        )
+        distinct: dict[str, Mapping[str, Any]] = {}
+        for r in ranked:
+            distinct.setdefault(json.dumps(r.get("architecture", r["number"]), sort_keys=True), r)
+        return [dict(r) for r in distinct.values()]
+
+    hint = "Run more trials, widen `--select.tolerance` or move `--select.budget`."
+    around_budget = best_within(budget)
+    if not around_budget:
+        raise ValueError(
+            f"Expected a completed architecture within ±{tolerance:.0%} of the per-member `--select.budget` "
+            f"{budget:.4g} ({cost_key}), but found none among {len(done)} completed trials. {hint}"
+        )
+    replicated = around_budget[0]
+    others = [r for r in best_within(replicated[cost_key]) if r["number"] != replicated["number"]]
+    diverse = [replicated, *others[: num_members - 1]]
+    if len(diverse) < num_members:
+        raise ValueError(
+            f"Expected at least `--select.num_members` = {num_members} distinct completed architectures within "
+            f"±{tolerance:.0%} of the cost of the replicated one (trial {replicated['number']}, "
+            f"{replicated[cost_key]:.4g} {cost_key}), but found {1 + len(others)} among {len(done)} completed "
+            f"trials. {hint}"
+        )
+    return {
+        "budget": budget,
+        "cost_key": cost_key,
+        "replicated": replicated,
+        "diverse": diverse,
+        "replicated_cost": num_members * replicated[cost_key],
+        "diverse_cost": sum(r[cost_key] for r in diverse),
+    }
+
+
+def member_config(record: Mapping[str, Any], name: str, member_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The LightningCLI ``class_path``/``init_args`` entry of a searched architecture.
+
+    Args:
+        record: A trial record with an ``architecture``.
+        name: The member's name in results tables.
+        member_kwargs: Further :class:`~lightning_ensembles.models.NASNet` arguments (``in_channels``, ...).
+
+    Returns:
+        ``{"class_path": "lightning_ensembles.models.NASNet", "init_args": {...}}``.
+    """
+    architecture = NASArchitecture.from_dict(record["architecture"]).to_dict()
+    init_args = {
+        **architecture,
+        **{k: v for k, v in member_kwargs.items() if k != "num_classes"},
+        "name": name,
+    }
+    if isinstance(init_args.get("input_size"), tuple):
+        init_args["input_size"] = list(init_args["input_size"])
+    return {"class_path": _NASNET, "init_args": init_args}
+
+
+def _summary(record: Mapping[str, Any], cost_key: str) -> dict[str, Any]:
+    keys = ("number", "top1", "gmacs", "params", "latency_ms", "reward", "fit_seconds", "epochs")
+    return {k: record[k] for k in keys if k in record}
+
+
+def export_search(
+    search: NASSearch,
+    study: optuna.Study,
+    datamodule: LightningDataModule,
+    out: str | Path,
+    num_members: int = 3,
+    budget: float | None = None,
+    tolerance: float = 0.25,
+) -> dict[str, Any]:
+    """Write the Pareto set and the two arms as YAML, each file atomically.
+
+    - ``pareto.yaml``: every non-dominated trial with its objective values and member config;
+    - ``searched.yaml``: arm (a)'s member config, composable with ``configs/ensemble-N.yaml``;
+    - ``diverse.yaml``: arm (b), a ``model.members`` list of ``num_members`` architectures;
+    - ``trials.json``: every trial's record.
+
+    Args:
+        search: The search that ran.
+        study: Its study.
+        datamodule: The proxies' data (``in_channels``).
+        out: The output folder.
+        num_members: ``N`` of both arms.
+        budget: Per-member cost for :func:`choose_architectures` (``None``: the median).
+        tolerance: Cost window for :func:`choose_architectures`.
+
+    Returns:
+        ``{"records", "pareto", "selection", "files"}``.
+
+    Raises:
+        ValueError: If the arms cannot be chosen (see :func:`choose_architectures`).
+    """
+    out = Path(out)
+    records = trial_records(study)
+    cost_key = search.cost_key
+    pareto = pareto_front(records, cost_key)
+    kwargs = {k: v for k, v in search._member_kwargs(datamodule).items() if k != "num_classes"}
+    name = search.study_name
+
+    states: dict[str, int] = {}
+    for r in records:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    timed = [r for r in records if "seconds" in r]
+    wall = ""
+    if timed:
+        starts = [datetime.datetime.fromisoformat(r["started"]) for r in timed]
+        ends = [start + datetime.timedelta(seconds=r["seconds"]) for start, r in zip(starts, timed)]
+        wall = f"; wall-clock {(max(ends) - min(starts)).total_seconds() / 60:.1f} min (first trial start to last end)"
+    env = environment()
+    hardware = (
+        f"{env['gpu_count']} x {env['gpu']}"
+        if env["gpu"]
+        else f"CPU ({env['cpu_count']} cores, {env['processor']})"
+    )
+    objective = (
+        f"maximise validation top-1 and minimise {cost_key} (Pareto)"
+        if search.target is None
+        else f"maximise top1 * ({cost_key} / {search.target:g}) ** w, w = {search.reward_exponents}"
+    )
+    header = [
+        f"Architecture search of lightning_ensembles.nas, study {name!r}, written {datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"Data: {type(datamodule).__name__}, input {tuple(_input_shape(datamodule))}; proxies trained {search.proxy_epochs} epochs each.",
+        f"Trials: {len(records)} ({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))}){wall}.",
+        f"Objective: {objective}.",
+        f"Hardware: {hardware}; torch {env['torch']}, lightning {env['lightning']}, optuna {import_optuna().__version__}.",
+    ]
+
+    def dump(comment: list[str], data: Any) -> str:
+        return "".join(f"# {line}\n" for line in comment) + yaml.safe_dump(
+            data, sort_keys=False, default_flow_style=None, width=120
+        )
+
+    pareto_data = {
+        "study": name,
+        "objective": objective,
+        "trials": [
+            {**_summary(r, cost_key), "member": member_config(r, f"{name}-t{r['number']}", kwargs)}
+            for r in pareto
+        ],
+    }
+    files = [
+        atomic_write_text(out / "pareto.yaml", dump(header, pareto_data)),
+        atomic_write_text(out / "trials.json", json.dumps(records, indent=2, default=str) + "\n"),
+    ]
+    # The Pareto set and the trials are written first: they stay useful when no arms can be chosen.
+    selection = choose_architectures(records, num_members, budget, tolerance, cost_key)
+    arm_a = selection["replicated"]
+    searched_comment = header + [
+        f"Arm (a): trial {arm_a['number']}, validation top-1 {arm_a['top1']:.4f}, {arm_a['gmacs']:.4g} GMACs"
+        + (f", {arm_a['latency_ms']:.3g} ms" if "latency_ms" in arm_a else "")
+        + f"; chosen at a per-member budget of {selection['budget']:.4g} {cost_key} ±{tolerance:.0%}.",
+        "A member config: compose with configs/ensemble-N.yaml for N independently initialised copies.",
+    ]
+    searched_data = {"model": {"member": member_config(arm_a, f"{name}-t{arm_a['number']}", kwargs)}}
+    diverse_comment = header + [
+        f"Arm (b): trials {[r['number'] for r in selection['diverse']]}, validation top-1 "
+        f"{[round(r['top1'], 4) for r in selection['diverse']]}, total {selection['diverse_cost']:.4g} {cost_key} "
+        f"(arm (a): {selection['replicated_cost']:.4g}).",
+    ]
+    diverse_data = {
+        "model": {
+            "member": None,
+            "members": [member_config(r, f"{name}-t{r['number']}", kwargs) for r in selection["diverse"]],
+        }
+    }
+    files += [
+        atomic_write_text(out / "searched.yaml", dump(searched_comment, searched_data)),
+        atomic_write_text(out / "diverse.yaml", dump(diverse_comment, diverse_data)),
+    ]
+    return {"records": records, "pareto": pareto, "selection": selection, "files": [str(f) for f in files]}

@@ -1,0 +1,310 @@
+"""The architecture search: tiny studies on the digits, shared storages, pruning, failures and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ensembles import EnsembleLightningModule
+from lightning_ensembles.data import DigitsDataModule
+from lightning_ensembles.models import NASSearchSpace, StageSpace
+from lightning_ensembles.nas import (
+    NASSearch,
+    OptunaPruning,
+    choose_architectures,
+    export_search,
+    pareto_front,
+    trial_records,
+)
+from tests.conftest import trainer_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = NASSearchSpace(
+    stages=[
+        StageSpace(channels=[8, 16], expand_ratios=[1], max_blocks=1),
+        StageSpace(channels=[16, 24], stride=2, expand_ratios=[3, 6], max_blocks=2),
+    ],
+    stem_channels=8,
+    num_features=32,
+)
+# Architectures of nearly the same cost (kernel size and squeeze-excite only), for choosing arms by cost.
+NARROW = NASSearchSpace(
+    stages=[
+        StageSpace(channels=[8], expand_ratios=[1], max_blocks=1),
+        StageSpace(channels=[16], stride=2, expand_ratios=[3], max_blocks=1),
+    ],
+    stem_channels=8,
+    num_features=32,
+)
+FAST = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna_one_thread() -> Iterator[None]:
+    # One intra-op thread: tiny proxies gain nothing from more, and on a busy 2-core machine OpenMP's
+    # spinning threads make them several times slower.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _search(**kwargs: Any) -> NASSearch:
+    defaults: dict[str, Any] = dict(space=SPACE, n_trials=3, proxy_epochs=1, trainer=FAST, sampler="random")
+    defaults.update(kwargs)
+    return NASSearch(**defaults)
+
+
+def _digits() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=32)
+
+
+def test_two_objective_search_completes_and_gives_the_pareto_set(tmp_path: Path) -> None:
+    search = _search(space=NARROW, n_trials=4)
+    study = search.optimize(_digits())
+    records = [r for r in trial_records(study) if "duplicate_of" not in r]  # a small space: repeats happen
+    assert len(records) == 4 and all(r["state"] == "COMPLETE" for r in records)
+    for r in records:
+        assert 0.0 <= r["top1"] <= 1.0 and r["gmacs"] > 0 and r["params"] > 0
+        assert r["values"] == [r["top1"], r["gmacs"]]
+    front = pareto_front(records)
+    optuna_front = {(t.values[0], t.values[1]) for t in study.best_trials}
+    assert {(r["top1"], r["gmacs"]) for r in front} == optuna_front
+    assert [r["gmacs"] for r in front] == sorted(r["gmacs"] for r in front)
+
+    result = export_search(search, study, _digits(), tmp_path, num_members=2, tolerance=0.9)
+    best = max(records, key=lambda r: (r["top1"], -r["gmacs"], -r["number"]))
+    assert result["selection"]["replicated"]["number"] == best["number"]  # every cost is in the window
+    assert {Path(f).name for f in result["files"]} == {
+        "pareto.yaml",
+        "trials.json",
+        "searched.yaml",
+        "diverse.yaml",
+    }
+    assert json.loads((tmp_path / "trials.json").read_text())[0]["number"] == 0
+    # When no arms can be chosen, the Pareto set and the trials are still written, then the error is raised.
+    (tmp_path / "pareto.yaml").unlink()
+    with pytest.raises(ValueError, match=r"`--select.num_members` = 5 distinct"):
+        export_search(search, study, _digits(), tmp_path, num_members=5, tolerance=0.9)
+    assert (tmp_path / "pareto.yaml").is_file()
+    # A rerun of a finished study trains nothing.
+    assert len(search.optimize(_digits()).trials) == len(study.trials)
+
+
+def test_reward_search_records_mnasnet_reward_and_prunes(tmp_path: Path) -> None:
+    dm = _digits()
+    target = 2 * _search().measure(SPACE.smallest(), dm)["gmacs"]
+    search = _search(n_trials=5, proxy_epochs=3, target=target, pruner_startup_trials=1, sampler="tpe")
+    study = search.optimize(dm)
+    assert [d.name for d in study.directions] == ["MAXIMIZE"]
+    for r in trial_records(study):
+        assert r["state"] in ("COMPLETE", "PRUNED")
+        w = -0.07
+        assert r["values"] is None or r["values"][0] == pytest.approx(r["top1"] * (r["gmacs"] / target) ** w)
+        if r["state"] == "COMPLETE":
+            assert r["epochs"] == 3
+
+
+def test_pruning_callback_stops_training_after_a_pruned_epoch() -> None:
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    trial = study.ask()
+    callback = OptunaPruning(trial, "val/top1")
+    module = EnsembleLightningModule(member=lambda: SPACE.smallest().build(in_channels=1), num_classes=10)
+    dm = _digits()
+    Trainer(
+        **trainer_kwargs(max_epochs=5, limit_train_batches=2, limit_val_batches=1, callbacks=[callback])
+    ).fit(module, datamodule=dm)
+    assert callback.pruned_epoch == 0 and module.current_epoch == 1  # stopped after the first epoch of five
+    assert list(study.trials[0].intermediate_values) == [0]
+    with pytest.raises(ValueError, match="single-objective study for pruning"):
+        OptunaPruning(optuna.create_study(directions=["maximize", "minimize"]).ask())
+
+
+class _DivergesOnSecondFit(DigitsDataModule):
+    """Digits whose second training run (the second trial) sees NaN images."""
+
+    fits = 0
+
+    def train_dataloader(self) -> DataLoader:
+        type(self).fits += 1
+        if type(self).fits == 2:
+            x, y = self.train_set.tensors  # type: ignore[union-attr]
+            return DataLoader(TensorDataset(torch.full_like(x, float("nan")), y), batch_size=self.batch_size)
+        return super().train_dataloader()
+
+
+def test_diverging_trial_is_recorded_failed_and_the_study_continues(caplog: pytest.LogCaptureFixture) -> None:
+    _DivergesOnSecondFit.fits = 0
+    study = _search(n_trials=3).optimize(_DivergesOnSecondFit(batch_size=32))
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    reason = study.trials[1].user_attrs["fail_reason"]
+    assert reason.startswith("diverged: Member 0 produced a non-finite training loss")
+    assert "recorded as FAIL; the study continues" in caplog.text
+
+
+def test_latency_objective_measures_milliseconds() -> None:
+    study = _search(n_trials=2, objective="latency", latency_repeats=3).optimize(_digits())
+    for r in trial_records(study):
+        assert r["latency_ms"] > 0 and r["values"] == [r["top1"], r["latency_ms"]]
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, torch, optuna
+    from lightning_ensembles.data import DigitsDataModule
+    from lightning_ensembles.models import NASSearchSpace, StageSpace
+    from lightning_ensembles.nas import NASSearch
+
+    torch.set_num_threads(1)
+    space = NASSearchSpace(
+        stages=[StageSpace(channels=[8, 16], expand_ratios=[1], max_blocks=1),
+                StageSpace(channels=[16, 24], stride=2, expand_ratios=[3, 6], max_blocks=2)],
+        stem_channels=8, num_features=32)
+    search = NASSearch(space, n_trials=6, storage=sys.argv[1], study_name="shared", seed=int(sys.argv[2]),
+                       sampler="random", proxy_epochs=1,
+                       trainer={"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2})
+    search.optimize(DigitsDataModule(batch_size=32))
+    """
+)
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), storage, str(seed)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for seed in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=220)
+        assert worker.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # one numbering, no duplicates
+    trained = [t for t in trials if not {"surplus", "duplicate_of"} & set(t.user_attrs)]
+    surplus = [t for t in trials if "surplus" in t.user_attrs]
+    # Exactly the requested architectures were trained, each once; a worker that started one more in the
+    # instant another started the last marks it surplus and trains nothing.
+    assert len(trained) == 6 and len(surplus) <= 1
+    assert all(t.state.name == "COMPLETE" and "top1" in t.user_attrs for t in trained)
+    assert all(t.state.name == "PRUNED" and "top1" not in t.user_attrs for t in trials if t not in trained)
+    architectures = {json.dumps(t.params, sort_keys=True) for t in trained}
+    assert len(architectures) == 6  # no architecture trained twice
+    assert len({t.user_attrs["worker"] for t in trained}) == 2  # both workers took part
+
+
+def test_repeated_architectures_are_recorded_but_not_trained_or_counted() -> None:
+    one = NASSearchSpace(
+        stages=[StageSpace(channels=[8], expand_ratios=[1], kernel_sizes=[3, 5], max_blocks=1, se=[False])]
+    )
+    study = _search(space=one, n_trials=2).optimize(_digits())  # a space of two architectures
+    trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
+    repeats = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert len(trained) == 2 and {t.params["stage0.kernel_size"] for t in trained} == {3, 5}
+    assert all(t.state.name == "PRUNED" and "top1" not in t.user_attrs for t in repeats)
+    # A space smaller than n_trials ends after 4 * n_trials trials with a warning, not an endless loop.
+    study = _search(space=one, n_trials=3).optimize(_digits())
+    assert len(study.trials) == 12 and sum("duplicate_of" not in t.user_attrs for t in study.trials) == 2
+
+
+def test_unmeetable_target_fails_before_the_storage_is_touched(tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    search = _search(target=1e-9, storage=f"sqlite:///{db}")
+    with pytest.raises(
+        ValueError,
+        match=r"`--search.target` to be a cost some architecture .* can meet, but got 1e-09 GMACs: the cheapest architecture of the space \(ds_r1_k3_s1_c8, ir_r1_k3_s2_e3_c16\) costs",
+    ):
+        search.optimize(_digits())
+    assert not db.exists()
+
+
+def test_unreachable_storage_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'study.db'}"
+    with pytest.raises(ConnectionError, match=r"`--search.storage` '" + url + "'.*folder exists"):
+        _search(storage=url).create_study()
+    # No PostgreSQL driver here (ImportError), or no server on port 1 (refused): unreachable either way.
+    with pytest.raises(
+        ConnectionError, match=r"`--search.storage` 'postgresql://nas:\*\*\*@127.0.0.1:1/nas'"
+    ) as info:
+        _search(storage="postgresql://nas:secret@127.0.0.1:1/nas").create_study()
+    with pytest.raises(
+        ValueError, match=r"`--search.storage` to be an Optuna storage URL .* got 'nosuchdb://host/db'"
+    ):
+        _search(storage="nosuchdb://host/db").create_study()
+    assert "secret" not in str(info.value)  # passwords are not repeated in messages
+
+
+def test_a_study_created_by_another_search_is_refused(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    _search(storage=storage).create_study()
+    with pytest.raises(
+        ValueError, match=r"study 'nas' in `--search.storage` to have been created by the same"
+    ):
+        _search(storage=storage, target=1.0).create_study()
+    other = NASSearchSpace(stages=[StageSpace(channels=[8])])
+    with pytest.raises(ValueError, match=r"another space"):
+        _search(storage=storage, space=other).create_study()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_trials": 0}, r"^Expected `--search.n_trials` to be an int >= 1, but got 0.$"),
+        ({"objective": "flops"}, r"`--search.objective` to be 'macs' or 'latency', but got 'flops'"),
+        ({"target": -1.0}, r"`--search.target` to be a positive number"),
+        ({"reward_exponents": (0.1, -1.0)}, r"`--search.reward_exponents` to be two numbers <= 0"),
+        ({"proxy_epochs": 0}, r"`--search.proxy_epochs` to be an int >= 1"),
+        ({"storage": ""}, r"`--search.storage` to be an Optuna storage URL"),
+        ({"trainer": {"devices": 4}}, r"`--search.trainer.devices` to be 1 .* but got 4"),
+        ({"trainer": {"max_epochs": 9}}, r"`--search.trainer` not to set 'max_epochs'"),
+        ({"member_kwargs": {"in_channels": 3}}, r"`--search.member_kwargs` not to set 'in_channels'"),
+        ({"sampler": "grid"}, r"`--search.sampler` to be 'tpe' or 'random'"),
+    ],
+)
+def test_bad_search_arguments_name_the_flag(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _search(**kwargs)
+
+
+def _record(number: int, top1: float, gmacs: float, same_as: int | None = None) -> dict[str, Any]:
+    arch = SPACE.smallest().to_dict()
+    arch["stem_channels"] = 8 + (number if same_as is None else same_as)  # one architecture per number
+    return {"number": number, "state": "COMPLETE", "top1": top1, "gmacs": gmacs, "architecture": arch}
+
+
+def test_choose_architectures_replicates_the_best_and_diversifies_at_equal_cost() -> None:
+    records = [
+        _record(0, 0.90, 1.00),
+        _record(1, 0.95, 1.10),
+        _record(2, 0.93, 0.95),
+        _record(3, 0.99, 3.00),  # outside the cost window
+        _record(4, 0.80, 0.90),
+        {"number": 5, "state": "FAIL"},
+        _record(6, 0.94, 1.05, same_as=1),  # the same architecture as trial 1: not a second member
+    ]
+    chosen = choose_architectures(records, num_members=3, budget=1.0, tolerance=0.2)
+    assert chosen["replicated"]["number"] == 1
+    assert [r["number"] for r in chosen["diverse"]] == [1, 2, 0]
+    assert chosen["replicated_cost"] == pytest.approx(3.3) and chosen["diverse_cost"] == pytest.approx(3.05)
+    assert choose_architectures(records, num_members=2)["budget"] == 1.0  # the median completed trial
+    with pytest.raises(ValueError, match=r"at least `--select.num_members` = 5 distinct .* found 4"):
+        choose_architectures(records, num_members=5, budget=1.0, tolerance=0.2)
+    with pytest.raises(ValueError, match=r"`--select.tolerance` to be a float in \(0, 1\)"):
+        choose_architectures(records, tolerance=1.5)
