@@ -913,8 +913,10 @@ def export_search(
     name = search.study_name
 
     states: dict[str, int] = {}
-    for r in records:
+    trained = [r for r in records if "duplicate_of" not in r and "surplus" not in r]
+    for r in trained:
         states[r["state"]] = states.get(r["state"], 0) + 1
+    repeats = sum("duplicate_of" in r for r in records)
     timed = [r for r in records if "seconds" in r]
     wall = ""
     if timed:
@@ -935,7 +937,9 @@ def export_search(
     header = [
         f"Architecture search of lightning_ensembles.nas, study {name!r}, written {datetime.datetime.now().isoformat(timespec='seconds')}.",
         f"Data: {type(datamodule).__name__}, input {tuple(_input_shape(datamodule))}; proxies trained {search.proxy_epochs} epochs each.",
-        f"Trials: {len(records)} ({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))}){wall}.",
+        f"Trials: {len(records)}: {len(trained)} architectures trained "
+        f"({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))}), {repeats} repeats of trained ones "
+        f"(not trained again){wall}.",
         f"Objective: {objective}.",
         f"Hardware: {hardware}; torch {env['torch']}, lightning {env['lightning']}, optuna {import_optuna().__version__}.",
     ]

@@ -1,0 +1,153 @@
+"""NAS-derived ensembles: one searched architecture replicated vs diverse searched ones (Kondratyuk et al.
+2020, figure 3).
+
+    python reproductions/nas_ensemble.py search [--config reproductions/configs/nas/search.yaml] [--out runs/nas]
+    python reproductions/nas_ensemble.py compare --out runs/nas [recipe flags, e.g. --trainer.max_epochs 30]
+    python reproductions/nas_ensemble.py train --config reproductions/configs/nas/searched-digits.yaml \
+        --config reproductions/configs/ensemble-3.yaml
+
+``search`` runs an Optuna study (lightning_ensembles.nas; default configs/nas/search.yaml: digits, accuracy
+vs multiply-adds) in the storage ``--search.storage`` (default ``sqlite:///<out>/study.db``; start the same
+command on several machines to share it), then writes pareto.yaml, searched.yaml (arm a) and diverse.yaml
+(arm b) to ``--out``. ``compare`` trains both arms with the full recipe (configs/nas/digits.yaml: FLOPs
+monitor, ensemble-size ablation), logs them under ``<out>/compare`` and runs ``lightning_ensembles.compare``
+there. ``train`` is the plain recipe, for one config such as the shipped searched architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch import LightningDataModule
+
+from lightning_ensembles.cli import run_recipe
+from lightning_ensembles.compare import compare
+from lightning_ensembles.nas import NASSearch, export_search
+
+CONFIGS = Path(__file__).resolve().parent / "configs" / "nas"
+SEARCH_CONFIG = CONFIGS / "search.yaml"
+TRAIN_CONFIG = CONFIGS / "digits.yaml"
+STAGES = ("search", "compare", "train")
+
+
+@dataclasses.dataclass
+class Selection:
+    """How the two arms are chosen from the search (see ``lightning_ensembles.nas.choose_architectures``).
+
+    Args:
+        num_members: N, the ensemble size of both arms.
+        budget: Per-member cost in the search's unit (GMACs or ms); null takes the median trial's.
+        tolerance: Relative cost window around the budget.
+    """
+
+    num_members: int = 3
+    budget: float | None = None
+    tolerance: float = 0.25
+
+
+def search_parser() -> ArgumentParser:
+    """The ``search`` stage's parser: ``--search.*`` (NASSearch), ``--data``, ``--select.*``, ``--out``."""
+    parser = ArgumentParser(prog="nas_ensemble.py search", description=search.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument(
+        "--out", type=str, default="runs/nas", help="Folder for the study and the YAML files."
+    )
+    parser.add_class_arguments(NASSearch, "search")
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    parser.add_class_arguments(Selection, "select")
+    return parser
+
+
+def search(args: list[str]) -> dict[str, Any]:
+    """The ``search`` stage: run (or join) the study, then write the Pareto set and the two arms."""
+    parser = search_parser()
+    config = parser.parse_args(["--config", str(SEARCH_CONFIG), *args])
+    out = Path(config.out)
+    if config.search.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+        config.search.storage = f"sqlite:///{out.resolve() / 'study.db'}"
+    init = (
+        parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)
+    )
+    study = init.search.optimize(init.data)
+    result = export_search(init.search, study, init.data, out, **dataclasses.asdict(init.select))
+    key = init.search.cost_key
+    print(f"\n## Pareto set ({len(result['pareto'])} of {len(result['records'])} trials)\n")
+    print(f"| trial | top-1 (%) | {key} | params (M) |\n|---:|---:|---:|---:|")
+    for r in result["pareto"]:
+        print(f"| {r['number']} | {100 * r['top1']:.2f} | {r[key]:.4g} | {r['params'] / 1e6:.3f} |")
+    chosen = result["selection"]
+    print(
+        f"\nArm (a): trial {chosen['replicated']['number']} x {len(chosen['diverse'])}; arm (b): trials "
+        f"{[r['number'] for r in chosen['diverse']]}.",
+        *(f"wrote {f}" for f in result["files"]),
+        sep="\n",
+    )
+    return result
+
+
+def compare_arms(args: list[str]) -> dict[str, Any]:
+    """The ``compare`` stage: train both arms with the full recipe, then compare them."""
+    out = Path("runs/nas")
+    if "--out" in args:
+        i = args.index("--out")
+        out, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
+    elif any(a.startswith("--out=") for a in args):
+        out = Path(next(a for a in args if a.startswith("--out="))[len("--out=") :])
+        args = [a for a in args if not a.startswith("--out=")]
+    searched, diverse = out / "searched.yaml", out / "diverse.yaml"
+    for path in (searched, diverse):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Expected {path} from `nas_ensemble.py search --out {out}`; run that first."
+            )
+    num_members = len(yaml.safe_load(diverse.read_text())["model"]["members"])
+    logdir = out / "compare"
+    arms = {
+        "replicated": ["--config", str(searched), f"--model.num_members={num_members}"],
+        "diverse": ["--config", str(diverse)],
+    }
+    results = {}
+    for arm, arm_args in arms.items():
+        logger = [f"--trainer.logger.init_args.save_dir={logdir}", f"--trainer.logger.init_args.name={arm}"]
+        results[arm] = run_recipe([*args, *arm_args, *logger], default_config=TRAIN_CONFIG)
+        if "table" in results[arm]:
+            print(f"\n## Arm: {arm}\n\n{results[arm]['table']}")
+    comparison = compare(str(logdir))
+    print("\n## Replicated vs diverse (test split; lightning_ensembles.compare)\n\n" + comparison["table"])
+    print("| arm | members | GMACs / input | top-1 (%) | NLL |\n|---|---:|---:|---:|---:|")
+    for arm, r in results.items():
+        full = r["sizes"][-1]
+        print(
+            f"| {arm} | {r['num_members']} | {full['macs'] / 1e9:.4g} | {100 * full['top1']:.2f} | {full['nll']:.4f} |"
+        )
+    return {"arms": results, "comparison": comparison}
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Run the stage named by the first argument (``search``, ``compare`` or ``train``)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] not in STAGES:
+        raise SystemExit(
+            f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]  (got {args[:1] or 'nothing'})"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    stage, rest = args[0], args[1:]
+    if stage == "search":
+        return search(rest)
+    if stage == "compare":
+        return compare_arms(rest)
+    results = run_recipe(rest, default_config=TRAIN_CONFIG)
+    if "results_file" in results:
+        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

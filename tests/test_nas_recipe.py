@@ -1,0 +1,143 @@
+"""The NAS ensemble recipe: its configs, the shipped searched architecture, and both stages end to end."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from lightning_ensembles.cli import EnsembleCLI
+from lightning_ensembles.cost import count_macs
+from lightning_ensembles.data import DigitsDataModule
+from lightning_ensembles.models import NASNet
+from lightning_ensembles.nas import NASSearch
+from tests.conftest import fast_recipe_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "reproductions" / "configs"
+NAS = CONFIGS / "nas"
+sys.path.insert(0, str(ROOT / "reproductions"))
+
+import nas_ensemble  # noqa: E402
+
+SEARCHED = NAS / "searched-digits.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna_one_thread() -> Iterator[None]:
+    # One intra-op thread: tiny proxies gain nothing from more, and on a busy 2-core machine OpenMP's
+    # spinning threads make them several times slower.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _search_config() -> object:
+    parser = nas_ensemble.search_parser()
+    config = parser.parse_args(["--config", str(NAS / "search.yaml")])
+    return (
+        parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)
+    )
+
+
+def test_every_nas_config_is_tested() -> None:
+    assert {p.name for p in NAS.glob("*.yaml")} == {"search.yaml", "digits.yaml", "searched-digits.yaml"}
+
+
+def test_search_config_parses_and_instantiates() -> None:
+    init = _search_config()
+    search = init.search  # type: ignore[attr-defined]
+    assert isinstance(search, NASSearch) and isinstance(init.data, DigitsDataModule)  # type: ignore[attr-defined]
+    assert search.n_trials == 40 and search.objective == "macs" and search.target is None
+    assert len(search.space.stages) == 4 and search.space.size > 10**5
+    assert init.out == "runs/nas" and init.select.num_members == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("ensemble", [None, "ensemble-2.yaml", "ensemble-3.yaml", "ensemble-4.yaml"])
+def test_searched_digits_composes_with_the_ensemble_configs(ensemble: str | None) -> None:
+    args = ["--config", str(NAS / "digits.yaml"), "--config", str(SEARCHED)]
+    if ensemble:
+        args += ["--config", str(CONFIGS / ensemble)]
+    cli = EnsembleCLI(args=args)
+    size = int(ensemble.split("-")[1][0]) if ensemble else 1
+    assert cli.model.num_members == size and cli.model.num_classes == 10
+    assert all(isinstance(m, NASNet) and m.name == "searched-digits" for m in cli.model.members)
+    assert isinstance(cli.datamodule, DigitsDataModule)
+
+
+def test_searched_digits_is_in_the_space_and_costs_what_its_header_says() -> None:
+    text = SEARCHED.read_text()
+    member = yaml.safe_load(text)["model"]["member"]
+    assert member["class_path"] == "lightning_ensembles.models.NASNet"
+    net = NASNet(**member["init_args"])
+    space = _search_config().search.space  # type: ignore[attr-defined]
+    space.params_of(net.architecture)  # raises if the shipped architecture is not in the default space
+    (claimed,) = re.findall(r"# Chosen: trial \d+ .*?, ([\d.]+) M multiply-adds", text)
+    assert count_macs(net, DigitsDataModule.input_shape) / 1e6 == pytest.approx(float(claimed), rel=1e-3)
+
+
+def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "nas"
+    trainer = '{"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}'
+    # A space of architectures of nearly equal cost, so that both arms can always be chosen at ±90%.
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(
+        "search:\n  space:\n    stem_channels: 8\n    num_features: 32\n    stages:\n"
+        "      - {channels: [8], expand_ratios: [1], max_blocks: 1}\n"
+        "      - {channels: [16], stride: 2, expand_ratios: [3], max_blocks: 1}\n"
+    )
+    result = nas_ensemble.main(
+        [
+            "search", "--config", str(narrow), f"--out={out}", "--search.n_trials=4", "--search.proxy_epochs=1",
+            f"--search.trainer={trainer}", "--select.num_members=2", "--select.tolerance=0.9",
+        ]
+    )  # fmt: skip
+    assert (out / "study.db").is_file() and sum("duplicate_of" not in r for r in result["records"]) == 4
+    for name in ("pareto.yaml", "searched.yaml", "diverse.yaml", "trials.json"):
+        assert (out / name).is_file()
+    assert "## Pareto set" in capsys.readouterr().out
+    # The written configs are what the arms train: the chosen trials, as LightningCLI member configs.
+    searched = yaml.safe_load((out / "searched.yaml").read_text())["model"]["member"]
+    diverse = yaml.safe_load((out / "diverse.yaml").read_text())["model"]["members"]
+    chosen = result["selection"]
+    assert searched["init_args"]["name"] == f"nas-digits-t{chosen['replicated']['number']}"
+    assert [m["init_args"]["name"] for m in diverse] == [
+        f"nas-digits-t{r['number']}" for r in chosen["diverse"]
+    ]
+
+    compared = nas_ensemble.main(
+        ["compare", f"--out={out}", *fast_recipe_args(tmp_path), "--trainer.limit_train_batches=2"]
+    )
+    replicated, mixed = compared["arms"]["replicated"], compared["arms"]["diverse"]
+    assert replicated["num_members"] == mixed["num_members"] == 2
+    assert len({row["architecture"] for row in replicated["members"]}) == 1
+    assert len({row["architecture"] for row in mixed["members"]}) == 2
+    assert replicated["sizes"][-1]["macs"] == 2 * replicated["members"][0]["macs"]
+    assert mixed["sizes"][-1]["macs"] == sum(row["macs"] for row in mixed["members"])
+    lines = compared["comparison"]["lines"]
+    assert len(lines) == 2 and all([p["k"] for p in points] == [1, 2] for points in lines.values())
+    assert (out / "compare" / "comparison" / "comparison.png").is_file()
+    assert "| replicated | 2 |" in capsys.readouterr().out
+
+
+def test_compare_without_a_search_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"searched.yaml from `nas_ensemble.py search --out"):
+        nas_ensemble.main(["compare", f"--out={tmp_path}"])
+    with pytest.raises(SystemExit, match="usage: nas_ensemble.py"):
+        nas_ensemble.main(["fit"])
+
+
+def test_train_stage_trains_the_shipped_architecture(tmp_path: Path) -> None:
+    results = nas_ensemble.main(
+        ["train", "--config", str(SEARCHED), "--config", str(CONFIGS / "ensemble-2.yaml"), *fast_recipe_args(tmp_path),
+         "--trainer.limit_train_batches=2"]
+    )  # fmt: skip
+    assert results["architecture"] == "searched-digits" and [r["k"] for r in results["sizes"]] == [1, 2]
