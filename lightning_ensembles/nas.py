@@ -172,8 +172,10 @@ class NASSearch:
         storage: An Optuna storage URL (``sqlite:///search.db``, ``postgresql://...``, ``mysql://...``) shared by
             the workers, or ``None`` for an in-memory study of this process only.
         study_name: The study's name in the storage.
-        seed: Seed of the sampler (give every worker of a shared study its own, or they propose the same first
-            architectures) and of the proxies' initialisation; ``None`` for an unseeded sampler.
+        seed: Seed of the sampler: give every worker of a shared study its own, or they propose the same first
+            architectures; ``None`` for an unseeded sampler.
+        proxy_seed: Seed of every proxy's initialisation (the same for all trials and workers, so that trials
+            differ by their architecture only).
         sampler: ``"tpe"`` (Optuna's default; multi-objective TPE for a Pareto search) or ``"random"``.
         proxy_epochs: Epochs each proxy is trained for.
         pruner: ``"median"`` (Optuna's median pruner, after ``pruner_startup_trials`` trials and one epoch) or
@@ -211,6 +213,7 @@ class NASSearch:
         storage: str | None = None,
         study_name: str = "nas",
         seed: int | None = 0,
+        proxy_seed: int = 0,
         sampler: Literal["tpe", "random"] = "tpe",
         proxy_epochs: int = 3,
         pruner: Literal["median", "none"] = "median",
@@ -263,6 +266,7 @@ class NASSearch:
         if seed is not None:
             check_int(seed, f"{_FLAG}.seed", 0)
         self.seed = seed
+        self.proxy_seed = check_int(proxy_seed, f"{_FLAG}.proxy_seed", 0)
         if sampler not in ("tpe", "random"):
             raise ValueError(f"Expected `{_FLAG}.sampler` to be 'tpe' or 'random', but got {sampler!r}.")
         self.sampler = sampler
@@ -415,21 +419,27 @@ class NASSearch:
             directions=directions,
             load_if_exists=True,
         )
+        # What makes trials comparable: workers and reruns joining the study must share it.
         settings = {
             "space": json.dumps(_space_dict(self.space), sort_keys=True),
             "objective": self.objective,
             "target": self.target,
+            "proxy_epochs": self.proxy_epochs,
+            "proxy_seed": self.proxy_seed,
         }
         stored = study.user_attrs
-        if [d.name.lower() for d in study.directions] != directions or any(
-            key in stored and stored[key] != value for key, value in settings.items()
-        ):
+        differ = [key for key, value in settings.items() if key in stored and stored[key] != value]
+        if [d.name.lower() for d in study.directions] != directions and "target" not in differ:
+            differ.append("target")
+        if differ:
+            shown = ", ".join(
+                "another space" if key == "space" else f"{key} {stored.get(key)!r} (here {settings[key]!r})"
+                for key in differ
+            )
             raise ValueError(
                 f"Expected the study {self.study_name!r} in `{_FLAG}.storage` to have been created by the same "
-                f"search (objective {self.objective!r}, target {self.target!r}, the same space), but it was created "
-                f"with objective {stored.get('objective')!r}, target {stored.get('target')!r}"
-                + (", another space" if stored.get("space") not in (None, settings["space"]) else "")
-                + f" and {len(study.directions)} objective(s). Choose another `{_FLAG}.study_name`."
+                f"search, but it was created with {shown}. Choose another `{_FLAG}.study_name` or the same "
+                "settings."
             )
         for key, value in settings.items():
             if key not in stored:
@@ -601,7 +611,7 @@ class NASSearch:
         module = EnsembleLightningModule(
             member=lambda: architecture.build(**kwargs),
             num_classes=kwargs["num_classes"],
-            seed=self.seed or 0,
+            seed=self.proxy_seed,
             optimizer=self.optimizer,
         )
         callbacks: list[Callback] = []

@@ -258,6 +258,9 @@ def test_a_study_created_by_another_search_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"study 'nas' in `--search.storage` to have been created by the same"
     ):
         _search(storage=storage, target=1.0).create_study()
+    with pytest.raises(ValueError, match=r"created with proxy_epochs 1 \(here 3\)"):
+        _search(storage=storage, proxy_epochs=3).create_study()
+    _search(storage=storage, seed=7).create_study()  # another worker: its own sampler seed is expected
     other = NASSearchSpace(stages=[StageSpace(channels=[8])])
     with pytest.raises(ValueError, match=r"another space"):
         _search(storage=storage, space=other).create_study()
@@ -308,3 +311,13 @@ def test_choose_architectures_replicates_the_best_and_diversifies_at_equal_cost(
         choose_architectures(records, num_members=5, budget=1.0, tolerance=0.2)
     with pytest.raises(ValueError, match=r"`--select.tolerance` to be a float in \(0, 1\)"):
         choose_architectures(records, tolerance=1.5)
+
+
+def test_missing_optuna_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_ensembles.nas import import_optuna
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an uninstalled package looks like to `import`
+    with pytest.raises(ImportError, match=r'pip install "lightning-ensembles\[nas\]"'):
+        import_optuna()
+    with pytest.raises(ImportError, match=r"needs Optuna"):
+        _search().create_study()
