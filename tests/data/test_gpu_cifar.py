@@ -406,3 +406,28 @@ def test_batches_land_on_the_gpu_and_match_the_cpu(root: Path) -> None:
         crop = padded[b, :, int(offsets[b, 0]) :, int(offsets[b, 1]) :][:, :32, :32]
         assert_close(out[b].float(), crop.flip(-1) if bool(flips[b]) else crop, rtol=0, atol=0)
     assert_close(x, normalize_batch(out))
+
+
+@pytest.mark.parametrize("data_order", ["shared", "per_group"])
+def test_member_parallel_shards_training_data_within_a_member_group(root: Path, data_order: str) -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_ensembles.distributed import MemberParallelStrategy, plan_members
+
+    dm = _gpu(root, batch_size=8)
+    dm.setup("fit")
+    shards = []
+    for rank in range(4):  # W = 4 processes, M = 2 members: ranks {0, 1} train member 0, {2, 3} member 1
+        environment = LightningEnvironment()
+        environment.set_world_size(4)
+        environment.set_global_rank(rank)
+        strategy = MemberParallelStrategy(data_order=data_order, cluster_environment=environment)  # type: ignore[arg-type]
+        strategy.layout = plan_members(4, 2)
+        dm.trainer = SimpleNamespace(strategy=strategy, global_rank=rank, world_size=4)  # type: ignore[assignment]
+        shards.append(dm.train_dataloader().epoch_indices())
+        assert len(dm.val_dataloader()) == 2  # evaluation: 50 test images over 4 processes, 13 each
+    dm.trainer = None
+    for group in (shards[:2], shards[2:]):  # each member group covers the whole training set
+        assert set(torch.cat(group).tolist()) == set(range(NUM_TRAIN))
+    same_order = all(torch.equal(a, b) for a, b in zip(shards[:2], shards[2:]))
+    assert same_order == (data_order == "shared")
