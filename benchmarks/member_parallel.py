@@ -80,40 +80,44 @@ def _fit(strategy: str, devices: int, accelerator: str, members: int, depth: int
         return json.loads(Path(timer.path).read_text())[2:]  # warm-up steps excluded
 
 
-def run(device: str, devices: int, depth: int, width: int, batch: int, size: int, steps: int, rounds: int,
-        out: str | None) -> dict:  # fmt: skip
+def run(device: str, devices: int, models: list[tuple[int, int]], batch: int, size: int, steps: int,
+        rounds: int, out: str | None) -> dict:  # fmt: skip
     members = devices  # one member per process under member_parallel
     accelerator = "gpu" if device == "cuda" else "cpu"
-    samples: dict[str, list[float]] = {"ddp_spawn": [], "member_parallel_spawn": []}
-    for _ in range(rounds):
-        for strategy in samples:
-            samples[strategy] += _fit(
-                strategy, devices, accelerator, members, depth, width, batch, size, steps
-            )
-    ddp, mp = summary(samples["ddp_spawn"]), summary(samples["member_parallel_spawn"])
-    row = {
-        "model": f"WRN-{depth}-{width}", "members": members, "processes": devices, "global_batch": batch,
-        "image": size, "steps": len(samples["ddp_spawn"]), "device": device,
-        "data_parallel_ms_per_member_step": ddp["median_ms"] / members,
-        "member_parallel_ms_per_member_step": mp["median_ms"] / members,
-        "data_parallel_step": ddp, "member_parallel_step": mp,
-        "member_parallel_over_data_parallel": mp["median_ms"] / ddp["median_ms"],
-    }  # fmt: skip
-    return save("member_parallel", [row], out)
+    rows = []
+    for depth, width in models:
+        samples: dict[str, list[float]] = {"ddp_spawn": [], "member_parallel_spawn": []}
+        for _ in range(rounds):
+            for strategy in samples:
+                samples[strategy] += _fit(
+                    strategy, devices, accelerator, members, depth, width, batch, size, steps
+                )
+        ddp, mp = summary(samples["ddp_spawn"]), summary(samples["member_parallel_spawn"])
+        rows.append({
+            "model": f"WRN-{depth}-{width}", "members": members, "processes": devices, "global_batch": batch,
+            "image": size, "steps": len(samples["ddp_spawn"]), "device": device,
+            "data_parallel_ms_per_member_step": ddp["median_ms"] / members,
+            "member_parallel_ms_per_member_step": mp["median_ms"] / members,
+            "data_parallel_step": ddp, "member_parallel_step": mp,
+            "member_parallel_over_data_parallel": mp["median_ms"] / ddp["median_ms"],
+        })  # fmt: skip
+    return save("member_parallel", rows, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--devices", type=int, default=2, help="processes W (= members M)")
+    parser.add_argument("--models", default="16-1,16-4", help="WRN depth-width pairs, comma-separated")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI): no real numbers")
     args = parser.parse_args(argv)
     if args.tiny:
-        return run(args.device, 2, 10, 1, 8, 8, 3, 1, args.out)
-    return run(args.device, args.devices, 16, 4, 64, 32, args.steps, args.rounds, args.out)
+        return run(args.device, 2, [(10, 1)], 8, 8, 3, 1, args.out)
+    models = [(int(d), int(w)) for d, w in (m.split("-") for m in args.models.split(","))]
+    return run(args.device, args.devices, models, 64, 32, args.steps, args.rounds, args.out)
 
 
 if __name__ == "__main__":
