@@ -778,7 +778,7 @@ def choose_architectures(
     records: Sequence[Mapping[str, Any]],
     num_members: int = 3,
     budget: float | None = None,
-    tolerance: float = 0.25,
+    tolerance: float = 0.15,
     cost_key: str = "gmacs",
 ) -> dict[str, Any]:
     """Choose the two arms of the comparison from the completed trials.
@@ -891,7 +891,7 @@ def export_search(
     out: str | Path,
     num_members: int = 3,
     budget: float | None = None,
-    tolerance: float = 0.25,
+    tolerance: float = 0.15,
 ) -> dict[str, Any]:
     """Write the Pareto set and the two arms as YAML, each file atomically.
 

@@ -48,7 +48,7 @@ class Selection:
 
     num_members: int = 3
     budget: float | None = None
-    tolerance: float = 0.25
+    tolerance: float = 0.15
 
 
 def search_parser() -> ArgumentParser:
@@ -95,7 +95,7 @@ def search(args: list[str]) -> dict[str, Any]:
 def compare_arms(args: list[str]) -> dict[str, Any]:
     """The ``compare`` stage: train both arms with the full recipe, then compare them."""
     out = Path("runs/nas")
-    if "--out" in args:
+    if "--out" in args[:-1]:
         i = args.index("--out")
         out, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
     elif any(a.startswith("--out=") for a in args):
@@ -119,6 +119,8 @@ def compare_arms(args: list[str]) -> dict[str, Any]:
         results[arm] = run_recipe([*args, *arm_args, *logger], default_config=TRAIN_CONFIG)
         if "table" in results[arm]:
             print(f"\n## Arm: {arm}\n\n{results[arm]['table']}")
+    if not all("results_file" in r for r in results.values()):
+        return {"arms": results, "comparison": None}  # not rank 0 of a multi-device run
     comparison = compare(str(logdir))
     print("\n## Replicated vs diverse (test split; lightning_ensembles.compare)\n\n" + comparison["table"])
     print("| arm | members | GMACs / input | top-1 (%) | NLL |\n|---|---:|---:|---:|---:|")
