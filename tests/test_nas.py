@@ -115,6 +115,9 @@ def test_reward_search_records_mnasnet_reward_and_prunes(tmp_path: Path) -> None
         assert r["values"] is None or r["values"][0] == pytest.approx(r["top1"] * (r["gmacs"] / target) ** w)
         if r["state"] == "COMPLETE":
             assert r["epochs"] == 3
+    # Trials far below the median of the earlier ones at the same epoch stop early (here two of five).
+    pruned = [r for r in trial_records(study) if r["state"] == "PRUNED" and "duplicate_of" not in r]
+    assert pruned and all(r["epochs"] < 3 for r in pruned)
 
 
 def test_pruning_callback_stops_training_after_a_pruned_epoch() -> None:

@@ -5,4 +5,12 @@ from lightning_ensembles.models.nas import NASArchitecture, NASNet, NASSearchSpa
 from lightning_ensembles.models.timm_member import TimmModel
 from lightning_ensembles.models.wide_resnet import WideResNet
 
-__all__ = ["NASArchitecture", "NASNet", "NASSearchSpace", "StageArch", "StageSpace", "TimmModel", "WideResNet"]
+__all__ = [
+    "NASArchitecture",
+    "NASNet",
+    "NASSearchSpace",
+    "StageArch",
+    "StageSpace",
+    "TimmModel",
+    "WideResNet",
+]
