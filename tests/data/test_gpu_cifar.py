@@ -414,14 +414,22 @@ def test_member_parallel_shards_training_data_within_a_member_group(root: Path, 
 
     from lightning_ensembles.distributed import MemberParallelStrategy, plan_members
 
+    class Rank(LightningEnvironment):  # LightningEnvironment.set_global_rank would also set rank_zero_only
+        def __init__(self, rank: int) -> None:
+            super().__init__()
+            self.rank = rank
+
+        def global_rank(self) -> int:
+            return self.rank
+
+        def world_size(self) -> int:
+            return 4
+
     dm = _gpu(root, batch_size=8)
     dm.setup("fit")
     shards = []
     for rank in range(4):  # W = 4 processes, M = 2 members: ranks {0, 1} train member 0, {2, 3} member 1
-        environment = LightningEnvironment()
-        environment.set_world_size(4)
-        environment.set_global_rank(rank)
-        strategy = MemberParallelStrategy(data_order=data_order, cluster_environment=environment)  # type: ignore[arg-type]
+        strategy = MemberParallelStrategy(data_order=data_order, cluster_environment=Rank(rank))  # type: ignore[arg-type]
         strategy.layout = plan_members(4, 2)
         dm.trainer = SimpleNamespace(strategy=strategy, global_rank=rank, world_size=4)  # type: ignore[assignment]
         shards.append(dm.train_dataloader().epoch_indices())
