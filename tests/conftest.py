@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,15 @@ def sgd(**kwargs: Any) -> Any:
 @pytest.fixture(autouse=True)
 def _quiet_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_DISABLE_FORK", "1")
+
+
+@pytest.fixture
+def quiet_optuna_one_thread() -> Iterator[None]:
+    """For NAS tests: Optuna's logging at WARNING and one intra-op thread. Tiny proxies gain nothing from
+    more threads, and on a busy 2-core machine OpenMP's spinning threads make them several times slower."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

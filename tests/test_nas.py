@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +49,7 @@ NARROW = NASSearchSpace(
 FAST = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna_one_thread() -> Iterator[None]:
-    # One intra-op thread: tiny proxies gain nothing from more, and on a busy 2-core machine OpenMP's
-    # spinning threads make them several times slower.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_optuna_one_thread")
 
 
 def _search(**kwargs: Any) -> NASSearch:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import optuna
 import pytest
-import torch
 import yaml
 
 from lightning_ensembles.cli import EnsembleCLI
@@ -29,15 +26,7 @@ import nas_ensemble  # noqa: E402
 SEARCHED = NAS / "searched-digits.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna_one_thread() -> Iterator[None]:
-    # One intra-op thread: tiny proxies gain nothing from more, and on a busy 2-core machine OpenMP's
-    # spinning threads make them several times slower.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_optuna_one_thread")
 
 
 def _search_config() -> object:
