@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +38,6 @@ import torch.distributed as dist
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
@@ -217,7 +216,6 @@ class MemberParallelStrategy(DDPStrategy):
         self.gradient_bytes: dict[tuple[int, ...], int] = {}
         self._member_group: Any = None  # the process group of this rank's member group (None: one process)
         self._groups: tuple[MemberLayout, list[Any]] | None = None
-        self._stale = False  # members were trained since the last synchronisation
 
     # ------------------------------------------------------------------ placement
 
@@ -274,10 +272,7 @@ class MemberParallelStrategy(DDPStrategy):
             self._layer_sync = (
                 _GroupSyncBatchNorm(self._member_group) if self._member_group is not None else None
             )
-        if trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
-            _check_callbacks(trainer)
         super().setup(trainer)
-        self._stale = False
 
     @override
     def configure_ddp(self) -> None:
@@ -360,24 +355,28 @@ class MemberParallelStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ synchronisation
 
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._stale = True
-        return super().training_step(*args, **kwargs)
-
     def synchronize_members(self) -> None:
         """Give every process every member's current weights (a collective: call it on all processes).
 
         Each member's parameters and buffers are broadcast from the first process of the group that trains
         it. Called automatically before evaluation, before a checkpoint is written and at the end of fit.
         """
-        if self.layout is None or self.world_size == 1 or not self._stale:
-            self._stale = False
-            return
         module = self._ensemble()
-        for member in range(self.layout.num_members):
-            _broadcast(_member_tensors(module.members[member]), src=self.layout.leader(member))
-        self._stale = False
+        self.broadcast_from_owners(dict(enumerate(module.members)))
+
+    def broadcast_from_owners(self, modules: Mapping[int, nn.Module]) -> None:
+        """Broadcast per-member modules (members, or copies such as EMA weights) from their owners.
+
+        A collective: every process calls it with the same member indices. Module ``i``'s parameters and
+        buffers are sent from the first rank of the group that trains member ``i``.
+
+        Args:
+            modules: member index -> a module of that member (same structure on every process).
+        """
+        if self.layout is None or self.world_size == 1:
+            return
+        for member in sorted(modules):
+            _broadcast(_member_tensors(modules[member]), src=self.layout.leader(member))
 
     def _broadcast_all_states(self, src: int) -> None:
         module = self.lightning_module
@@ -497,17 +496,6 @@ class _GroupSyncBatchNorm(TorchSyncBatchNorm):
     @override
     def apply(self, model: nn.Module) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=self.process_group)
-
-
-def _check_callbacks(trainer: pl.Trainer) -> None:
-    from lightning_ensembles.callbacks.ema import MemberEMA
-
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, MemberEMA):
-            raise ValueError(
-                "MemberEMA is not supported with `--trainer.strategy member_parallel` on more than one process "
-                "yet: each process would average only its own members. Train with `ddp`, or without MemberEMA."
-            )
 
 
 def _member_tensors(member: nn.Module) -> list[Tensor]:

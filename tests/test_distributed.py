@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +24,7 @@ from lightning_ensembles import EnsembleLightningModule, MemberParallelStrategy
 from lightning_ensembles.callbacks import MemberEMA
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler, make_loader
-from lightning_ensembles.distributed import _check_callbacks, plan_members
+from lightning_ensembles.distributed import plan_members
 from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_data, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +168,7 @@ def test_cli_rejects_a_strategy_typo_and_an_impossible_placement_before_launchin
         MemberParallelStrategy(data_order="random")  # type: ignore[arg-type]
 
 
-def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema(in_process_group: None) -> None:
+def test_member_parallel_needs_an_ensemble_module(in_process_group: None) -> None:
     class Plain(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -183,10 +182,6 @@ def test_member_parallel_needs_an_ensemble_module_and_refuses_member_ema(in_proc
 
     with pytest.raises(TypeError, match="needs an EnsembleLightningModule, but got Plain"):
         _fit(Plain(), Data(), strategy="member_parallel")
-    with pytest.raises(
-        ValueError, match="MemberEMA is not supported with `--trainer.strategy member_parallel`"
-    ):
-        _check_callbacks(SimpleNamespace(callbacks=[MemberEMA()]))  # type: ignore[arg-type]
 
 
 def test_one_process_is_trivially_the_plain_run(in_process_group: None) -> None:
@@ -297,6 +292,27 @@ def test_per_group_data_order_with_mixed_members_equals_single_member_runs(tmp_p
     )
     _fit(shared, Data())
     assert not torch.allclose(shared.members[1].head.weight, mixed.members[1].head.weight)
+
+
+@pytest.mark.timeout(300)
+def test_member_ema_is_kept_by_each_member_group_and_shared_for_evaluation(tmp_path: Path) -> None:
+    # Each process updates the EMA of the members it trains; evaluation and checkpoints get every member's
+    # EMA from its owner, so validation metrics and the saved EMA weights equal one process's.
+    runs = {}
+    for devices in (1, 2):
+        module = ensemble()
+        trainer = _fit(module, Data(), devices=devices, enable_checkpointing=True,
+                       callbacks=[MemberEMA(decay=0.5), _checkpointer(tmp_path / str(devices))])  # fmt: skip
+        checkpoint = torch.load(tmp_path / str(devices) / "last.ckpt", weights_only=True)
+        (ema_key,) = [k for k in checkpoint["callbacks"] if k.startswith("MemberEMA")]
+        runs[devices] = (module, trainer.callback_metrics, checkpoint["callbacks"][ema_key]["members"])
+    (single, single_metrics, single_ema), (mp, mp_metrics, mp_ema) = runs[1], runs[2]
+    _assert_same_weights(mp, single)  # the trained (not EMA) weights are back in place after evaluation
+    for key in ("val/top1", "val/nll", "val/member_0/nll", "val/member_1/nll"):
+        assert mp_metrics[key].item() == pytest.approx(single_metrics[key].item(), abs=1e-5), key
+    assert sorted(mp_ema) == sorted(single_ema) == [0, 1]
+    for i in (0, 1):
+        _assert_same_weights(mp_ema[i], single_ema[i])
 
 
 # ---------------------------------------------------------------------------------------------- 4 processes

@@ -54,6 +54,7 @@ class MemberEMA(Callback):
         self.emas: dict[int, ModelEmaV3] = {}
         self._restored: dict[int, dict[str, torch.Tensor]] = {}
         self._backup: dict[int, dict[str, torch.Tensor]] | None = None
+        self._trainer: Trainer | None = None
 
     @staticmethod
     def _members(pl_module: LightningModule) -> nn.ModuleList:
@@ -87,8 +88,24 @@ class MemberEMA(Callback):
         if trainer.global_step % self.every_n_steps != 0:
             return
         members = self._members(pl_module)
+        local = set(
+            getattr(pl_module, "local_members", self.emas)
+        )  # member-parallel: the members trained here
         for i, ema in self.emas.items():
-            ema.update(members[i], step=trainer.global_step)
+            if i in local:
+                ema.update(members[i], step=trainer.global_step)
+
+    def _share(self, trainer: Trainer | None, members: bool = False) -> None:
+        """Under member-parallel training, give every process every member's EMA (and, with ``members``, its
+        trained weights, so that what the swap backs up is current) from the process that trains that
+        member. A collective, reached by every process in the same hooks."""
+        from lightning_ensembles.distributed import MemberParallelStrategy
+
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, MemberParallelStrategy):
+            if members:
+                strategy.synchronize_members()
+            strategy.broadcast_from_owners({i: ema.module for i, ema in self.emas.items()})
 
     # ------------------------------------------------------------------ evaluate with the EMA weights
 
@@ -112,6 +129,8 @@ class MemberEMA(Callback):
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure(pl_module)
+        self._share(trainer, members=True)
         self._swap_in(pl_module)
 
     @override
@@ -120,6 +139,8 @@ class MemberEMA(Callback):
 
     @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure(pl_module)
+        self._share(trainer, members=True)
         self._swap_in(pl_module)
 
     @override
@@ -128,6 +149,8 @@ class MemberEMA(Callback):
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure(pl_module)
+        self._share(trainer, members=True)
         self._swap_in(pl_module)
 
     @override
@@ -148,7 +171,12 @@ class MemberEMA(Callback):
     # ------------------------------------------------------------------ state
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
     def state_dict(self) -> dict[str, Any]:
+        self._share(self._trainer)  # Lightning asks every process when it writes a checkpoint
         return {
             "decay": self.decay,
             "members": {i: copy.deepcopy(ema.module.state_dict()) for i, ema in self.emas.items()},
