@@ -10,6 +10,7 @@ are the configuration; ``num_classes`` is given once, by the datamodule, and lin
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 import sys
@@ -91,6 +92,21 @@ def check_strategy(strategy: Any) -> None:
     )
 
 
+def _registered_name(path: str) -> str | None:
+    """The registered name of the strategy class at ``path`` (e.g. ``lightning_ensembles.MemberParallelStrategy``
+    -> ``member_parallel``), preferring its plain entry; ``None`` if ``path`` is not such a class."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    names = [n for n in StrategyRegistry.available_strategies() if StrategyRegistry[n]["strategy"] is cls]
+    plain = [n for n in names if StrategyRegistry[n]["init_params"] in ({}, {"start_method": "popen"})]
+    return (plain or names or [None])[0]
+
+
 def _strategy_name(strategy: Any) -> str:
     if isinstance(strategy, str):
         return strategy
@@ -147,6 +163,10 @@ class EnsembleCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        if isinstance(config.trainer.strategy, str):
+            # `--trainer.strategy some.module.StrategyClass` without arguments parses as a plain string,
+            # which Lightning rejects: use the name the class is registered under.
+            config.trainer.strategy = _registered_name(config.trainer.strategy) or config.trainer.strategy
         check_strategy(config.trainer.strategy)
         if _strategy_name(config.trainer.strategy).startswith("member_parallel"):
             members = config.model.get("num_members") or len(config.model.get("members") or []) or 1

@@ -205,7 +205,7 @@ class MemberParallelStrategy(DDPStrategy):
             raise ValueError(
                 f"Expected `--trainer.strategy.data_order` to be 'shared' or 'per_group', but got {data_order!r}."
             )
-        if "process_group" in kwargs:
+        if kwargs.pop("process_group", None) is not None:  # None: LightningCLI passes every DDP default
             raise ValueError(
                 "MemberParallelStrategy builds one process group per member group itself; do not pass "
                 "`process_group`."

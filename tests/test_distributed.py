@@ -162,6 +162,15 @@ def test_cli_rejects_a_strategy_typo_and_an_impossible_placement_before_launchin
         ValueError, match=r"= 3\) to divide the number of members \(`--model.num_members` = 4\)"
     ):
         EnsembleCLI(args=[*args, "--trainer.strategy=member_parallel", "--trainer.devices=3"])
+    # The class given by path, with or without arguments, is the same strategy.
+    strategy = "--trainer.strategy=lightning_ensembles.MemberParallelStrategy"
+    cli = EnsembleCLI(args=[*args, strategy, "--trainer.strategy.data_order=per_group"])
+    assert (
+        isinstance(cli.trainer.strategy, MemberParallelStrategy)
+        and cli.trainer.strategy.data_order == "per_group"
+    )
+    with pytest.raises(ValueError, match=r"= 3\) to divide the number of members"):
+        EnsembleCLI(args=[*args, strategy, "--trainer.devices=3"])
     with pytest.raises(
         ValueError, match=r"`--trainer.strategy.data_order` to be 'shared' or 'per_group'.*'random'"
     ):
