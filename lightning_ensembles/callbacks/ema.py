@@ -88,9 +88,8 @@ class MemberEMA(Callback):
         if trainer.global_step % self.every_n_steps != 0:
             return
         members = self._members(pl_module)
-        local = set(
-            getattr(pl_module, "local_members", self.emas)
-        )  # member-parallel: the members trained here
+        # under member-parallel training, only the members this process trains
+        local = set(getattr(pl_module, "local_members", self.emas))
         for i, ema in self.emas.items():
             if i in local:
                 ema.update(members[i], step=trainer.global_step)
