@@ -388,3 +388,18 @@ def test_a_killed_worker_ends_the_run_and_the_last_checkpoint_resumes(tmp_path: 
     resumed = ensemble()
     trainer = _fit(resumed, Data(), max_epochs=3, ckpt_path=str(last))
     assert trainer.global_step == 3 * 64 // 8
+
+
+def test_a_lost_peer_is_reported_with_what_to_do() -> None:
+    # Which of the two (this message, or Lightning's launcher killing the process) comes first in the killed
+    # worker test above is a race, so the message itself is checked here.
+    strategy = MemberParallelStrategy()
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer.")
+    strategy.on_exception(lost)
+    assert str(lost).startswith("member_parallel: another worker process stopped or cannot be reached")
+    assert "No checkpoint was written in this run" in str(lost) and str(lost).endswith(
+        "Connection reset by peer."
+    )
+    other = RuntimeError("shape mismatch")
+    strategy.on_exception(other)
+    assert str(other) == "shape mismatch"
