@@ -1,0 +1,177 @@
+"""Seed sweeps: the grid, the seed flags, local runs (in process and in worker processes), resume, SLURM tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_ensembles.sweep import (
+    SEED_STRIDE,
+    arm_args,
+    main,
+    plan,
+    progress_line,
+    resolve_seeds,
+    resume_args,
+    run_sweep,
+    seed_args,
+    slug,
+    sweep,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "reproductions" / "cifar_wrn.py"
+CONFIGS = ROOT / "reproductions" / "configs"
+ARMS = {"WRN-16-1": ["cifar/wrn-16-1.yaml"], "2 x WRN-10-1": ["cifar/wrn-10-1.yaml", "ensemble-2.yaml"]}
+BASE = ["digits/quickstart.yaml", "digits/sweep.yaml"]
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+]
+
+
+def test_plan_is_seed_major_with_one_folder_per_run(tmp_path: Path) -> None:
+    jobs = plan(ARMS, [3, 5], tmp_path, BASE, ["--trainer.max_epochs=1"], config_dir=CONFIGS)
+    assert [(j.arm, j.seed) for j in jobs] == [
+        ("WRN-16-1", 3),
+        ("2 x WRN-10-1", 3),
+        ("WRN-16-1", 5),
+        ("2 x WRN-10-1", 5),
+    ]
+    assert [j.index for j in jobs] == [0, 1, 2, 3]
+    assert jobs[1].directory == tmp_path / "2_x_WRN-10-1" / "seed_3"
+    args = list(jobs[1].args)
+    configs = [
+        Path(args[i + 1]).relative_to(CONFIGS).as_posix() for i, a in enumerate(args) if a == "--config"
+    ]
+    assert configs == [
+        "digits/quickstart.yaml",
+        "digits/sweep.yaml",
+        "cifar/wrn-10-1.yaml",
+        "ensemble-2.yaml",
+    ]
+    assert {"--seed_everything=3", f"--model.seed={3 * SEED_STRIDE}", "--data.seed=3"} <= set(args)
+    assert f"--trainer.logger.init_args.save_dir={tmp_path}" in args
+    assert args[-1] == "--trainer.max_epochs=1"  # shared flags come last, so they override the configs
+
+
+def test_seed_flags_never_share_a_member_initialisation() -> None:
+    member_seeds = [
+        int(seed_args(s)[1].split("=")[1]) + i for s in range(20) for i in range(SEED_STRIDE // 10)
+    ]
+    assert len(set(member_seeds)) == len(member_seeds)
+    assert resolve_seeds(3) == [0, 1, 2] and resolve_seeds([7, 2]) == [7, 2]
+
+
+def test_bad_sweeps_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"`--seeds` to be an int >= 1, but got 0"):
+        plan(ARMS, 0, tmp_path)
+    with pytest.raises(ValueError, match=r"seeds in `--seeds` to be distinct"):
+        resolve_seeds([1, 1])
+    with pytest.raises(ValueError, match=r"`--seeds` to be a count >= 1 or a list"):
+        resolve_seeds([-1])
+    with pytest.raises(ValueError, match="at least one arm"):
+        plan({}, 1, tmp_path)
+    with pytest.raises(ValueError, match="distinct folder names"):
+        plan({"a b": [], "a_b": []}, 1, tmp_path)
+    with pytest.raises(FileNotFoundError, match="'missing.yaml'"):
+        arm_args(["missing.yaml"], CONFIGS)
+    with pytest.raises(ValueError, match="at least one letter"):
+        slug(" / ")
+    with pytest.raises(ValueError, match=r"`--task_index` to be in \[0, 3\].*got 4"):
+        sweep(str(RECIPE), ARMS, seeds=2, out=str(tmp_path), base=BASE, task_index=4)
+
+
+def _events_seed(directory: Path) -> int:
+    return yaml.safe_load((directory / "config.yaml").read_text())["seed_everything"]
+
+
+@pytest.mark.timeout(300)
+def test_sweep_in_process_then_resume_and_skip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = sweep(str(RECIPE), ARMS, seeds=2, out=str(tmp_path), base=BASE, args=TINY, workers=0)
+    assert report["failed"] == [] and len(report["jobs"]) == 4
+    printed = capsys.readouterr().out
+    assert "[4/4] 2 x WRN-10-1  seed 1  top-1" in printed
+    jobs = plan(ARMS, 2, tmp_path, BASE, TINY, config_dir=CONFIGS)
+    for job in jobs:
+        saved = json.loads(job.results_file.read_text())
+        assert saved["tested"] == "final weights"
+        assert saved["config"]["model"]["seed"] == job.seed * SEED_STRIDE
+        assert saved["config"]["data"]["init_args"]["seed"] == job.seed
+        assert _events_seed(job.directory) == job.seed
+        assert (job.directory / "ablation_test.json").is_file()
+
+    # Members of different seeds start from different weights; arms of one seed share the data split.
+    first = torch.load(jobs[0].directory / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    other = torch.load(jobs[2].directory / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    key = next(k for k in first if k.endswith("weight") and first[k].ndim == 4)
+    assert not torch.equal(first[key], other[key])
+
+    # Run again: everything is skipped. Remove one result: that run alone resumes from its last.ckpt.
+    again = run_sweep(RECIPE, jobs, workers=0)
+    assert all(o.skipped for o in again.outcomes)
+    jobs[3].results_file.unlink()
+    assert resume_args(jobs[3]) == [f"--ckpt_path={jobs[3].directory / 'checkpoints' / 'last.ckpt'}"]
+    resumed = run_sweep(RECIPE, jobs, workers=0)
+    assert [o.skipped for o in resumed.outcomes] == [True, True, True, False]
+    assert jobs[3].done and resumed.failed == []
+
+
+@pytest.mark.timeout(300)
+def test_sweep_in_worker_processes_records_failures(tmp_path: Path) -> None:
+    arms = {
+        "WRN-10-1": ["cifar/wrn-10-1.yaml"],
+        "broken": ["cifar/wrn-10-1.yaml", "--model.aggregation=median"],
+    }
+    with pytest.raises(RuntimeError, match=r"1 of 2 sweep runs failed: broken seed 0 .*console.log"):
+        sweep(str(RECIPE), arms, seeds=1, out=str(tmp_path), base=BASE, args=TINY, workers=2)
+    good = tmp_path / "WRN-10-1" / "seed_0"
+    assert json.loads((good / "results.json").read_text())["architecture"] == "WRN-10-1"
+    assert (good / "console.log").stat().st_size > 0  # the run's console went to its log
+    assert "aggregation" in (tmp_path / "broken" / "seed_0" / "console.log").read_text()
+
+
+def test_slurm_task_index_runs_exactly_one_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"recipe": str(RECIPE), "arms": {"WRN-10-1": ["cifar/wrn-10-1.yaml"]}, "base": BASE, "args": TINY}
+        )
+    )
+    listing = main(
+        ["--config", str(config), "--seeds", "3", "--out", str(tmp_path / "runs"), "--dry_run", "true"]
+    )
+    assert [j["seed"] for j in listing["jobs"]] == [0, 1, 2]
+    assert "--array=0-2" in capsys.readouterr().out
+    main(["--config", str(config), "--seeds", "3", "--out", str(tmp_path / "runs"), "--task_index", "1"])
+    done = sorted(p.parent.name for p in (tmp_path / "runs").rglob("results.json"))
+    assert done == ["seed_1"]
+
+
+def test_progress_line_estimates_the_time_left(tmp_path: Path) -> None:
+    from lightning_ensembles.sweep import Outcome
+
+    (job,) = plan({"WRN-16-4": []}, 1, tmp_path)
+    line = progress_line(Outcome(job, {"sizes": [{"top1": 0.9867}]}, seconds=41.2), 3, 12, 120.0)
+    assert line == "[ 3/12] WRN-16-4  seed 0  top-1 98.67%  41 s · 2:00 elapsed, about 6:00 left"
+    failed = progress_line(Outcome(job, None, "ValueError: bad"), 12, 12, 60.0)
+    assert "FAILED (ValueError: bad)" in failed and "left" not in failed
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (CONFIGS / "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_parses_and_plans(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    listing = main(
+        ["--config", str(CONFIGS / "sweeps" / config), "--out", str(tmp_path), "--dry_run", "true"]
+    )
+    arms = {job["arm"] for job in listing["jobs"]}
+    assert len(listing["jobs"]) == 5 * len(arms) > 0  # the default: 5 seeds per arm
+    assert "SLURM array of --array=0-" in capsys.readouterr().out
