@@ -1,16 +1,23 @@
-"""Compare runs side by side: the paper's accuracy-vs-cost figure from TensorBoard event files.
+"""Compare runs side by side: the paper's accuracy-vs-cost figure over seeds, with paired evidence.
 
 Kondratyuk et al. 2020 (figure 1) draw one line per architecture and one point per ensemble size, accuracy
 against FLOPs (multiply-adds) or latency. Every run with the
 :class:`~lightning_ensembles.callbacks.EnsembleSizeAblation` callback logs those points; this command reads
 the event files of many runs with TensorBoard's own reader and draws the figure:
 
-    python -m lightning_ensembles.compare lightning_logs/ [--stage test] [--curve random] [--out DIR]
+    python -m lightning_ensembles.compare lightning_logs/ [--stage test] [--curve random] [--metric top1]
 
-It writes ``comparison.png`` (accuracy vs GMACs), ``comparison_latency.png`` (when latency was logged),
-``comparison.csv`` and ``comparison.md``, and a TensorBoard run ``<out>/tensorboard`` with the figure and
-one HParams session per run, so the runs sit side by side in TensorBoard's HParams dashboard. Runs sharing
-an architecture form one line; several runs of the same size (seeds) are averaged.
+Runs sharing an architecture form one line; runs of the same size (seeds) give the point's mean and its
+sample standard deviation (the error bar). A run's seed is the ``seed_everything`` of the ``config.yaml``
+LightningCLI saves next to its events (a :mod:`~lightning_ensembles.sweep` sets it). Matched pairs, each
+ensemble point against the single model (``k = 1``) of another architecture with the nearest multiply-adds
+within ``--pair_tolerance`` (or the pairs given with ``--pairs``), are compared seed by seed
+(:func:`~lightning_ensembles.stats.paired_difference`): mean difference, 95% confidence interval, t and
+wins/ties/losses, for top-1, NLL and ECE.
+
+It writes ``comparison.png`` (the metric vs GMACs), ``comparison_latency.png`` (when latency was logged),
+``comparison.csv``, ``comparison.md`` and ``comparison.json`` (every run's per-seed points and the pairs),
+and a TensorBoard run ``<out>/tensorboard`` with the figure, the tables and one HParams session per run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
+import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -27,24 +36,83 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_ensembles.results import atomic_write_text
+from lightning_ensembles.stats import PairedDifference, format_difference, paired_difference, spread, verdict
 
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".lightning_ensembles_comparison"  # marks an output folder, so later comparisons skip it
+METRICS = ("top1", "nll", "ece")
+COLUMNS = ("gmacs", "latency_ms", *METRICS)
+_LABELS = {
+    "top1": "top-1 accuracy (%)",
+    "nll": "negative log-likelihood",
+    "ece": "expected calibration error",
+}
 
 
 @dataclass
 class Run:
-    """What one run logged: its name, hyperparameters and ablation points ``{k: {column: value}}``."""
+    """What one run logged: its name, seed, hyperparameters and ablation points ``{k: {column: value}}``."""
 
     path: Path
     name: str
     hparams: dict[str, Any] = field(default_factory=dict)
     points: dict[int, dict[str, float]] = field(default_factory=dict)
+    seed: int | None = None
 
     @property
     def architecture(self) -> str:
         """The architecture logged by the module (``ensemble/architecture``), else the run name."""
         return str(self.hparams.get("ensemble/architecture", self.name))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a line: an architecture at ensemble size ``k``."""
+
+    architecture: str
+    k: int
+
+    def __str__(self) -> str:
+        return f"{self.architecture}@{self.k}"
+
+
+@dataclass
+class Pair:
+    """A matched pair: ensemble point ``a`` against point ``b``, compared on the seeds both have."""
+
+    a: Point
+    b: Point
+    gmacs_a: float
+    gmacs_b: float
+    seeds: list[int]
+    differences: dict[str, PairedDifference]
+
+    @property
+    def name_a(self) -> str:
+        """``"4 x WRN-16-2"`` for an ensemble point, the architecture for ``k = 1``."""
+        return _point_name(self.a)
+
+    @property
+    def name_b(self) -> str:
+        """Like :attr:`name_a`, for ``b``."""
+        return _point_name(self.b)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The pair as plain data (for JSON)."""
+        return {
+            "a": str(self.a),
+            "b": str(self.b),
+            "name_a": self.name_a,
+            "name_b": self.name_b,
+            "gmacs_a": self.gmacs_a,
+            "gmacs_b": self.gmacs_b,
+            "seeds": self.seeds,
+            "differences": {m: d.as_dict() for m, d in self.differences.items()},
+        }
+
+
+def _point_name(point: Point) -> str:
+    return point.architecture if point.k == 1 else f"{point.k} x {point.architecture}"
 
 
 def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
@@ -95,8 +163,26 @@ def _hparams(accumulator: Any) -> dict[str, Any]:
     return found
 
 
+def run_seed(path: Path) -> int | None:
+    """The run's seed: ``seed_everything`` in the ``config.yaml`` LightningCLI saved in ``path``, if any."""
+    config = path / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    try:
+        seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+    except yaml.YAMLError:
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
-    """Read one run's hyperparameters and its last logged ablation points.
+    """Read one run's hyperparameters, seed and its last logged ablation points.
+
+    The cost of a point is the curve's own (``ablation/{stage}/random/size_k/gmacs``: the mean over the
+    k-subsets, which differs from the first k members' when the members differ); runs logged before that tag
+    existed fall back to the first-k cost.
 
     Args:
         path: the run directory.
@@ -112,51 +198,170 @@ def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
     accumulator.Reload()
     name = path.relative_to(root).as_posix() if path != root else path.name
-    run = Run(path=path, name=name or path.name, hparams=_hparams(accumulator))
-    pattern = re.compile(rf"^ablation/{stage}/(?:{curve}/)?size_(\d+)/(\w+)$")
+    run = Run(path=path, name=name or path.name, hparams=_hparams(accumulator), seed=run_seed(path))
+    pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+)$")
+    fallback: dict[int, dict[str, float]] = {}
     for tag in accumulator.Tags().get("scalars", []):
         match = pattern.match(tag)
         if match is None:
             continue
-        k, column = int(match.group(1)), match.group(2)
-        run.points.setdefault(k, {})[column] = float(accumulator.Scalars(tag)[-1].value)
+        kind, k, column = match.group(1), int(match.group(2)), match.group(3)
+        value = float(accumulator.Scalars(tag)[-1].value)
+        if kind == curve:
+            run.points.setdefault(k, {})[column] = value
+        elif kind is None:  # shared columns: first-k gmacs and latency
+            fallback.setdefault(k, {})[column] = value
+    for k, columns in fallback.items():
+        for column, value in columns.items():
+            run.points.setdefault(k, {}).setdefault(column, value)
     return run
 
 
 def collect(runs: Sequence[Run]) -> dict[str, list[dict[str, float]]]:
-    """One line per architecture: for each ensemble size, the mean over the runs that have it.
+    """One line per architecture: for each ensemble size, the mean and spread over the runs that have it.
 
     Args:
         runs: runs with points.
 
     Returns:
-        ``{architecture: [row, ...]}`` sorted by ``k``; rows hold ``k``, ``runs`` and the mean columns.
+        ``{architecture: [row, ...]}`` sorted by ``k``; rows hold ``k``, ``runs``, ``seeds`` (distinct known
+        seeds), and for every column its mean and ``{column}_std`` (sample std over runs, 0 for one run).
     """
-    grouped: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    grouped: dict[str, dict[int, list[tuple[int | None, dict[str, float]]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for run in runs:
         for k, point in run.points.items():
-            grouped[run.architecture][k].append(point)
+            grouped[run.architecture][k].append((run.seed, point))
     lines: dict[str, list[dict[str, float]]] = {}
     for architecture, sizes in sorted(grouped.items()):
         rows = []
-        for k, points in sorted(sizes.items()):
-            columns = sorted({c for p in points for c in p})
-            row: dict[str, float] = {"k": k, "runs": len(points)}
-            for column in columns:
-                values = [p[column] for p in points if column in p]
-                row[column] = sum(values) / len(values)
+        for k, entries in sorted(sizes.items()):
+            points = [p for _, p in entries]
+            row: dict[str, float] = {
+                "k": k,
+                "runs": len(points),
+                "seeds": len({s for s, _ in entries if s is not None}),
+            }
+            for column in sorted({c for p in points for c in p}):
+                s = spread([p[column] for p in points if column in p])
+                row[column] = s.mean
+                row[f"{column}_std"] = s.std
             rows.append(row)
         lines[architecture] = rows
     return lines
 
 
+def per_seed(runs: Sequence[Run], point: Point, column: str) -> dict[int, float]:
+    """``{seed: value}`` of one point and column, averaging runs that share a seed; runs without a seed
+    are left out."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        if run.seed is None or run.architecture != point.architecture:
+            continue
+        value = run.points.get(point.k, {}).get(column)
+        if value is not None:
+            values[run.seed].append(value)
+    return {seed: sum(v) / len(v) for seed, v in sorted(values.items())}
+
+
+def parse_pair(text: str) -> tuple[Point, Point]:
+    """``"WRN-16-2@4 vs WRN-16-4@1"`` -> the two points.
+
+    Raises:
+        ValueError: naming ``--pairs``, for text of another form.
+    """
+    match = re.fullmatch(r"\s*(.+?)@(\d+)\s+vs\s+(.+?)@(\d+)\s*", text)
+    if match is None:
+        raise ValueError(
+            f"Expected each of `--pairs` to look like 'WRN-16-2@4 vs WRN-16-4@1' (architecture@k vs "
+            f"architecture@k), but got {text!r}."
+        )
+    return Point(match.group(1), int(match.group(2))), Point(match.group(3), int(match.group(4)))
+
+
+def match_pairs(lines: dict[str, list[dict[str, float]]], tolerance: float) -> list[tuple[Point, Point]]:
+    """Every ensemble point (``k >= 2``) with the single model (``k = 1``) of another architecture whose
+    multiply-adds are nearest, if they differ by at most ``tolerance`` (relative to the single model's).
+
+    Example:
+        >>> lines = {"A": [{"k": 1, "gmacs": 1.0}, {"k": 4, "gmacs": 4.0}], "B": [{"k": 1, "gmacs": 3.9}]}
+        >>> [(str(a), str(b)) for a, b in match_pairs(lines, 0.1)]
+        [('A@4', 'B@1')]
+    """
+    singles = [
+        (arch, row["gmacs"])
+        for arch, rows in lines.items()
+        for row in rows
+        if row["k"] == 1 and "gmacs" in row
+    ]
+    pairs = []
+    for arch, rows in lines.items():
+        for row in rows:
+            if row["k"] < 2 or "gmacs" not in row:
+                continue
+            candidates = [
+                (abs(row["gmacs"] - g) / g, other) for other, g in singles if other != arch and g > 0
+            ]
+            gap, other = min(candidates, default=(math.inf, ""))
+            if gap <= tolerance:
+                pairs.append((Point(arch, int(row["k"])), Point(other, 1)))
+    return pairs
+
+
+def compare_pairs(
+    runs: Sequence[Run],
+    lines: dict[str, list[dict[str, float]]],
+    pairs: Sequence[tuple[Point, Point]],
+    confidence: float = 0.95,
+) -> list[Pair]:
+    """Paired differences ``a - b`` over the seeds both points have, for every metric both logged.
+
+    Raises:
+        ValueError: for a pair naming a point no run logged.
+    """
+    gmacs = {
+        Point(arch, int(row["k"])): row.get("gmacs", math.nan) for arch, rows in lines.items() for row in rows
+    }
+    results = []
+    for a, b in pairs:
+        for point in (a, b):
+            if point not in gmacs:
+                known = ", ".join(str(p) for p in gmacs)
+                raise ValueError(
+                    f"Expected `--pairs` to name logged points ({known}), but got {str(point)!r}."
+                )
+        differences: dict[str, PairedDifference] = {}
+        seeds: list[int] = []
+        for metric in METRICS:
+            values_a, values_b = per_seed(runs, a, metric), per_seed(runs, b, metric)
+            shared = sorted(set(values_a) & set(values_b))
+            if not shared:
+                continue
+            seeds = shared
+            differences[metric] = paired_difference(
+                [values_a[s] for s in shared], [values_b[s] for s in shared], metric, confidence
+            )
+        results.append(Pair(a, b, gmacs[a], gmacs[b], seeds, differences))
+    return results
+
+
+def _log_axis(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metric: str, title: str) -> Any:
-    """The paper's figure: one line per architecture, one point per ensemble size.
+    """The paper's figure: one line per architecture, one point per ensemble size, error bars over seeds.
 
     Args:
         lines: the output of :func:`collect`.
         axis: ``"gmacs"`` or ``"latency_ms"``.
-        metric: the accuracy column (``"top1"``).
+        metric: the y column (``"top1"``, ``"nll"`` or ``"ece"``).
         title: the figure title.
 
     Returns:
@@ -167,30 +372,44 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    scale = 100.0 if metric == "top1" else 1.0
+    figure, ax = plt.subplots(figsize=(6.5, 4.7), dpi=110)
     for architecture, rows in lines.items():
         points = [r for r in rows if axis in r and metric in r]
         xs = [r[axis] for r in points]
-        ys = [100 * r[metric] for r in points]
-        ax.plot(xs, ys, "o-", label=architecture)
+        ys = [scale * r[metric] for r in points]
+        errors = [scale * r.get(f"{metric}_std", 0.0) for r in points]
+        runs = max((int(r["runs"]) for r in points), default=0)
+        ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=3, label=f"{architecture} (up to {runs} runs)")
         for r, x, y in zip(points, xs, ys):
-            ax.annotate(str(int(r["k"])), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
-    ax.set_xscale("log")
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
-    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("GMACs (multiply-adds) per sample" if axis == "gmacs" else "latency (ms), batch 1")
-    ax.set_ylabel(f"{metric} accuracy (%)")
-    ax.set_title(title, fontsize=9)
+            ax.annotate(f"k={int(r['k'])}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
+    _log_axis(ax)
+    ax.set_xlabel(
+        "GMACs (multiply-adds) per sample, log scale" if axis == "gmacs" else "latency (ms), batch 1"
+    )
+    ax.set_ylabel(_LABELS.get(metric, metric) + ", mean ± std over runs")
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, title="architecture (point label: ensemble size)", title_fontsize=7)
+    ax.legend(fontsize=8, title="architecture (k: ensemble size)", title_fontsize=7)
     figure.tight_layout()
     return figure
 
 
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in ("k", "runs", "seeds"):
+        return str(int(value))
+    if column.startswith("top1"):
+        return f"{100 * value:.2f}"
+    return f"{value:.4g}"
+
+
 def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
-    columns = ["architecture", "k", "runs", "gmacs", "latency_ms", "top1", "nll", "ece"]
+    columns = ["architecture", "k", "runs", "seeds"]
+    for column in COLUMNS:
+        if any(column in row for rows in lines.values() for row in rows):
+            columns += [column, f"{column}_std"]
     rows: list[dict[str, Any]] = [
         {"architecture": arch, **row} for arch, arch_rows in lines.items() for row in arch_rows
     ]
@@ -200,19 +419,41 @@ def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
     writer.writerows(rows)
     md = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for row in rows:
-        cells = [str(row["architecture"])]
-        for column in columns[1:]:
-            value = row.get(column)
-            if value is None:
-                cells.append("")
-            elif column in ("k", "runs"):
-                cells.append(str(int(value)))
-            elif column == "top1":
-                cells.append(f"{100 * value:.2f}")
-            else:
-                cells.append(f"{value:.4g}")
-        md.append("| " + " | ".join(cells) + " |")
+        md.append(
+            "| " + " | ".join([str(row["architecture"])] + [_cell(c, row.get(c)) for c in columns[1:]]) + " |"
+        )
     return buffer.getvalue(), "\n".join(md) + "\n"
+
+
+def pairs_table(pairs: Sequence[Pair]) -> str:
+    """Markdown: one row per pair and metric, with the difference, its interval, t and wins/ties/losses."""
+    lines = [
+        "| ensemble | vs single | GMACs | metric | seeds | difference [95% CI] | t | wins/ties/losses |",
+        "|---|---|---|---|---:|---|---:|---|",
+    ]
+    for pair in pairs:
+        for metric, d in pair.differences.items():
+            scale, digits = (100.0, 2) if metric == "top1" else (1.0, 4)
+            unit = " pts" if metric == "top1" else ""
+            t = f"{d.t:.2f}" if math.isfinite(d.t) else "n/a"
+            lines.append(
+                f"| {pair.name_a} | {pair.name_b} | {pair.gmacs_a:.4g} vs {pair.gmacs_b:.4g} | {metric} | {d.n} | "
+                f"{format_difference(d, scale, digits)}{unit} | {t} | {d.wins}/{d.ties}/{d.losses} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def pair_verdicts(pairs: Sequence[Pair], metric: str = "top1") -> list[str]:
+    """One plain-words sentence per pair on ``metric`` (see :func:`lightning_ensembles.stats.verdict`)."""
+    sentences = []
+    for pair in pairs:
+        d = pair.differences.get(metric)
+        if d is None:
+            sentences.append(f"{pair.name_a} vs {pair.name_b}: no shared seeds, so no paired comparison.")
+            continue
+        scale, unit, digits = (100.0, " points", 2) if metric == "top1" else (1.0, "", 4)
+        sentences.append(verdict(d, pair.name_a, pair.name_b, scale=scale, unit=unit, digits=digits))
+    return sentences
 
 
 def _png(figure: Any) -> bytes:
@@ -224,36 +465,56 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _title(runs: Sequence[Run], stage: str, curve: str) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for run in runs:
+        counts[run.architecture] += 1
+    curve_text = "mean over random k-subsets" if curve == "random" else "first k members"
+    named = ", ".join(f"{arch} ({n} run{'s' if n != 1 else ''})" for arch, n in sorted(counts.items()))
+    return f"{stage} split, {curve_text}; error bars: std over runs\n{named}"
+
+
 def compare(
     logdir: str,
     stage: Literal["val", "test"] = "test",
     curve: Literal["first", "random"] = "random",
-    metric: Literal["top1"] = "top1",
+    metric: Literal["top1", "nll", "ece"] = "top1",
     out: str | None = None,
     skip_incomplete: bool = False,
+    pairs: list[str] | None = None,
+    pair_tolerance: float = 0.1,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Read every run under ``logdir`` and write the comparison figure, tables and TensorBoard entries.
 
     Args:
-        logdir: a directory of TensorBoard runs (e.g. ``lightning_logs/``).
+        logdir: a directory of TensorBoard runs (e.g. ``lightning_logs/`` or a sweep's folder).
         stage: which evaluation's ablation to compare.
         curve: ``"random"`` (mean over random k-subsets) or ``"first"`` (the first k members).
-        metric: the accuracy on the y-axis.
+        metric: the y-axis of the figure and the metric of the verdicts: ``top1``, ``nll`` or ``ece``.
         out: where to write (default: ``<logdir>/comparison``).
         skip_incomplete: leave out runs that lack the ablation tags instead of failing.
+        pairs: the matched pairs, as ``"WRN-16-2@4 vs WRN-16-4@1"``; by default every ensemble point is
+            paired with the single model of nearest multiply-adds within ``pair_tolerance``; ``[]`` for none.
+        pair_tolerance: the largest relative multiply-add gap of an automatic pair.
+        confidence: coverage of the paired differences' intervals.
 
     Returns:
-        ``{"lines": ..., "files": [...], "runs": [...], "skipped": [...]}``.
+        ``{"lines", "pairs", "verdicts", "files", "runs", "skipped", "table"}``.
 
     Raises:
-        ValueError: for an unknown stage or curve, no runs, or runs lacking the needed tags (naming them).
+        ValueError: for an unknown stage, curve or metric, a bad pair, no runs, or runs lacking the needed
+            tags (naming them).
     """
     if stage not in ("val", "test"):
         raise ValueError(f"Expected `--stage` to be 'val' or 'test', but got {stage!r}.")
     if curve not in ("first", "random"):
         raise ValueError(f"Expected `--curve` to be 'first' or 'random', but got {curve!r}.")
-    if metric != "top1":
-        raise ValueError(f"Expected `--metric` to be 'top1', but got {metric!r}.")
+    if metric not in METRICS:
+        raise ValueError(f"Expected `--metric` to be one of {', '.join(METRICS)}, but got {metric!r}.")
+    if not (isinstance(pair_tolerance, (int, float)) and pair_tolerance >= 0):
+        raise ValueError(f"Expected `--pair_tolerance` to be a number >= 0, but got {pair_tolerance!r}.")
+    explicit = [parse_pair(p) for p in pairs] if pairs is not None else None
     root = Path(logdir)
     out_dir = Path(out) if out is not None else root / "comparison"
     paths = find_runs(root)
@@ -273,14 +534,32 @@ def compare(
     if not complete:
         raise ValueError(f"No run under {str(root)!r} has the `ablation/{stage}/...` tags.")
     lines = collect(complete)
+    matched = compare_pairs(
+        complete, lines, explicit if explicit is not None else match_pairs(lines, pair_tolerance), confidence
+    )
+    verdicts = pair_verdicts(matched, metric)
 
     # Everything is computed before anything is written: a failure leaves no half-written output.
-    title = f"{stage} split, {'mean over random k-subsets' if curve == 'random' else 'first k members'}"
+    title = _title(complete, stage, curve)
     figures = {"comparison.png": comparison_figure(lines, "gmacs", metric, title)}
     if all("latency_ms" in row for rows in lines.values() for row in rows):
         figures["comparison_latency.png"] = comparison_figure(lines, "latency_ms", metric, title)
     csv_text, md_text = _table(lines)
+    if matched:
+        md_text += "\n" + pairs_table(matched) + "\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
     images = {name: _png(figure) for name, figure in figures.items()}
+    record = {
+        "stage": stage,
+        "curve": curve,
+        "metric": metric,
+        "lines": lines,
+        "pairs": [p.as_dict() for p in matched],
+        "verdicts": verdicts,
+        "runs": [
+            {"name": r.name, "architecture": r.architecture, "seed": r.seed, "points": r.points}
+            for r in complete
+        ],
+    }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).touch()
@@ -292,24 +571,34 @@ def compare(
         files.append(out_dir / name)
     files.append(atomic_write_text(out_dir / "comparison.csv", csv_text))
     files.append(atomic_write_text(out_dir / "comparison.md", md_text))
-    _write_tensorboard(out_dir / "tensorboard", lines, complete, metric, title)
+    files.append(atomic_write_text(out_dir / "comparison.json", json.dumps(record, indent=2) + "\n"))
+    _write_tensorboard(out_dir / "tensorboard", lines, complete, metric, title, md_text)
     return {
         "lines": lines,
+        "pairs": matched,
+        "verdicts": verdicts,
         "files": [str(f) for f in files],
         "runs": [r.name for r in complete],
         "skipped": [r.name for r in incomplete],
         "table": md_text,
+        "record": record,
     }
 
 
 def _write_tensorboard(
-    directory: Path, lines: dict[str, list[dict[str, float]]], runs: list[Run], metric: str, title: str
+    directory: Path,
+    lines: dict[str, list[dict[str, float]]],
+    runs: list[Run],
+    metric: str,
+    title: str,
+    table: str,
 ) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(directory)) as writer:
-        writer.add_figure("comparison/accuracy_vs_gmacs", comparison_figure(lines, "gmacs", metric, title), 0)
-        writer.add_text("comparison/table", _table(lines)[1], 0)
+        tag = "comparison/accuracy_vs_gmacs" if metric == "top1" else f"comparison/{metric}_vs_gmacs"
+        writer.add_figure(tag, comparison_figure(lines, "gmacs", metric, title), 0)
+        writer.add_text("comparison/table", table, 0)
         for run in runs:
             k_max = max(run.points)
             point = run.points[k_max]
@@ -317,11 +606,10 @@ def _write_tensorboard(
                 "architecture": run.architecture,
                 "run": run.name,
                 "num_members": k_max,
+                "seed": -1 if run.seed is None else run.seed,
                 "ensemble_gmacs": point.get("gmacs", 0.0),
             }
-            metrics = {
-                f"hparam/{c}": v for c, v in point.items() if c in ("top1", "nll", "ece", "latency_ms")
-            }
+            metrics = {f"hparam/{c}": v for c, v in point.items() if c in (*METRICS, "latency_ms")}
             writer.add_hparams(hparams, metrics, run_name=re.sub(r"[^\w.-]", "_", run.name))
 
 

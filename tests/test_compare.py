@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -153,3 +155,146 @@ def test_compare_bad_input(tmp_path: Path, cifar_runs: Path) -> None:
     (mixed / "plain_run").symlink_to(bare / "plain_run", target_is_directory=True)
     results = compare(str(mixed), skip_incomplete=True, out=str(tmp_path / "out2"))
     assert results["skipped"] == ["plain_run"] and len(results["runs"]) == 3
+
+
+def _fake_run(root: Path, name: str, architecture: str, seed: int | None, points: dict) -> Path:
+    """A run directory as a recipe run with the ablation writes it: events, HParams and config.yaml."""
+    from torch.utils.tensorboard.summary import hparams
+
+    directory = root / name
+    with SummaryWriter(str(directory)) as writer:
+        for summary in hparams({"ensemble/architecture": architecture}, {}):
+            writer.file_writer.add_summary(summary)
+        for k, columns in points.items():
+            for column, value in columns.items():
+                if column == "gmacs":
+                    writer.add_scalar(f"ablation/test/size_{k}/gmacs", value, 0)
+                    writer.add_scalar(f"ablation/test/random/size_{k}/gmacs", value, 0)
+                else:
+                    writer.add_scalar(f"ablation/test/random/size_{k}/{column}", value, 0)
+                    writer.add_scalar(f"ablation/test/first/size_{k}/{column}", value - 0.5, 0)
+    if seed is not None:
+        (directory / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    return directory
+
+
+# Per-seed test metrics of a 4-member WRN-16-2 ensemble and a single WRN-16-4 (k = 4 vs k = 1).
+ENSEMBLE_TOP1 = [0.9900, 0.9933, 0.9867, 0.9933, 0.9900]
+SINGLE_TOP1 = [0.9867, 0.9900, 0.9867, 0.9833, 0.9867]
+ENSEMBLE_NLL = [0.040, 0.035, 0.045, 0.038, 0.041]
+SINGLE_NLL = [0.045, 0.046, 0.044, 0.050, 0.047]
+
+
+@pytest.fixture
+def seeded_runs(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for seed in range(5):
+        _fake_run(
+            root,
+            f"4_x_WRN-16-2/seed_{seed}",
+            "WRN-16-2",
+            seed,
+            {
+                1: {"gmacs": 0.0063, "top1": 0.98 + 0.001 * seed, "nll": 0.06, "ece": 0.02},
+                4: {"gmacs": 0.0252, "top1": ENSEMBLE_TOP1[seed], "nll": ENSEMBLE_NLL[seed], "ece": 0.01},
+            },
+        )
+        _fake_run(
+            root,
+            f"WRN-16-4/seed_{seed}",
+            "WRN-16-4",
+            seed,
+            {1: {"gmacs": 0.0245, "top1": SINGLE_TOP1[seed], "nll": SINGLE_NLL[seed], "ece": 0.015}},
+        )
+    return root
+
+
+def test_compare_over_seeds_reports_spread_and_paired_differences(seeded_runs: Path) -> None:
+    from scipy import stats as scipy_stats
+
+    from lightning_ensembles.stats import paired_difference, verdict
+
+    results = compare(str(seeded_runs))
+    ensemble = results["lines"]["WRN-16-2"][1]
+    assert (ensemble["k"], ensemble["runs"], ensemble["seeds"]) == (4, 5, 5)
+    assert ensemble["top1"] == pytest.approx(sum(ENSEMBLE_TOP1) / 5)
+    assert ensemble["top1_std"] == pytest.approx(
+        float(np.std(ENSEMBLE_TOP1, ddof=1)), rel=1e-4
+    )  # float32 events
+
+    (pair,) = results["pairs"]  # the automatic match: WRN-16-2@4 (0.0252) with WRN-16-4@1 (0.0245)
+    assert (str(pair.a), str(pair.b), pair.seeds) == ("WRN-16-2@4", "WRN-16-4@1", [0, 1, 2, 3, 4])
+    top1 = pair.differences["top1"]
+    expected = paired_difference(ENSEMBLE_TOP1, SINGLE_TOP1)
+    assert top1.mean == pytest.approx(expected.mean, abs=1e-7)
+    assert top1.t == pytest.approx(scipy_stats.ttest_rel(ENSEMBLE_TOP1, SINGLE_TOP1).statistic, rel=1e-4)
+    assert (top1.wins, top1.ties, top1.losses) == (4, 1, 0)
+    assert (pair.differences["nll"].wins, pair.differences["nll"].losses) == (4, 1)  # lower is better
+    assert top1.ci_low < 0 < top1.ci_high  # 4 of 5 seeds won, but the interval covers 0
+    assert results["verdicts"][0] == verdict(top1, "4 x WRN-16-2", "WRN-16-4", scale=100, unit=" points")
+    assert results["verdicts"][0].startswith("No significant difference between 4 x WRN-16-2 and WRN-16-4")
+
+    out = seeded_runs / "comparison"
+    with open(out / "comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"top1_std", "nll_std", "ece_std", "seeds"} <= set(rows[0])
+    markdown = (out / "comparison.md").read_text()
+    assert "| 4 x WRN-16-2 | WRN-16-4 | 0.0252 vs 0.0245 | top1 | 5 |" in markdown
+    saved = json.loads((out / "comparison.json").read_text())
+    assert sorted(r["seed"] for r in saved["runs"] if r["architecture"] == "WRN-16-4") == [0, 1, 2, 3, 4]
+    assert saved["pairs"][0]["differences"]["top1"]["wins"] == 4
+
+
+def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_path: Path) -> None:
+    results = compare(
+        str(seeded_runs), metric="nll", pairs=["WRN-16-2@1 vs WRN-16-4@1"], out=str(tmp_path / "o")
+    )
+    (pair,) = results["pairs"]
+    assert (str(pair.a), str(pair.b)) == ("WRN-16-2@1", "WRN-16-4@1")
+    assert (
+        results["verdicts"][0].startswith("No significant difference") or "on nll" in results["verdicts"][0]
+    )
+    assert compare(str(seeded_runs), pairs=[], out=str(tmp_path / "none"))["pairs"] == []
+    with pytest.raises(ValueError, match=r"`--pairs` to name logged points .*got 'WRN-16-8@1'"):
+        compare(str(seeded_runs), pairs=["WRN-16-2@4 vs WRN-16-8@1"], out=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"look like 'WRN-16-2@4 vs WRN-16-4@1'.*got 'WRN-16-2 vs WRN-16-4'"):
+        compare(str(seeded_runs), pairs=["WRN-16-2 vs WRN-16-4"], out=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"`--metric` to be one of top1, nll, ece, but got 'top5'"):
+        compare(str(seeded_runs), metric="top5")  # type: ignore[arg-type]
+
+    # Runs without a seed (no config.yaml) draw on the figure but cannot be paired.
+    loose = tmp_path / "loose"
+    _fake_run(loose, "a", "WRN-16-2", None, {4: {"gmacs": 0.0252, "top1": 0.99, "nll": 0.04, "ece": 0.01}})
+    _fake_run(loose, "b", "WRN-16-4", None, {1: {"gmacs": 0.0245, "top1": 0.98, "nll": 0.05, "ece": 0.01}})
+    unpaired = compare(str(loose))
+    assert unpaired["pairs"][0].differences == {} and "no shared seeds" in unpaired["verdicts"][0]
+
+
+def test_random_subset_curve_of_mixed_members_costs_the_subsets_mean(tmp_path: Path) -> None:
+    config = tmp_path / "mixed.yaml"
+    config.write_text(
+        """
+model:
+  member: null
+  members:
+    - class_path: lightning_ensembles.models.WideResNet
+      init_args: {depth: 10, width: 1, in_channels: 1}
+    - class_path: lightning_ensembles.models.WideResNet
+      init_args: {depth: 16, width: 2, in_channels: 1}
+"""
+    )
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "digits/quickstart.yaml"),
+            "--config", str(config),
+            "--config", str(PRESETS / "ablation.yaml"),
+            *fast_recipe_args(tmp_path / "logs"),
+            "--trainer.limit_train_batches=2",
+        ]
+    )  # fmt: skip
+    member_gmacs = [row["macs"] / 1e9 for row in results["members"]]
+    random = compare(str(tmp_path / "logs"), curve="random")["lines"]["WRN-10-1+WRN-16-2"]
+    first = compare(str(tmp_path / "logs"), curve="first")["lines"]["WRN-10-1+WRN-16-2"]
+    assert random[0]["gmacs"] == pytest.approx(sum(member_gmacs) / 2, rel=1e-6)  # mean of the 1-subsets
+    assert first[0]["gmacs"] == pytest.approx(member_gmacs[0], rel=1e-6)
+    assert random[1]["gmacs"] == pytest.approx(sum(member_gmacs), rel=1e-6) == first[1]["gmacs"]

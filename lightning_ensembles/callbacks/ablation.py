@@ -284,6 +284,8 @@ class EnsembleSizeAblation(Callback):
                 scalars[f"{prefix}/random/size_{row['k']}/{name}"] = row[f"random_{name}"]
             if "first_gmacs" in row:
                 scalars[f"{prefix}/size_{row['k']}/gmacs"] = row["first_gmacs"]
+                scalars[f"{prefix}/first/size_{row['k']}/gmacs"] = row["first_gmacs"]
+                scalars[f"{prefix}/random/size_{row['k']}/gmacs"] = row["random_gmacs"]
             if "latency_ms" in row:
                 scalars[f"{prefix}/size_{row['k']}/latency_ms"] = row["latency_ms"]
         for logger in trainer.loggers:
