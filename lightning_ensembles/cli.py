@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import Namespace
@@ -154,6 +154,16 @@ class EnsembleCLI(LightningCLI):
             help="Resume training from this checkpoint file (e.g. <run dir>/checkpoints/last.ckpt).",
         )
         parser.add_argument(
+            "--test_weights",
+            type=Literal["final", "best"],
+            default="final",
+            help=(
+                "Weights tested after training: 'final' (the last epoch's) or 'best' (the checkpoint "
+                "callback's best by its monitor; final when validation runs on the test split). Final is the "
+                "default: over 20 seeds on digits the best-val-top-1 checkpoint cost 0.2 to 1.3 points (docs)."
+            ),
+        )
+        parser.add_argument(
             "--train",
             type=bool,
             default=True,
@@ -178,9 +188,10 @@ class EnsembleCLI(LightningCLI):
     def fit_test_report(self) -> dict[str, Any]:
         """Train, test, and write the results table into the run directory.
 
-        The best checkpoint (by the checkpoint callback's monitor) is tested when the datamodule validates on
-        a split of its own. When validation runs on the test split (``val_size == 0``), choosing the best
-        epoch there would select on the test set, so the final weights are tested instead.
+        ``--test_weights final`` (the default) tests the weights of the last epoch. ``--test_weights best``
+        tests the best checkpoint by the checkpoint callback's monitor, when the datamodule validates on a
+        split of its own; when validation runs on the test split (``val_size == 0``), choosing the best epoch
+        there would select on the test set, so the final weights are tested instead.
 
         Returns:
             The results dict (see :func:`lightning_ensembles.results.build_results`).
@@ -195,6 +206,8 @@ class EnsembleCLI(LightningCLI):
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         if not train:
             best, selection = "", "members as built, not trained (--train false)"
+        elif self.config.get("test_weights", "final") == "final":
+            best, selection = "", "final weights"
         elif getattr(datamodule, "val_size", None) == 0:
             best, selection = "", "final weights (validation ran on the test split)"
         else:

@@ -1,52 +1,161 @@
-"""Quickstart: one larger network against an ensemble of smaller ones at the same multiply-adds, offline.
+"""Quickstart: the paper's figure 1 on scikit-learn's digits, over seeds, with paired evidence, offline.
 
-    python reproductions/quickstart.py
+    python reproductions/quickstart.py [--seeds 5] [--workers 2] [--out runs/quickstart] [-- recipe flags]
 
-Runs the CIFAR Wide ResNet recipe (cifar_wrn.py) twice on scikit-learn's handwritten digits, which ship with
-scikit-learn and need no download: a single WRN-16-4, and four independently initialised WRN-16-2 (nearly
-the same multiply-adds). Prints both results tables and a side-by-side summary; each run's TensorBoard logs
-and results.json land under lightning_logs/digits/.
+Does an ensemble of smaller networks beat one larger network at the same multiply-adds (Kondratyuk et al.
+2020)? Runs the seed sweep ``configs/sweeps/digits-figure1.yaml`` with the CIFAR Wide ResNet recipe
+(cifar_wrn.py) on the 1,797 handwritten digits that ship with scikit-learn: WRN-16-4, 4 x WRN-16-2 and
+4 x WRN-16-1, each under every seed, one run per CPU core in parallel (seed ``s`` fixes the data split and
+order for every arm, so the arms are compared seed by seed). Then prints, per architecture and ensemble
+size k, the mean ± std over seeds of top-1, NLL and ECE; for the FLOP-matched pairs 4 x WRN-16-2 vs
+WRN-16-4 and 4 x WRN-16-1 vs WRN-16-2 the paired difference with its 95% confidence interval, t and
+wins/ties/losses, and a verdict in plain words. Writes the figure (PNG and TensorBoard) and ``results.json``
+with every per-seed number, the versions, thread counts and hardware into ``--out``. Finished runs are kept:
+run it again with more ``--seeds`` and only the new ones train. Flags after ``--`` go to every recipe run.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import yaml
 
-from cifar_wrn import main as run_cifar_wrn  # noqa: E402
+from lightning_ensembles.compare import compare, pair_verdicts, pairs_table
+from lightning_ensembles.results import atomic_write_text, environment
+from lightning_ensembles.sweep import default_workers, plan, progress_line, run_sweep
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-RUNS = {
-    "single WRN-16-4": ["cifar/wrn-16-4.yaml"],
-    "4 x WRN-16-2": ["cifar/wrn-16-2.yaml", "ensemble-4.yaml"],
-}
+HERE = Path(__file__).resolve().parent
+SWEEP = HERE / "configs" / "sweeps" / "digits-figure1.yaml"
+PAIRS = ["WRN-16-2@4 vs WRN-16-4@1", "WRN-16-1@4 vs WRN-16-2@1"]
+DEFAULT_SEEDS = 5
 
 
-def main(extra_args: list[str] | None = None) -> list[dict]:
-    """Run both arms and print the summary; ``extra_args`` are appended to every run."""
-    extra_args = sys.argv[1:] if extra_args is None else extra_args
-    summary = []
-    for name, configs in RUNS.items():
-        args = ["--config", str(CONFIGS / "digits" / "quickstart.yaml")]
-        for config in configs:
-            args += ["--config", str(CONFIGS / config)]
-        results = run_cifar_wrn(args + list(extra_args))
-        results["name"] = name
-        summary.append(results)
-    print("\n## Quickstart: one larger model vs an ensemble of smaller ones (digits test split)\n")
-    print("| run | members | GMACs / image | params (M) | top-1 (%) | NLL | ECE |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for results in summary:
-        full = results["sizes"][-1]
-        ensemble = results["ensemble"]
-        print(
-            f"| {results['name']} | {results['num_members']} | {full['macs'] / 1e9:.4f} | "
-            f"{full['params'] / 1e6:.2f} | {100 * full['top1']:.2f} | {full['nll']:.4f} | "
-            f"{ensemble.get('ece', float('nan')):.4f} |"
+def run(seeds: int | list[int], workers: int | None, out: str, recipe_args: list[str]) -> dict[str, Any]:
+    """Run the digits figure-1 sweep, print the evidence, and write ``results.json`` into ``out``.
+
+    Args:
+        seeds: how many seeds (``0..n-1``), or the list of seeds.
+        workers: parallel runs (default: one per CPU core, one torch thread each); 0 runs them here.
+        out: the sweep's folder: runs, comparison and ``results.json``.
+        recipe_args: flags given to every recipe run.
+
+    Returns:
+        The contents of ``results.json``.
+    """
+    config = yaml.safe_load(SWEEP.read_text())
+    out_dir = Path(out)
+    jobs = plan(config["arms"], seeds, out_dir, config["base"], recipe_args, config_dir=HERE / "configs")
+    auto_workers, auto_threads = default_workers()
+    workers = auto_workers if workers is None else workers
+    threads = auto_threads
+    seed_list = sorted({j.seed for j in jobs})
+    print(
+        f"Paper figure 1 on digits: {len(config['arms'])} arms x {len(seed_list)} seeds = {len(jobs)} runs, "
+        f"{workers or 1} at a time ({threads or 'default'} torch thread each); "
+        f"consoles in {out_dir}/<arm>/seed_<s>/console.log",
+        flush=True,
+    )
+    started = time.perf_counter()
+    sweep = run_sweep(
+        HERE / "cifar_wrn.py",
+        jobs,
+        workers,
+        threads,
+        on_done=lambda *a: print(progress_line(*a), flush=True),
+    )
+    if sweep.failed:
+        raise SystemExit(
+            "Some runs failed: "
+            + "; ".join(
+                f"{o.job.arm} seed {o.job.seed}: {o.error} (log {o.job.log_file})" for o in sweep.failed
+            )
+            + ". Run the quickstart again to retry them; finished runs are kept."
         )
-    return summary
+    comparison = compare(str(out_dir), pairs=PAIRS, out=str(out_dir / "comparison"))
+    wall = time.perf_counter() - started
+
+    print(f"\n## Digits test split (300 images), {len(seed_list)} seeds: mean ± std over seeds\n")
+    print("k = 1 of an ensemble run is the mean of its members; k > 1 the mean over all k-member subsets.\n")
+    print("| architecture | k | GMACs / image | seeds | top-1 (%) | NLL | ECE |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for architecture, rows in comparison["lines"].items():
+        for row in rows:
+            print(
+                f"| {architecture} | {int(row['k'])} | {row['gmacs']:.4f} | {int(row['seeds'])} | "
+                f"{100 * row['top1']:.2f} ± {100 * row['top1_std']:.2f} | "
+                f"{row['nll']:.4f} ± {row['nll_std']:.4f} | {row['ece']:.4f} ± {row['ece_std']:.4f} |"
+            )
+    print("\n## FLOP-matched pairs, seed by seed (ensemble minus single model)\n")
+    print(pairs_table(comparison["pairs"]))
+    for sentence in pair_verdicts(comparison["pairs"], "top1"):
+        print(f"- {sentence}")
+    print(f"\nWall time {wall / 60:.1f} min ({sweep.seconds:.0f} s for the runs, {len(jobs)} runs).")
+
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "seeds": seed_list,
+        "wall_seconds": round(wall, 1),
+        "sweep_seconds": round(sweep.seconds, 1),
+        "workers": workers,
+        "torch_threads_per_worker": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.node(),
+        "environment": environment(),
+        "lines": comparison["lines"],
+        "pairs": [p.as_dict() for p in comparison["pairs"]],
+        "verdicts": comparison["verdicts"],
+        "runs": [
+            {
+                "arm": o.job.arm,
+                "seed": o.job.seed,
+                "directory": str(o.job.directory),
+                "seconds": round(o.seconds, 1),
+                "skipped": o.skipped,
+                "sizes": (o.results or {}).get("sizes"),
+                "ensemble": (o.results or {}).get("ensemble"),
+            }
+            for o in sweep.outcomes
+        ],
+        "per_seed_points": comparison["record"]["runs"],
+        "figure": str(out_dir / "comparison" / "comparison.png"),
+    }
+    results_file = atomic_write_text(out_dir / "results.json", json.dumps(record, indent=2) + "\n")
+    print(f"Figure: {record['figure']} (and TensorBoard: tensorboard --logdir {out_dir / 'comparison'})")
+    print(f"Every per-seed number: {results_file}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (default: the command line); flags after ``--`` go to every recipe run."""
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, recipe_args = argv[:cut], argv[cut + 1 :]
+    options = CLI(_options, args=argv)
+    return run(options["seeds"], options["workers"], options["out"], recipe_args)
+
+
+def _options(
+    seeds: int | list[int] = DEFAULT_SEEDS, workers: int | None = None, out: str = "runs/quickstart"
+) -> dict:
+    """Paper figure 1 on scikit-learn's digits over seeds, with paired evidence (flags after `--` go to
+    every recipe run, e.g. `-- --trainer.max_epochs=5`).
+
+    Args:
+        seeds: how many seeds (0..n-1), or the list of seeds.
+        workers: parallel runs (default: one per CPU core, one torch thread each); 0 runs them in this process.
+        out: the sweep's folder: runs, comparison and results.json.
+    """
+    return {"seeds": seeds, "workers": workers, "out": out}
 
 
 if __name__ == "__main__":

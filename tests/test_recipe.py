@@ -26,8 +26,9 @@ import quickstart  # noqa: E402
 ALL_YAML = sorted(
     p.relative_to(CONFIGS).as_posix()
     for p in CONFIGS.rglob("*.yaml")
-    # tested with their own recipes: tests/test_imagenet_recipe.py, tests/test_nas_recipe.py
-    if not p.relative_to(CONFIGS).as_posix().startswith(("imagenet", "nas/"))
+    # tested with their own recipes (tests/test_imagenet_recipe.py, tests/test_nas_recipe.py) or as sweeps
+    # (tests/test_sweep.py)
+    if not p.relative_to(CONFIGS).as_posix().startswith(("imagenet", "nas/", "sweeps/"))
 )
 # What each shipped config is composed with to make a complete run (cheap members where the file allows).
 COMPOSE = {"ensemble-": ["cifar/wrn-16-1.yaml"], "digits/": ["cifar/wrn-16-1.yaml"]}
@@ -111,13 +112,36 @@ def test_recipe_with_the_device_resident_loader(tmp_path: Path) -> None:
     assert [row["k"] for row in results["sizes"]] == [1, 2] and results["global_step"] == 4
 
 
-def test_quickstart_runs_both_arms_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    summary = quickstart.main([*_fast(tmp_path), "--trainer.limit_train_batches=3"])
-    assert [r["num_members"] for r in summary] == [1, 4]
-    assert [r["architecture"] for r in summary] == ["WRN-16-4", "WRN-16-2"]
-    single, ensemble = (r["sizes"][-1]["macs"] for r in summary)
-    assert abs(ensemble - single) / single < 0.05  # the FLOP-matched pair
-    assert "| 4 x WRN-16-2 | 4 |" in capsys.readouterr().out
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "quickstart"
+    record = quickstart.main(["--seeds", "2", "--workers", "0", "--out", str(out), "--", *TINY])
+    printed = capsys.readouterr().out
+    assert "3 arms x 2 seeds = 6 runs" in printed and "[6/6]" in printed
+    assert sorted(record["lines"]) == ["WRN-16-1", "WRN-16-2", "WRN-16-4"]
+    assert [int(r["k"]) for r in record["lines"]["WRN-16-2"]] == [1, 2, 3, 4]
+    assert all(int(r["seeds"]) == 2 for rows in record["lines"].values() for r in rows)
+    pairs = [(p["name_a"], p["name_b"]) for p in record["pairs"]]
+    assert pairs == [("4 x WRN-16-2", "WRN-16-4"), ("4 x WRN-16-1", "WRN-16-2")]
+    for pair in record["pairs"]:
+        gap = abs(pair["gmacs_a"] - pair["gmacs_b"]) / pair["gmacs_b"]
+        assert gap < 0.05 and pair["seeds"] == [0, 1]  # FLOP-matched, paired seed by seed
+        assert set(pair["differences"]) == {"top1", "nll", "ece"}
+    assert "| WRN-16-2 | 4 | 0.0252 | 2 |" in printed and " ± " in printed
+    assert "| 4 x WRN-16-2 | WRN-16-4 | 0.02521 vs 0.02452 | top1 | 2 |" in printed
+    assert len(record["verdicts"]) == 2 and all(f"- {v}" in printed for v in record["verdicts"])
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 6 and saved["environment"]["torch"] == torch.__version__
+    assert {r["seed"] for r in saved["per_seed_points"]} == {0, 1}
+    assert (out / "comparison" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert list((out / "comparison" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # More seeds later: only the new seed trains.
+    again = quickstart.main(["--seeds", "3", "--workers", "0", "--out", str(out), "--", *TINY])
+    assert [r["skipped"] for r in again["runs"]] == [True] * 6 + [False] * 3
 
 
 def test_mixed_architecture_members_from_yaml(tmp_path: Path) -> None:
@@ -153,7 +177,9 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         "--config",
         str(CONFIGS / "cifar/wrn-16-1.yaml"),
     ]
-    first = cifar_wrn.main([*base, *_fast(tmp_path), "--trainer.limit_train_batches=2"])
+    first = cifar_wrn.main(
+        [*base, *_fast(tmp_path), "--trainer.limit_train_batches=2", "--test_weights=best"]
+    )
     assert first["tested"] == "best checkpoint on the validation split"  # digits hold out a validation split
     last = Path(first["checkpoint"]).parent / "last.ckpt"
     resumed = cifar_wrn.main(
