@@ -1,7 +1,7 @@
 """The LightningCLI subclass every reproduction shares.
 
 A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.devices N]`` with no
-subcommand: it trains, tests the best checkpoint (the final weights when validation runs on the test
+subcommand: it trains, tests the final weights (``--test_weights best``: the best checkpoint on a validation
 split), then prints and saves the results table
 (:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
 are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module.
@@ -171,6 +171,20 @@ class EnsembleCLI(LightningCLI):
         )
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # The recipes always pass `args` (their own argv, with the default config first). Lightning warns when
+        # `args` and `sys.argv` are both given, which is every recipe run: parse with `sys.argv` hidden. It is
+        # restored at once, so Lightning's DDP launcher still re-runs the script with the real command line.
+        if args is None:
+            return super().parse_arguments(parser, args)
+        argv = sys.argv
+        sys.argv = argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         if isinstance(config.trainer.strategy, str):
@@ -212,7 +226,7 @@ class EnsembleCLI(LightningCLI):
             best, selection = "", "final weights (validation ran on the test split)"
         else:
             selection = "best checkpoint on the validation split" if best else "final weights"
-        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         if not isinstance(model, EnsembleLightningModule):
             raise TypeError(
                 f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}."

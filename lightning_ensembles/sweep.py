@@ -221,12 +221,11 @@ def resume_args(job: Job) -> list[str]:
     return [f"--ckpt_path={last}"] if last.is_file() else []
 
 
-def load_recipe(recipe: str | os.PathLike[str]) -> Callable[[list[str]], dict[str, Any]]:
-    """The ``main(args) -> results`` function of a recipe script (``reproductions/cifar_wrn.py``).
+def load_recipe_module(recipe: str | os.PathLike[str]) -> Any:
+    """Import a recipe script (``reproductions/cifar_wrn.py``) as a module, its folder on ``sys.path``.
 
     Raises:
         FileNotFoundError: if the script does not exist.
-        AttributeError: if it has no ``main``.
     """
     path = Path(recipe).resolve()
     if not path.is_file():
@@ -239,9 +238,19 @@ def load_recipe(recipe: str | os.PathLike[str]) -> Callable[[list[str]], dict[st
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    main = getattr(module, "main", None)
+    return module
+
+
+def load_recipe(recipe: str | os.PathLike[str]) -> Callable[[list[str]], dict[str, Any]]:
+    """The ``main(args) -> results`` function of a recipe script.
+
+    Raises:
+        FileNotFoundError: if the script does not exist.
+        AttributeError: if it has no ``main``.
+    """
+    main = getattr(load_recipe_module(recipe), "main", None)
     if not callable(main):
-        raise AttributeError(f"Expected the recipe {str(path)!r} to define `main(args)`, but it has none.")
+        raise AttributeError(f"Expected the recipe {str(recipe)!r} to define `main(args)`, but it has none.")
     return main
 
 
@@ -327,7 +336,7 @@ def run_sweep(
     jobs: Sequence[Job],
     workers: int | None = None,
     threads: int | None = None,
-    on_done: Callable[[Outcome, int, int, float], None] | None = None,
+    on_done: Callable[[Outcome, int, int, float, float], None] | None = None,
 ) -> SweepResult:
     """Run every job not yet done: in ``workers`` processes, or in this process when ``workers == 0``.
 
@@ -338,7 +347,8 @@ def run_sweep(
         jobs: from :func:`plan`.
         workers: processes (default: :func:`default_workers`); 0 runs the jobs here, one after another.
         threads: torch threads per worker process (default: 1 on CPU, untouched with GPUs).
-        on_done: called after each job with ``(outcome, finished, total, elapsed seconds)``.
+        on_done: called after each job with ``(outcome, finished, total, elapsed seconds, estimated seconds
+            left)``; the estimate is the mean run time so far x the runs left / the workers.
 
     Returns:
         The outcomes in grid order.
@@ -358,10 +368,15 @@ def run_sweep(
     pending = [job for job in jobs if job.index not in outcomes]
     total = len(jobs)
 
+    trained_seconds: list[float] = []
+
     def finished(outcome: Outcome) -> None:
         outcomes[outcome.job.index] = outcome
+        trained_seconds.append(outcome.seconds)
         if on_done is not None:
-            on_done(outcome, len(outcomes), total, time.perf_counter() - started)
+            remaining = total - len(outcomes)
+            left = sum(trained_seconds) / len(trained_seconds) * remaining / max(1, workers or 1)
+            on_done(outcome, len(outcomes), total, time.perf_counter() - started, left)
 
     if workers == 0:
         for job in pending:
@@ -426,8 +441,46 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def progress_line(outcome: Outcome, finished: int, total: int, elapsed: float) -> str:
-    """``[ 3/18] 4 x WRN-16-2  seed 1  top-1 98.67%  41 s · 2:03 elapsed, about 4:10 left``."""
+def training_cost(recipe: str | os.PathLike[str], job: Job, train_samples: int) -> dict[str, Any]:
+    """Multiply-adds of training one job, counted on its real members (no data is loaded).
+
+    The recipe's configuration is built as the run would build it (the recipe's ``DEFAULT_CONFIG`` first,
+    then the job's flags), the members' forward multiply-adds are counted on the meta device, and training
+    is estimated as 3 x forward (forward, and a backward pass of about twice the forward's cost) per
+    training sample and epoch.
+
+    Args:
+        recipe: the recipe script.
+        job: the job.
+        train_samples: training samples per epoch (50,000 for CIFAR-10 without a validation split).
+
+    Returns:
+        ``members``, ``gmacs_per_sample`` (the ensemble's forward), ``epochs`` and ``train_macs``.
+    """
+    from lightning_ensembles.cli import EnsembleCLI
+    from lightning_ensembles.cost import count_macs
+
+    check_int(train_samples, "--train_samples", 1)
+    default = getattr(load_recipe_module(recipe), "DEFAULT_CONFIG", None)
+    args = [*(["--config", str(default)] if default is not None else []), *job.args, "--trainer.logger=false"]
+    cli = EnsembleCLI(args=args)
+    shape = cli.datamodule.input_shape
+    macs = sum(count_macs(member, shape) for member in cli.model.members)
+    epochs = int(cli.trainer.max_epochs or 0)
+    return {
+        "members": len(cli.model.members),
+        "gmacs_per_sample": macs / 1e9,
+        "epochs": epochs,
+        "train_macs": 3 * macs * train_samples * epochs,
+    }
+
+
+def progress_line(
+    outcome: Outcome, finished: int, total: int, elapsed: float, left: float | None = None
+) -> str:
+    """``[ 3/18] 4 x WRN-16-2  seed 1  top-1 98.67%  41 s · 2:03 elapsed, about 4:10 left``.
+
+    ``left`` defaults to the elapsed time per finished run times the runs left."""
     job = outcome.job
     if outcome.results is None:
         what = f"FAILED ({outcome.error}); see {job.log_file}"
@@ -437,7 +490,8 @@ def progress_line(outcome: Outcome, finished: int, total: int, elapsed: float) -
         top1 = outcome.results.get("sizes", [{}])[-1].get("top1")
         what = (f"top-1 {100 * top1:.2f}%  " if isinstance(top1, float) else "") + f"{outcome.seconds:.0f} s"
     width = len(str(total))
-    left = elapsed / finished * (total - finished) if finished else 0.0
+    if left is None:
+        left = elapsed / finished * (total - finished) if finished else 0.0
     return f"[{finished:>{width}}/{total}] {job.arm}  seed {job.seed}  {what} · {_clock(elapsed)} elapsed" + (
         f", about {_clock(left)} left" if finished < total else ""
     )
@@ -459,6 +513,8 @@ def sweep(
     threads: int | None = None,
     task_index: int | None = None,
     dry_run: bool = False,
+    train_samples: int | None = None,
+    sustained_tflops: float = 100.0,
 ) -> dict[str, Any]:
     """Run a seed sweep of a recipe (the ``python -m lightning_ensembles.sweep`` command).
 
@@ -473,6 +529,10 @@ def sweep(
         threads: torch threads per worker (default: 1 on CPU).
         task_index: run only job ``task_index`` of the grid, here (``$SLURM_ARRAY_TASK_ID``).
         dry_run: list the jobs and the array size, run nothing.
+        train_samples: with ``dry_run``, also estimate each arm's training cost from its counted
+            multiply-adds for this many training samples per epoch (see :func:`training_cost`).
+        sustained_tflops: the sustained throughput (dense TFLOP/s, 2 FLOPs per multiply-add) that turns the
+            estimate into GPU-hours: an assumption to state, not a measurement.
 
     Returns:
         ``{"jobs": [...], "seconds": ..., "failed": [...]}``.
@@ -491,7 +551,8 @@ def sweep(
         for row in listing:
             print(f"{row['index']:>4}  {row['arm']}  seed {row['seed']}  {row['directory']}")
         print(f"{len(jobs)} jobs: a SLURM array of --array=0-{len(jobs) - 1} runs one per task.")
-        return {"jobs": listing, "seconds": 0.0, "failed": []}
+        costs = _print_costs(recipe, jobs, train_samples, sustained_tflops) if train_samples else {}
+        return {"jobs": listing, "seconds": 0.0, "failed": [], "costs": costs}
     if task_index is not None:
         if not 0 <= task_index < len(jobs):
             raise ValueError(
@@ -520,6 +581,34 @@ def sweep(
             + ". Run the sweep again to retry them: finished runs are skipped."
         )
     return report
+
+
+def _print_costs(
+    recipe: str, jobs: Sequence[Job], train_samples: int, sustained_tflops: float
+) -> dict[str, dict[str, Any]]:
+    if not (isinstance(sustained_tflops, (int, float)) and sustained_tflops > 0):
+        raise ValueError(f"Expected `--sustained_tflops` to be a number > 0, but got {sustained_tflops!r}.")
+    runs: dict[str, int] = {}
+    first: dict[str, Job] = {}
+    for job in jobs:
+        runs[job.arm] = runs.get(job.arm, 0) + 1
+        first.setdefault(job.arm, job)
+    costs = {}
+    print(
+        f"\n| arm | members | GMACs / sample | epochs | training PMACs / run | runs | GPU-hours at "
+        f"{sustained_tflops:g} TFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for arm, job in first.items():
+        cost = training_cost(recipe, job, train_samples)
+        hours = 2 * cost["train_macs"] * runs[arm] / (sustained_tflops * 1e12) / 3600
+        costs[arm] = {**cost, "runs": runs[arm], "gpu_hours": hours}
+        print(
+            f"| {arm} | {cost['members']} | {cost['gmacs_per_sample']:.4g} | {cost['epochs']} | "
+            f"{cost['train_macs'] / 1e15:.4g} | {runs[arm]} | {hours:.3g} |"
+        )
+    total = sum(c["gpu_hours"] for c in costs.values())
+    print(f"\nTotal: {total:.3g} GPU-hours at an assumed sustained {sustained_tflops:g} TFLOP/s.")
+    return costs
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

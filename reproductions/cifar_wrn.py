@@ -5,7 +5,7 @@
         --config reproductions/configs/ensemble-4.yaml
 
 The default configuration (configs/cifar_wrn.yaml) is the standard WRN recipe of Zagoruyko & Komodakis
-2016 with WRN-28-10. The script trains, tests the best checkpoint, then prints the results table and saves
+2016 with WRN-28-10. The script trains, tests the final weights (``--test_weights best``: the best checkpoint), then prints the results table and saves
 it as results.json / results.md next to the TensorBoard logs.
 """
 

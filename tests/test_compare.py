@@ -268,33 +268,3 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
     _fake_run(loose, "b", "WRN-16-4", None, {1: {"gmacs": 0.0245, "top1": 0.98, "nll": 0.05, "ece": 0.01}})
     unpaired = compare(str(loose))
     assert unpaired["pairs"][0].differences == {} and "no shared seeds" in unpaired["verdicts"][0]
-
-
-def test_random_subset_curve_of_mixed_members_costs_the_subsets_mean(tmp_path: Path) -> None:
-    config = tmp_path / "mixed.yaml"
-    config.write_text(
-        """
-model:
-  member: null
-  members:
-    - class_path: lightning_ensembles.models.WideResNet
-      init_args: {depth: 10, width: 1, in_channels: 1}
-    - class_path: lightning_ensembles.models.WideResNet
-      init_args: {depth: 16, width: 2, in_channels: 1}
-"""
-    )
-    results = cifar_wrn.main(
-        [
-            "--config", str(CONFIGS / "digits/quickstart.yaml"),
-            "--config", str(config),
-            "--config", str(PRESETS / "ablation.yaml"),
-            *fast_recipe_args(tmp_path / "logs"),
-            "--trainer.limit_train_batches=2",
-        ]
-    )  # fmt: skip
-    member_gmacs = [row["macs"] / 1e9 for row in results["members"]]
-    random = compare(str(tmp_path / "logs"), curve="random")["lines"]["WRN-10-1+WRN-16-2"]
-    first = compare(str(tmp_path / "logs"), curve="first")["lines"]["WRN-10-1+WRN-16-2"]
-    assert random[0]["gmacs"] == pytest.approx(sum(member_gmacs) / 2, rel=1e-6)  # mean of the 1-subsets
-    assert first[0]["gmacs"] == pytest.approx(member_gmacs[0], rel=1e-6)
-    assert random[1]["gmacs"] == pytest.approx(sum(member_gmacs), rel=1e-6) == first[1]["gmacs"]

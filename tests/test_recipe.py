@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_ensembles.cli import EnsembleCLI, check_devices
+from lightning_ensembles.compare import compare
 from lightning_ensembles.testing import write_fake_cifar10
 from tests.conftest import fast_recipe_args
 
@@ -161,6 +162,7 @@ model:
         [
             "--config", str(CONFIGS / "digits/quickstart.yaml"),
             "--config", str(config),
+            "--config", str(ROOT / "callbacks" / "ablation.yaml"),
             *_fast(tmp_path),
             "--trainer.limit_train_batches=2",
         ]
@@ -168,6 +170,15 @@ model:
     assert [row["architecture"] for row in results["members"]] == ["WRN-10-1", "WRN-16-2"]
     assert results["architecture"] == "WRN-10-1+WRN-16-2"
     assert results["sizes"][1]["macs"] == sum(row["macs"] for row in results["members"])
+
+    # The comparison draws the random-subset curve at the subsets' mean cost, the first-k curve at the
+    # first members' (its k = 1 point at member 0's cost): they differ for mixed members.
+    member_gmacs = [row["macs"] / 1e9 for row in results["members"]]
+    random = compare(str(tmp_path / "logs"), curve="random")["lines"]["WRN-10-1+WRN-16-2"]
+    first = compare(str(tmp_path / "logs"), curve="first")["lines"]["WRN-10-1+WRN-16-2"]
+    assert random[0]["gmacs"] == pytest.approx(sum(member_gmacs) / 2, rel=1e-6)
+    assert first[0]["gmacs"] == pytest.approx(member_gmacs[0], rel=1e-6)
+    assert random[1]["gmacs"] == pytest.approx(sum(member_gmacs), rel=1e-6) == first[1]["gmacs"]
 
 
 def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
@@ -192,6 +203,27 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         ]
     )
     assert (first["global_step"], resumed["global_step"]) == (2, 4)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_earlier(tmp_path: Path) -> None:
+    # Since Lightning 2.6, `ModelCheckpoint(save_last=True, monitor=...)` writes last.ckpt only when the
+    # monitored checkpoint improves; the recipes keep a separate every-epoch last.ckpt for resuming.
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "digits/quickstart.yaml"),
+            "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
+            *_fast(tmp_path),
+            "--trainer.max_epochs=5",
+            "--trainer.limit_train_batches=3",
+            "--data.val_size=20",
+            "--test_weights=best",
+        ]
+    )  # fmt: skip
+    folder = Path(results["checkpoint"]).parent
+    best = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] < 4  # the monitored best is an earlier epoch here (with the old config: last too)
+    assert (last["epoch"], last["global_step"]) == (4, 15) == (results["epochs"] - 1, results["global_step"])
 
 
 @pytest.mark.timeout(240)

@@ -161,6 +161,10 @@ def test_progress_line_estimates_the_time_left(tmp_path: Path) -> None:
     (job,) = plan({"WRN-16-4": []}, 1, tmp_path)
     line = progress_line(Outcome(job, {"sizes": [{"top1": 0.9867}]}, seconds=41.2), 3, 12, 120.0)
     assert line == "[ 3/12] WRN-16-4  seed 0  top-1 98.67%  41 s · 2:00 elapsed, about 6:00 left"
+    # With two workers the sweep passes its own estimate: mean run time x runs left / workers.
+    assert progress_line(Outcome(job, {}, seconds=40.0), 1, 18, 40.0, left=40.0 * 17 / 2).endswith(
+        "40 s · 0:40 elapsed, about 5:40 left"
+    )
     failed = progress_line(Outcome(job, None, "ValueError: bad"), 12, 12, 60.0)
     assert "FAILED (ValueError: bad)" in failed and "left" not in failed
 
@@ -175,3 +179,25 @@ def test_every_shipped_sweep_parses_and_plans(
     arms = {job["arm"] for job in listing["jobs"]}
     assert len(listing["jobs"]) == 5 * len(arms) > 0  # the default: 5 seeds per arm
     assert "SLURM array of --array=0-" in capsys.readouterr().out
+
+
+def test_dry_run_estimates_training_cost_from_counted_macs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning_ensembles.cost import count_macs
+    from lightning_ensembles.models import WideResNet
+
+    arms = {"2 x WRN-10-1": ["cifar/wrn-10-1.yaml", "ensemble-2.yaml"]}
+    listing = sweep(
+        str(RECIPE), arms, seeds=3, out=str(tmp_path), base=BASE, dry_run=True, train_samples=1000,
+        sustained_tflops=0.5,
+    )  # fmt: skip
+    cost = listing["costs"]["2 x WRN-10-1"]
+    macs = 2 * count_macs(WideResNet(depth=10, width=1, in_channels=1), (1, 8, 8))
+    assert cost["members"] == 2 and cost["epochs"] == 10
+    assert cost["train_macs"] == 3 * macs * 1000 * 10
+    assert cost["gpu_hours"] == pytest.approx(2 * cost["train_macs"] * 3 / 0.5e12 / 3600)
+    assert "| 2 x WRN-10-1 | 2 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"`--sustained_tflops` to be a number > 0, but got 0"):
+        sweep(str(RECIPE), arms, seeds=1, out=str(tmp_path), base=BASE, dry_run=True, train_samples=10,
+              sustained_tflops=0)  # fmt: skip
