@@ -55,7 +55,8 @@ def evaluate_run(run: Path) -> dict[str, dict[str, float]]:
             "--trainer.enable_checkpointing=false",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
-        ]
+        ],
+        save_config_callback=None,  # nothing is written: no config.yaml in the working directory
     )  # fmt: skip
     results = {}
     for choice, path in checkpoints(run).items():

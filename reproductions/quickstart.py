@@ -1,6 +1,6 @@
 """Quickstart: the paper's figure 1 on scikit-learn's digits, over seeds, with paired evidence, offline.
 
-    python reproductions/quickstart.py [--seeds 5] [--workers 2] [--out runs/quickstart] [-- recipe flags]
+    python reproductions/quickstart.py [--seeds 6] [--workers 2] [--out runs/quickstart] [-- recipe flags]
 
 Does an ensemble of smaller networks beat one larger network at the same multiply-adds (Kondratyuk et al.
 2020)? Runs the seed sweep ``configs/sweeps/digits-figure1.yaml`` with the CIFAR Wide ResNet recipe
@@ -33,7 +33,7 @@ from lightning_ensembles.sweep import default_workers, plan, progress_line, run_
 HERE = Path(__file__).resolve().parent
 SWEEP = HERE / "configs" / "sweeps" / "digits-figure1.yaml"
 PAIRS = ["WRN-16-2@4 vs WRN-16-4@1", "WRN-16-1@4 vs WRN-16-2@1"]
-DEFAULT_SEEDS = 5
+DEFAULT_SEEDS = 6
 
 
 def run(seeds: int | list[int], workers: int | None, out: str, recipe_args: list[str]) -> dict[str, Any]:
@@ -95,7 +95,9 @@ def run(seeds: int | list[int], workers: int | None, out: str, recipe_args: list
     print(pairs_table(comparison["pairs"]))
     for sentence in pair_verdicts(comparison["pairs"], "top1"):
         print(f"- {sentence}")
-    print(f"\nWall time {wall / 60:.1f} min ({sweep.seconds:.0f} s for the runs, {len(jobs)} runs).")
+    trained = sum(not o.skipped for o in sweep.outcomes)
+    kept = f", {len(jobs) - trained} kept from an earlier call" if trained < len(jobs) else ""
+    print(f"\nWall time {wall / 60:.1f} min: {trained} runs trained in {sweep.seconds:.0f} s{kept}.")
 
     record = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -18,7 +18,7 @@ import checkpoint_selection  # noqa: E402
 
 @pytest.mark.timeout(300)
 def test_final_and_best_checkpoints_are_tested_seed_by_seed(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sweep(
         str(ROOT / "reproductions" / "cifar_wrn.py"),
@@ -29,7 +29,9 @@ def test_final_and_best_checkpoints_are_tested_seed_by_seed(
         args=["--trainer.max_epochs=3", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"],
         workers=0,
     )
+    monkeypatch.chdir(tmp_path)
     report = checkpoint_selection.main([str(tmp_path)])
+    assert not (tmp_path / "config.yaml").exists()  # testing writes nothing into the working directory
     arm = report["WRN-10-1"]
     assert set(arm) == {"final", "best val top-1", "best val NLL"}
     for seed in (0, 1):
