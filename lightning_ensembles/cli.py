@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.distributed import plan_members
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
@@ -214,7 +215,10 @@ class EnsembleCLI(LightningCLI):
         started = time.perf_counter()
         train = self.config.get("train", True)
         if train:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=self.config.get("ckpt_path"))
+            ckpt_path = self.config.get("ckpt_path")
+            if ckpt_path is not None:
+                check_checkpoint_file(ckpt_path, "--ckpt_path")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - started
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""

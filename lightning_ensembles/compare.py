@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_ensembles._validation import command_line_errors
 from lightning_ensembles.results import atomic_write_text
 from lightning_ensembles.stats import PairedDifference, format_difference, paired_difference, spread, verdict
 
@@ -617,7 +618,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (typed flags from :func:`compare`'s signature)."""
     from jsonargparse import CLI
 
-    results = CLI(compare, args=list(args) if args is not None else None, as_positional=True)
+    with command_line_errors("python -m lightning_ensembles.compare"):
+        results = CLI(compare, args=list(args) if args is not None else None, as_positional=True)
     print(results["table"], "\n".join(f"wrote {f}" for f in results["files"]), sep="\n")
     if results["skipped"]:
         print("skipped (no ablation tags): " + ", ".join(results["skipped"]))

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.aggregation import Aggregation, aggregate, validate_aggregation
 from lightning_ensembles.fused import EXECUTIONS, check_fusable, choose_execution, vmap_forward
 from lightning_ensembles.members import (
@@ -296,8 +297,20 @@ class EnsembleLightningModule(LightningModule):
 
         Returns:
             Shape ``(len(indices), B, C)``.
+
+        Raises:
+            ValueError: if ``indices`` is empty or holds anything but member indices ``0..M-1``.
         """
-        indices = list(range(len(self.members)) if indices is None else indices)
+        num_members = len(self.members)
+        indices = list(range(num_members) if indices is None else indices)
+        bad = [
+            i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_members
+        ]
+        if bad or not indices:
+            raise ValueError(
+                f"Expected `indices` of member_logits to be a non-empty list of member indices in "
+                f"[0, {num_members - 1}] (the ensemble has {num_members} members), but got {list(indices)}."
+            )
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         members = [self.members[i] for i in indices]
@@ -531,6 +544,29 @@ class EnsembleLightningModule(LightningModule):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[_RNG_KEY] = rng
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | os.PathLike[str], *args: Any, **kwargs: Any
+    ) -> EnsembleLightningModule:
+        """Lightning's ``load_from_checkpoint``, after checking that the file is a readable checkpoint.
+
+        Args:
+            checkpoint_path: the checkpoint file (or a URL, left to Lightning).
+            *args: forwarded to ``LightningModule.load_from_checkpoint``.
+            **kwargs: forwarded too (``member=``/``members=`` for a Python-built ensemble, ``map_location``...).
+
+        Returns:
+            The module with the checkpoint's weights.
+
+        Raises:
+            FileNotFoundError: if the file does not exist.
+            ValueError: if it is truncated, corrupted or not loadable with ``weights_only=True`` (unless
+                ``weights_only=False`` is passed), naming the file.
+        """
+        if kwargs.get("weights_only", True) is not False:
+            check_checkpoint_file(checkpoint_path, "checkpoint_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[return-value,arg-type]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -457,8 +457,11 @@ class NASSearch:
                     import sqlalchemy.exc
 
                     # Workers that start together race to create the tables of a new storage; the losers see
-                    # an integrity error (or a locked SQLite file) and find the schema there when they retry.
-                    racing = isinstance(err, sqlalchemy.exc.IntegrityError) or "locked" in str(err)
+                    # an integrity error, a locked SQLite file or "table ... already exists", and find the
+                    # schema there when they retry.
+                    racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
+                        text in str(err) for text in ("locked", "already exists")
+                    )
                     if not racing or attempt == _STORAGE_ATTEMPTS - 1:
                         raise
                     time.sleep(0.5 * (attempt + 1))

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_int, command_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (typed flags from :func:`sweep`'s signature, ``--config`` for YAML)."""
     from jsonargparse import CLI
 
-    return CLI(sweep, args=list(argv) if argv is not None else None)
+    with command_line_errors("python -m lightning_ensembles.sweep"):
+        return CLI(sweep, args=list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

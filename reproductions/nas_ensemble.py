@@ -92,8 +92,25 @@ def search(args: list[str]) -> dict[str, Any]:
     return result
 
 
+COMPARE_HELP = """usage: nas_ensemble.py compare [--out DIR] [recipe flags]
+
+Train both arms of a finished search with the full recipe (configs/nas/digits.yaml), log them under
+<out>/compare and compare them with lightning_ensembles.compare:
+  arm (a): the searched architecture <out>/searched.yaml, replicated N times;
+  arm (b): the N diverse searched architectures <out>/diverse.yaml.
+
+options:
+  --out DIR        the search's folder (default runs/nas); run `nas_ensemble.py search --out DIR` first
+  recipe flags     any flag of the training recipe, given to both arms (list them with
+                   `nas_ensemble.py train --help`), e.g. --trainer.max_epochs 30 --model.seed 10
+"""
+
+
 def compare_arms(args: list[str]) -> dict[str, Any]:
     """The ``compare`` stage: train both arms with the full recipe, then compare them."""
+    if "-h" in args or "--help" in args:
+        print(COMPARE_HELP, end="")
+        return {}
     out = Path("runs/nas")
     if "--out" in args[:-1]:
         i = args.index("--out")
@@ -132,14 +149,34 @@ def compare_arms(args: list[str]) -> dict[str, Any]:
     return {"arms": results, "comparison": comparison}
 
 
+def library_logging() -> logging.Logger:
+    """Show the library's INFO messages on stderr, and only the library's: the root logger is left alone, so
+    other packages (TensorBoard's directory watcher, for one) keep their own levels."""
+    logger = logging.getLogger("lightning_ensembles")
+    if not any(getattr(h, "_lightning_ensembles", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._lightning_ensembles = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run the stage named by the first argument (``search``, ``compare`` or ``train``)."""
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]\n{__doc__}", end="")
+        print("Each stage has its own help: nas_ensemble.py search --help, compare --help, train --help.")
+        return {}
     if not args or args[0] not in STAGES:
-        raise SystemExit(
-            f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]  (got {args[:1] or 'nothing'})"
+        sys.stderr.write(
+            f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]\n"
+            f"nas_ensemble.py: error: expected a stage ({', '.join(STAGES)}) first, but got "
+            f"{args[0] if args else 'nothing'!r}; see nas_ensemble.py --help\n"
         )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        raise SystemExit(2)
+    library_logging()
     stage, rest = args[0], args[1:]
     if stage == "search":
         return search(rest)

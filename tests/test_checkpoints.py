@@ -178,3 +178,55 @@ def test_grow_bad_input() -> None:
         module.grow(1)
     with pytest.raises(ValueError, match="`num_new_members` to be an int >= 1, but got 0"):
         module.grow(0, member=TinyNet)
+
+
+class _Unpickled:
+    """Leaves a marker file if it is ever unpickled: a checkpoint must never run such code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reproductions"))
+    import cifar_wrn
+
+    _fit(_module(num_members=2), 1, tmp_path)
+    good = tmp_path / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # an interrupted copy
+    marker = tmp_path / "unpickled"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": _Unpickled(str(marker))}, hostile)
+
+    for path in (truncated, hostile):
+        with pytest.raises(ValueError, match=rf"`checkpoint_path` to be a readable checkpoint, but '{path}'"):
+            EnsembleLightningModule.load_from_checkpoint(path, member=Dropout)
+        with pytest.raises(ValueError, match=rf"`--ckpt_path` to be a readable checkpoint, but '{path}'"):
+            cifar_wrn.main(
+                [
+                    "--config", str(Path(cifar_wrn.__file__).parent / "configs/digits/quickstart.yaml"),
+                    "--config", str(Path(cifar_wrn.__file__).parent / "configs/cifar/wrn-10-1.yaml"),
+                    "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+                    f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--ckpt_path={path}",
+                ]
+            )  # fmt: skip
+    assert not marker.exists()  # never unpickled
+    with pytest.raises(
+        FileNotFoundError, match=r"`checkpoint_path` to be a checkpoint file, but .*missing.ckpt"
+    ):
+        EnsembleLightningModule.load_from_checkpoint(tmp_path / "missing.ckpt", member=Dropout)
+    assert EnsembleLightningModule.load_from_checkpoint(good, member=Dropout).num_members == 2
+
+
+def test_the_declared_torch_never_unpickles_checkpoints_by_default() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (minimum,) = re.findall(r'^\s*"torch>=\s*([\d.]+)"', text, flags=re.MULTILINE)
+    assert tuple(int(p) for p in minimum.split(".")[:2]) >= (2, 6)  # 2.6 made torch.load weights_only

@@ -268,3 +268,16 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
     _fake_run(loose, "b", "WRN-16-4", None, {1: {"gmacs": 0.0245, "top1": 0.98, "nll": 0.05, "ece": 0.01}})
     unpaired = compare(str(loose))
     assert unpaired["pairs"][0].differences == {} and "no shared seeds" in unpaired["verdicts"][0]
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for args, message in (
+        ([str(tmp_path / "missing")], "Expected `logdir` to be a directory of TensorBoard runs"),
+        ([str(tmp_path)], "Found no TensorBoard runs"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m lightning_ensembles.compare: error: {message}")
+        assert err.count("\n") == 1 and "Traceback" not in err

@@ -235,3 +235,14 @@ def test_module_and_datamodule_may_share_hparam_names_with_different_values() ->
         module.hparams_initial["model/seed"] == 3 and module.hparams_initial["model/label_smoothing"] == 0.1
     )
     assert module.hparams["seed"] == 3  # what checkpoints hold is unchanged
+
+
+def test_member_logits_validates_the_indices() -> None:
+    model = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    x = torch.randn(4, 12)
+    assert model.member_logits(x, [1]).shape == (1, 4, NUM_CLASSES)
+    for bad in ([0, 5], [-1], [], [True]):
+        with pytest.raises(
+            ValueError, match=r"`indices` of member_logits .* in \[0, 1\] .* 2 members\), but got"
+        ):
+            model.member_logits(x, bad)

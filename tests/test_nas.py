@@ -201,7 +201,31 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     assert all(t.state.name == "PRUNED" and "top1" not in t.user_attrs for t in trials if t not in trained)
     architectures = {json.dumps(t.params, sort_keys=True) for t in trained}
     assert len(architectures) == 6  # no architecture trained twice
-    assert len({t.user_attrs["worker"] for t in trained}) == 2  # both workers took part
+    # Which worker trained how many depends on scheduling (on a loaded machine one may train all six before
+    # the other starts), so it is not asserted; both exited cleanly on the one shared study above.
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} <= {str(w.pid) for w in workers}
+
+
+def test_a_worker_that_loses_the_schema_race_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Two workers starting on a new SQLite file: the loser's CREATE TABLE fails with "already exists".
+    # Deterministic stand-in for the race: the first attempt fails that way, the retry opens the storage.
+    import sqlalchemy.exc
+
+    calls = []
+    real = optuna.storages.RDBStorage
+
+    def racing(url: str, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE studies", {}, Exception("table studies already exists")
+            )
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr("lightning_ensembles.nas.time.sleep", lambda seconds: None)
+    storage = _search()._open_storage(optuna, f"sqlite:///{tmp_path / 'study.db'}")
+    assert isinstance(storage, real) and len(calls) == 2
 
 
 def test_repeated_architectures_are_recorded_but_not_trained_or_counted() -> None:

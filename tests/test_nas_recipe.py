@@ -120,8 +120,26 @@ def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
 def test_compare_without_a_search_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"searched.yaml from `nas_ensemble.py search --out"):
         nas_ensemble.main(["compare", f"--out={tmp_path}"])
-    with pytest.raises(SystemExit, match="usage: nas_ensemble.py"):
+    with pytest.raises(SystemExit) as exit_info:
         nas_ensemble.main(["fit"])
+    assert exit_info.value.code == 2
+
+
+def test_help_describes_the_stages_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert nas_ensemble.main(["--help"]) == {}
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: nas_ensemble.py {search,compare,train}")
+    assert all(f"nas_ensemble.py {stage}" in printed for stage in ("search", "compare", "train"))
+    # `compare --help` needs no finished search.
+    assert nas_ensemble.main(["compare", "--help", f"--out={tmp_path / 'nothing'}"]) == {}
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: nas_ensemble.py compare") and "--out DIR" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        nas_ensemble.main(["search", "--help"])
+    assert exit_info.value.code == 0 and "--search.n_trials" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        nas_ensemble.main([])
+    assert exit_info.value.code == 2 and "expected a stage" in capsys.readouterr().err
 
 
 def test_train_stage_trains_the_shipped_architecture(tmp_path: Path) -> None:
@@ -130,3 +148,18 @@ def test_train_stage_trains_the_shipped_architecture(tmp_path: Path) -> None:
          "--trainer.limit_train_batches=2"]
     )  # fmt: skip
     assert results["architecture"] == "searched-digits" and [r["k"] for r in results["sizes"]] == [1, 2]
+
+
+def test_the_recipe_shows_the_librarys_log_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    library = logging.getLogger("lightning_ensembles")
+    monkeypatch.setattr(library, "handlers", [])
+    monkeypatch.setattr(library, "level", logging.NOTSET)
+    nas_ensemble.library_logging()
+    nas_ensemble.library_logging()  # idempotent
+    assert root.level == logging.WARNING  # TensorBoard's INFO lines stay hidden
+    assert library.level == logging.INFO and len(library.handlers) == 1

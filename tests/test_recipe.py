@@ -279,3 +279,14 @@ def test_unknown_flag_value_names_the_flag(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit):
         _instantiate(extra=("--model.aggregation=median",))
     assert "aggregation" in capsys.readouterr().err
+
+
+def test_recipes_do_not_trigger_lightnings_args_and_argv_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["cifar_wrn.py", "--config", "x.yaml"])  # as a script launch has
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _instantiate("cifar/wrn-16-1.yaml")
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
+    assert sys.argv == ["cifar_wrn.py", "--config", "x.yaml"]  # restored for Lightning's DDP launcher

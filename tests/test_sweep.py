@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,31 @@ def test_dry_run_estimates_training_cost_from_counted_macs(
     with pytest.raises(ValueError, match=r"`--sustained_tflops` to be a number > 0, but got 0"):
         sweep(str(RECIPE), arms, seeds=1, out=str(tmp_path), base=BASE, dry_run=True, train_samples=10,
               sustained_tflops=0)  # fmt: skip
+
+
+def test_worker_initialiser_pins_one_gpu_and_sets_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import queue
+
+    from lightning_ensembles import sweep as sweep_module
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    threads = torch.get_num_threads()
+    devices: queue.Queue[int] = queue.Queue()
+    devices.put(3)
+    try:
+        sweep_module._init_worker(devices, 1)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_sweep_command_line_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"recipe": str(RECIPE), "arms": {"a": ["missing.yaml"]}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--out", str(tmp_path), "--dry_run", "true"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightning_ensembles.sweep: error: Expected the sweep config entry 'missing.yaml'" in err

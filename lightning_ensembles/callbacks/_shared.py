@@ -23,7 +23,8 @@ def is_shape(value: object) -> bool:
 def resolve_input_shape(
     trainer: Any, given: Sequence[int] | None, owner: str, required: bool = True
 ) -> tuple[int, ...] | None:
-    """The callback's own ``input_shape`` if given, else the datamodule's ``input_shape`` attribute.
+    """The callback's own ``input_shape`` if given, else the datamodule's ``input_shape`` attribute, else
+    (with plain dataloaders and no datamodule) the shape of one sample of the first batch.
 
     Args:
         trainer: the Trainer (its ``datamodule`` is read).
@@ -41,6 +42,8 @@ def resolve_input_shape(
         return tuple(given)
     datamodule = getattr(trainer, "datamodule", None)
     shape = getattr(datamodule, "input_shape", None)
+    if shape is None and datamodule is None:
+        shape = first_batch_shape(trainer)
     if shape is None:
         if not required:
             return None
@@ -60,6 +63,33 @@ def resolve_input_shape(
             f"non-empty sequence of ints >= 1, but got {shape!r}; set `{FLAG}.input_shape` to override it."
         )
     return tuple(shape)
+
+
+def first_batch_shape(trainer: Any) -> tuple[int, ...] | None:
+    """The shape of one sample, read from the first batch of the dataloaders given to the Trainer.
+
+    For runs with plain dataloaders and no datamodule: the loaders of ``fit`` (training first), ``validate``,
+    ``test`` or ``predict``, whichever the Trainer holds. A batch is a tensor ``(B, ...)`` or a sequence
+    whose first item is one.
+
+    Returns:
+        ``x.shape[1:]`` of the first batch's inputs, or ``None`` when no loader yields such a batch.
+    """
+    for loop_name in ("fit_loop", "validate_loop", "test_loop", "predict_loop"):
+        source = getattr(getattr(trainer, loop_name, None), "_data_source", None)  # Lightning's data source
+        if source is None or not source.is_defined():
+            continue
+        loaders = source.dataloader()
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        try:
+            batch = next(iter(loader))
+        except (StopIteration, TypeError):  # an empty loader, or no loader here: try the next stage
+            continue
+        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+        if isinstance(x, Tensor) and x.ndim >= 2 and is_shape(tuple(x.shape[1:])):
+            return tuple(int(s) for s in x.shape[1:])
+    return None
 
 
 def evaluation_outputs(outputs: Any, owner: str) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -94,6 +95,8 @@ class EnsembleSizeAblation(Callback):
         latency_batch_size: batch size of the latency measured once per run for every size (first-k members,
             sequential), or ``None`` not to measure.
         figures: draw the accuracy-vs-cost figures into TensorBoard.
+        verbose: log the table of every ensemble size (k, GMACs, metrics) at the end of each evaluation, on
+            rank 0, as the recipes' results table does.
 
     Raises:
         ValueError: for an unknown metric or stage, or ``num_subsets < 1``.
@@ -108,6 +111,7 @@ class EnsembleSizeAblation(Callback):
         input_shape: Sequence[int] | None = None,
         latency_batch_size: int | None = 1,
         figures: bool = True,
+        verbose: bool = True,
     ) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
@@ -130,6 +134,7 @@ class EnsembleSizeAblation(Callback):
             None if latency_batch_size is None else check_int(latency_batch_size, "latency_batch_size", 1)
         )
         self.figures = figures
+        self.verbose = verbose
         self.subsets: dict[int, list[tuple[int, ...]]] = {}
         self.macs: list[int] = []
         self.latency_ms: dict[int, float] = {}
@@ -293,6 +298,8 @@ class EnsembleSizeAblation(Callback):
         if self.figures:
             self._draw(trainer, stage, rows)
         self._write(directory, stage)
+        if self.verbose:
+            rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, self.metric_names))
 
     def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
         experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
@@ -348,6 +355,37 @@ class EnsembleSizeAblation(Callback):
         self.macs = list(state_dict.get("macs", []))
         self.latency_ms = {int(k): float(v) for k, v in state_dict.get("latency_ms", {}).items()}
         self.history = list(state_dict.get("history", []))
+
+
+def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metrics: Sequence[str]) -> str:
+    """The console table of one evaluation: one row per ensemble size, random-subset means (first k in
+    brackets for top-1).
+
+    Example:
+        >>> rows = [{"k": 1, "random_gmacs": 0.0016, "first_top1": 0.98, "random_top1": 0.985, "random_nll": 0.05}]
+        >>> print(format_ablation(rows, "test", 9, ["top1", "nll"]))
+        EnsembleSizeAblation, test after epoch 9 (mean over k-subsets; top-1 of the first k members in brackets)
+        | k | GMACs | top-1 (%) | NLL |
+        |---:|---:|---:|---:|
+        | 1 | 0.0016 | 98.50 (98.00) | 0.0500 |
+    """
+    names = {"top1": "top-1 (%)", "nll": "NLL", "ece": "ECE"}
+    lines = [
+        f"EnsembleSizeAblation, {stage} after epoch {epoch} (mean over k-subsets; top-1 of the first k members "
+        "in brackets)",
+        "| k | GMACs | " + " | ".join(names[m] for m in metrics) + " |",
+        "|---:|---:|" + "---:|" * len(metrics),
+    ]
+    for row in rows:
+        gmacs = f"{row['random_gmacs']:.4g}" if "random_gmacs" in row else ""
+        cells = []
+        for name in metrics:
+            if name == "top1":
+                cells.append(f"{100 * row['random_top1']:.2f} ({100 * row['first_top1']:.2f})")
+            else:
+                cells.append(f"{row[f'random_{name}']:.4f}")
+        lines.append(f"| {row['k']} | {gmacs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _metrics_of(group: nn.Module) -> list[tuple[str, Metric]]:

@@ -198,3 +198,28 @@ def test_evaluation_steps_must_return_logits_and_target(callback: str) -> None:
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[getattr(callbacks, callback)()]))
     with pytest.raises(ValueError, match=rf"{callback} needs the evaluation step to return .*NoneType"):
         trainer.test(module, datamodule=TinyData(), verbose=False)
+
+
+def test_prints_its_table_after_each_evaluation_unless_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        module, ablation, trainer = _run(tmp_path, latency_batch_size=None)
+        trainer.test(module, datamodule=TinyData(), verbose=False)
+    tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("EnsembleSizeAblation,")]
+    assert [t.splitlines()[0].split(",")[1].split()[0] for t in tables] == [
+        "val",
+        "test",
+    ]  # not the sanity check
+    test_rows = [row for row in ablation.history if row["stage"] == "test"]
+    lines = tables[-1].splitlines()
+    assert lines[1] == "| k | GMACs | top-1 (%) | NLL | ECE |" and len(lines) == 3 + M
+    first = test_rows[0]
+    assert lines[3].startswith(f"| 1 | {first['random_gmacs']:.4g} | {100 * first['random_top1']:.2f} (")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        module, _, trainer = _run(tmp_path / "quiet", latency_batch_size=None, verbose=False)
+    assert not [r for r in caplog.records if r.getMessage().startswith("EnsembleSizeAblation,")]

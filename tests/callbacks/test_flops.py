@@ -190,9 +190,21 @@ def test_state_dict_round_trip_skips_the_recount(tmp_path: Path, monkeypatch: py
 def test_missing_input_shape_raises():
     with pytest.raises(ValueError, match=r"`input_shape`.*--trainer\.callbacks\.init_args\.input_shape"):
         make_trainer(FlopsMonitor()).fit(make_module(), datamodule=NoShapeImages())
-    loader = RandomImages().train_dataloader()
+    dicts = DataLoader([{"image": torch.zeros(*SHAPE)}] * 4, batch_size=2)  # no tensor batch to read
     with pytest.raises(ValueError, match="no datamodule was given.*`input_shape` attribute"):
-        make_trainer(FlopsMonitor()).fit(make_module(), train_dataloaders=loader)
+        make_trainer(FlopsMonitor()).fit(make_module(), train_dataloaders=dicts)
+
+
+def test_plain_dataloaders_give_the_shape_from_their_first_batch():
+    data = RandomImages()
+    guessed, explicit = FlopsMonitor(), FlopsMonitor(input_shape=list(SHAPE))
+    make_trainer(guessed).fit(make_module(), train_dataloaders=data.train_dataloader())
+    make_trainer(explicit).fit(make_module(), datamodule=data)
+    assert guessed.results["input_shape"] == list(SHAPE)
+    assert guessed.results["ensemble"]["macs"] == explicit.results["ensemble"]["macs"] > 0
+    tested = FlopsMonitor()  # test only: the test loader's batch
+    make_trainer(tested).test(make_module(), dataloaders=data.test_dataloader(), verbose=False)
+    assert tested.results["input_shape"] == list(SHAPE)
 
 
 def test_input_shape_that_does_not_fit_a_member_names_it():
