@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_only
@@ -220,6 +220,7 @@ class EnsembleCLI(LightningCLI):
                 check_checkpoint_file(ckpt_path, "--ckpt_path")
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - started
+        val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         if not train:
@@ -249,6 +250,7 @@ class EnsembleCLI(LightningCLI):
                 "config": _plain(self.config),
             },
         )
+        log_run_summary(trainer, model, datamodule, {**val_metrics, **metrics}, results)
         self._save_results(results, run_directory(self.trainer))  # every rank: a collective under DDP
         return results
 
@@ -257,6 +259,46 @@ class EnsembleCLI(LightningCLI):
         json_path, _ = write_results(results, directory)
         results["results_file"] = str(json_path)
         log.info("Results written to %s", json_path)
+
+
+SUMMARY_METRICS = ("val/top1", "val/nll", "test/top1", "test/nll", "test/ece")
+
+
+def log_run_summary(
+    trainer: Any, model: LightningModule, datamodule: Any, metrics: dict[str, Any], results: dict[str, Any]
+) -> None:
+    """Give the run's TensorBoard HParams session its real results, in place of Lightning's ``hp_metric = -1``.
+
+    The session's hyperparameters are the module's (``model/``, ``ensemble/``) and the datamodule's under
+    ``data/``, without Lightning's internal keys (``_instantiator``, ...). Its metrics are the run's last
+    validation and its test top-1, NLL and ECE, and the ensemble's multiply-adds, logged as
+    ``hparams/{val,test}_{metric}`` and ``hparams/ensemble_gmacs``. TensorBoard shows the first session of a
+    run, so the recipes' loggers set ``default_hp_metric: false``: no placeholder session is written when
+    training starts, and this is the run's only one.
+
+    Args:
+        trainer: the Trainer (its TensorBoard loggers are written to, on rank 0).
+        model: the module.
+        datamodule: the datamodule, or ``None``.
+        metrics: the logged metrics (``val/...`` and ``test/...``).
+        results: the results dict (for the ensemble's multiply-adds).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    if not loggers or not trainer.is_global_zero:
+        return
+    params = {k: v for k, v in dict(model.hparams_initial).items() if not k.startswith("_")}
+    data = dict(getattr(datamodule, "hparams_initial", {}) or {})
+    params.update({f"data/{k}": v for k, v in data.items() if not k.startswith("_")})
+    summary = {
+        f"hparams/{key.replace('/', '_')}": float(metrics[key]) for key in SUMMARY_METRICS if key in metrics
+    }
+    sizes = results.get("sizes") or []
+    if sizes:
+        summary["hparams/ensemble_gmacs"] = sizes[-1]["macs"] / 1e9
+    for logger in loggers:
+        logger.log_hyperparams(params, summary, step=trainer.global_step)
 
 
 def _plain(config: Namespace) -> Any:
