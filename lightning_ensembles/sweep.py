@@ -105,14 +105,20 @@ def slug(name: str) -> str:
     return cleaned
 
 
-def seed_args(seed: int) -> list[str]:
+def seed_args(seed: int, data_seed: bool = True) -> list[str]:
     """The flags that put a recipe run under sweep seed ``seed`` (see the module docstring).
+
+    Args:
+        seed: the sweep seed.
+        data_seed: also seed the datamodule's split and order (``--data.seed``); off for a datamodule that
+            has no ``seed`` argument.
 
     Example:
         >>> seed_args(2)
         ['--seed_everything=2', '--model.seed=2000', '--data.seed=2']
     """
-    return [f"--seed_everything={seed}", f"--model.seed={seed * SEED_STRIDE}", f"--data.seed={seed}"]
+    flags = [f"--seed_everything={seed}", f"--model.seed={seed * SEED_STRIDE}"]
+    return [*flags, f"--data.seed={seed}"] if data_seed else flags
 
 
 def resolve_seeds(seeds: int | Sequence[int]) -> list[int]:
@@ -167,6 +173,7 @@ def plan(
     base: Sequence[str] = (),
     args: Sequence[str] = (),
     config_dir: str | os.PathLike[str] | None = None,
+    data_seed: bool = True,
 ) -> list[Job]:
     """The grid of a sweep, seed-major (every arm of seed 0 first), so a partial sweep is still paired.
 
@@ -177,6 +184,7 @@ def plan(
         base: entries given to every arm first (e.g. the dataset's config).
         args: recipe flags given to every arm last (they override the configs).
         config_dir: where relative config files are looked up first.
+        data_seed: pass ``--data.seed`` (see :func:`seed_args`).
 
     Returns:
         The jobs.
@@ -209,7 +217,7 @@ def plan(
                 f"--trainer.logger.init_args.name={folder}",
                 f"--trainer.logger.init_args.version=seed_{seed}",
             ]
-            run_args = [*base_args, *expanded[name], *seed_args(seed), *logger, *args]
+            run_args = [*base_args, *expanded[name], *seed_args(seed, data_seed), *logger, *args]
             directory = out_path / folder / f"seed_{seed}"
             jobs.append(Job(len(jobs), name, seed, tuple(run_args), directory))
     return jobs
@@ -515,6 +523,7 @@ def sweep(
     dry_run: bool = False,
     train_samples: int | None = None,
     sustained_tflops: float = 100.0,
+    data_seed: bool = True,
 ) -> dict[str, Any]:
     """Run a seed sweep of a recipe (the ``python -m lightning_ensembles.sweep`` command).
 
@@ -533,6 +542,8 @@ def sweep(
             multiply-adds for this many training samples per epoch (see :func:`training_cost`).
         sustained_tflops: the sustained throughput (dense TFLOP/s, 2 FLOPs per multiply-add) that turns the
             estimate into GPU-hours: an assumption to state, not a measurement.
+        data_seed: seed the datamodule's split and order with ``--data.seed``; ``false`` for a datamodule
+            without a ``seed`` argument (its order then follows ``--seed_everything``, if it uses the global RNG).
 
     Returns:
         ``{"jobs": [...], "seconds": ..., "failed": [...]}``.
@@ -542,7 +553,15 @@ def sweep(
         RuntimeError: if any run failed (after the others ran), naming each failed run's console log.
     """
     recipe_path = Path(recipe)
-    jobs = plan(arms, seeds, out, base or (), args or (), config_dir=recipe_path.resolve().parent / "configs")
+    jobs = plan(
+        arms,
+        seeds,
+        out,
+        base or (),
+        args or (),
+        config_dir=recipe_path.resolve().parent / "configs",
+        data_seed=data_seed,
+    )
     listing = [
         {"index": j.index, "arm": j.arm, "seed": j.seed, "directory": str(j.directory), "done": j.done}
         for j in jobs

@@ -67,6 +67,20 @@ def test_efficiency_preset_runs_with_the_digits_recipe(tmp_path: Path) -> None:
         results["sizes"][-1]["macs"] / 1e9
     )
 
+    # The run's HParams session (its only one) holds its results, data/ arguments, no internal keys.
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    keys = set(start.session_start_info.hparams)
+    assert {"ensemble/architecture", "model/num_members", "data/batch_size", "data/seed"} <= keys
+    assert not [k for k in keys if k.startswith("_") or "/_" in k or k in ("batch_size", "seed")]
+    metrics = {info.name.tag for info in experiment.experiment.metric_infos}
+    assert {"hparams/test_top1", "hparams/test_nll", "hparams/val_top1", "hparams/ensemble_gmacs"} <= metrics
+    assert "hp_metric" not in metrics
+    assert events.Scalars("hparams/test_top1")[-1].value == pytest.approx(results["ensemble"]["top1"])
+
 
 def _recipe_run(tmp_path: Path, data: Path, *configs: str) -> dict:
     args = []

@@ -290,32 +290,3 @@ def test_recipes_do_not_trigger_lightnings_args_and_argv_warning(monkeypatch: py
         _instantiate("cifar/wrn-16-1.yaml")
     assert not [w for w in caught if "args parameter is intended" in str(w.message)]
     assert sys.argv == ["cifar_wrn.py", "--config", "x.yaml"]  # restored for Lightning's DDP launcher
-
-
-def test_hparams_session_holds_the_runs_results(tmp_path: Path) -> None:
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    results = cifar_wrn.main(
-        [
-            "--config", str(CONFIGS / "digits/quickstart.yaml"),
-            "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
-            "--config", str(CONFIGS / "ensemble-2.yaml"),
-            *_fast(tmp_path),
-            "--trainer.limit_train_batches=2",
-        ]
-    )  # fmt: skip
-    events = EventAccumulator(str(Path(results["results_file"]).parent))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")  # the last session of the run: what TensorBoard shows
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    keys = set(start.session_start_info.hparams)
-    assert {"ensemble/architecture", "model/num_members", "data/batch_size", "data/seed"} <= keys
-    assert not [k for k in keys if k.startswith("_") or "/_" in k or k in ("batch_size", "seed")]
-    tags = {info.name.tag for info in experiment.experiment.metric_infos}
-    assert {"hparams/test_top1", "hparams/test_nll", "hparams/val_top1", "hparams/ensemble_gmacs"} <= tags
-    assert "hp_metric" not in tags
-    assert events.Scalars("hparams/test_top1")[-1].value == pytest.approx(results["ensemble"]["top1"])
-    assert events.Scalars("hparams/ensemble_gmacs")[-1].value == pytest.approx(
-        results["sizes"][-1]["macs"] / 1e9
-    )

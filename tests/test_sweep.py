@@ -230,3 +230,8 @@ def test_sweep_command_line_errors_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "lightning_ensembles.sweep: error: Expected the sweep config entry 'missing.yaml'" in err
+
+
+def test_data_seed_can_be_left_out_for_datamodules_without_one(tmp_path: Path) -> None:
+    (job,) = plan({"a": []}, [4], tmp_path, data_seed=False)
+    assert "--seed_everything=4" in job.args and not [a for a in job.args if a.startswith("--data.seed")]
