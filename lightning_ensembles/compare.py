@@ -426,20 +426,27 @@ def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
     return buffer.getvalue(), "\n".join(md) + "\n"
 
 
+def _display(metric: str) -> tuple[float, int, str]:
+    """How a metric's differences are shown: ``(scale, decimals, unit)``; top-1 in points."""
+    return (100.0, 2, " points") if metric == "top1" else (1.0, 4, "")
+
+
 def pairs_table(pairs: Sequence[Pair]) -> str:
     """Markdown: one row per pair and metric, with the difference, its interval, t and wins/ties/losses."""
+    levels = {round(100 * d.confidence) for pair in pairs for d in pair.differences.values()}
+    level = f"{levels.pop()}% CI" if len(levels) == 1 else "CI"
     lines = [
-        "| ensemble | vs single | GMACs | metric | seeds | difference [95% CI] | t | wins/ties/losses |",
+        f"| ensemble | vs single | GMACs | metric | seeds | difference [{level}] | t | wins/ties/losses |",
         "|---|---|---|---|---:|---|---:|---|",
     ]
     for pair in pairs:
         for metric, d in pair.differences.items():
-            scale, digits = (100.0, 2) if metric == "top1" else (1.0, 4)
-            unit = " pts" if metric == "top1" else ""
+            scale, digits, unit = _display(metric)
             t = f"{d.t:.2f}" if math.isfinite(d.t) else "n/a"
             lines.append(
                 f"| {pair.name_a} | {pair.name_b} | {pair.gmacs_a:.4g} vs {pair.gmacs_b:.4g} | {metric} | {d.n} | "
-                f"{format_difference(d, scale, digits)}{unit} | {t} | {d.wins}/{d.ties}/{d.losses} |"
+                f"{format_difference(d, scale, digits)}{' pts' if unit else ''} | {t} | "
+                f"{d.wins}/{d.ties}/{d.losses} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -452,7 +459,7 @@ def pair_verdicts(pairs: Sequence[Pair], metric: str = "top1") -> list[str]:
         if d is None:
             sentences.append(f"{pair.name_a} vs {pair.name_b}: no shared seeds, so no paired comparison.")
             continue
-        scale, unit, digits = (100.0, " points", 2) if metric == "top1" else (1.0, "", 4)
+        scale, digits, unit = _display(metric)
         sentences.append(verdict(d, pair.name_a, pair.name_b, scale=scale, unit=unit, digits=digits))
     return sentences
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import logging
 import multiprocessing
 import os
 import re
@@ -37,13 +36,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_ensembles._validation import check_int, command_line_errors
-
-log = logging.getLogger(__name__)
 
 SEED_STRIDE = 1000
 """Member ``i`` of seed ``s`` is initialised under ``s * SEED_STRIDE + i``: no two seeds share a member."""
@@ -94,7 +91,18 @@ class SweepResult:
     seconds: float
     workers: int
     threads: int | None
-    failed: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        """The outcomes of the runs that failed."""
+        return [o for o in self.outcomes if o.results is None]
+
+    def failure_message(self, retry: str) -> str:
+        """One sentence naming each failed run, its error and console log, then how to retry (``retry``)."""
+        failed = "; ".join(
+            f"{o.job.arm} seed {o.job.seed} ({o.error}; log {o.job.log_file})" for o in self.failed
+        )
+        return f"{len(self.failed)} of {len(self.outcomes)} sweep runs failed: {failed}. {retry}"
 
 
 def slug(name: str) -> str:
@@ -310,9 +318,6 @@ def run_job(recipe: str, job: Job, capture: bool = True) -> dict[str, Any]:
         return _summary(main(args))
 
 
-_WORKER: dict[str, Any] = {}
-
-
 def _init_worker(devices: Any, threads: int | None) -> None:
     """Pool initialiser: pin this worker to one GPU (before CUDA starts) and set its torch threads."""
     if devices is not None:
@@ -322,7 +327,6 @@ def _init_worker(devices: Any, threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    _WORKER["pid"] = os.getpid()
 
 
 def _worker_run(recipe: str, job: Job) -> dict[str, Any]:
@@ -372,7 +376,9 @@ def run_sweep(
     outcomes: dict[int, Outcome] = {}
     for job in jobs:
         if job.done:
-            outcomes[job.index] = Outcome(job, json.loads(job.results_file.read_text()), skipped=True)
+            outcomes[job.index] = Outcome(
+                job, _summary(json.loads(job.results_file.read_text())), skipped=True
+            )
     pending = [job for job in jobs if job.index not in outcomes]
     total = len(jobs)
 
@@ -402,7 +408,6 @@ def run_sweep(
         seconds=time.perf_counter() - started,
         workers=workers,
         threads=threads,
-        failed=[o for o in ordered if o.results is None],
     )
 
 
@@ -546,7 +551,7 @@ def sweep(
             without a ``seed`` argument (its order then follows ``--seed_everything``, if it uses the global RNG).
 
     Returns:
-        ``{"jobs": [...], "seconds": ..., "failed": [...]}``.
+        ``{"jobs": [...], "seconds": ...}`` (and ``"costs"`` for a dry run with ``train_samples``).
 
     Raises:
         ValueError: for a ``task_index`` outside the grid, or bad arms or seeds.
@@ -571,7 +576,7 @@ def sweep(
             print(f"{row['index']:>4}  {row['arm']}  seed {row['seed']}  {row['directory']}")
         print(f"{len(jobs)} jobs: a SLURM array of --array=0-{len(jobs) - 1} runs one per task.")
         costs = _print_costs(recipe, jobs, train_samples, sustained_tflops) if train_samples else {}
-        return {"jobs": listing, "seconds": 0.0, "failed": [], "costs": costs}
+        return {"jobs": listing, "seconds": 0.0, "costs": costs}
     if task_index is not None:
         if not 0 <= task_index < len(jobs):
             raise ValueError(
@@ -583,23 +588,17 @@ def sweep(
     result = run_sweep(
         recipe_path, jobs, workers, threads, on_done=lambda *a: print(progress_line(*a), flush=True)
     )
-    report = {
-        "jobs": [
-            {**row, "seconds": round(o.seconds, 2), "error": o.error, "skipped": o.skipped}
-            for row, o in zip([r for r in listing if r["index"] in {j.index for j in jobs}], result.outcomes)
-        ],
-        "seconds": round(result.seconds, 2),
-        "failed": [str(o.job.directory) for o in result.failed],
-    }
     if result.failed:
         raise RuntimeError(
-            f"{len(result.failed)} of {len(jobs)} sweep runs failed: "
-            + "; ".join(
-                f"{o.job.arm} seed {o.job.seed} ({o.error}; log {o.job.log_file})" for o in result.failed
-            )
-            + ". Run the sweep again to retry them: finished runs are skipped."
+            result.failure_message("Run the sweep again to retry them: finished runs are skipped.")
         )
-    return report
+    return {
+        "jobs": [
+            {**listing[o.job.index], "seconds": round(o.seconds, 2), "error": o.error, "skipped": o.skipped}
+            for o in result.outcomes
+        ],
+        "seconds": round(result.seconds, 2),
+    }
 
 
 def _print_costs(

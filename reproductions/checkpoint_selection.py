@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             top1 = [by_seed[s][choice]["top1"] for s in seeds]
             nll = [by_seed[s][choice]["nll"] for s in seeds]
             epochs = [by_seed[s][choice]["epoch"] for s in seeds]
+            s_top1, s_nll = spread(top1), spread(nll)
             row: dict[str, Any] = {
                 "seeds": seeds,
-                "top1": spread(top1).as_dict(),
-                "nll": spread(nll).as_dict(),
+                "top1": s_top1.as_dict(),
+                "nll": s_nll.as_dict(),
                 "epochs": epochs,
                 "per_seed": {s: by_seed[s][choice] for s in seeds},
             }
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{format_difference(d_nll, 1, 4)} ({d_nll.wins}/{d_nll.ties}/{d_nll.losses})",
                 ]
             report[arm][choice] = row
-            s_top1, s_nll = spread(top1), spread(nll)
             print(
                 f"| {arm} | {choice} | {len(seeds)} | {statistics.median(epochs):g} | "
                 f"{100 * s_top1.mean:.2f} ± {100 * s_top1.std:.2f} | {s_nll.mean:.4f} ± {s_nll.std:.4f} | "

@@ -71,11 +71,7 @@ def run(seeds: int | list[int], workers: int | None, out: str, recipe_args: list
     )
     if sweep.failed:
         raise SystemExit(
-            "Some runs failed: "
-            + "; ".join(
-                f"{o.job.arm} seed {o.job.seed}: {o.error} (log {o.job.log_file})" for o in sweep.failed
-            )
-            + ". Run the quickstart again to retry them; finished runs are kept."
+            sweep.failure_message("Run the quickstart again to retry them; finished runs are kept.")
         )
     comparison = compare(str(out_dir), pairs=PAIRS, out=str(out_dir / "comparison"))
     wall = time.perf_counter() - started
