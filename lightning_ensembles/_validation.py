@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def check_int(value: object, flag: str, minimum: int, maximum: int | None = None) -> int:
@@ -78,7 +79,7 @@ def command_line_errors(program: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def check_checkpoint_file(path: str | os.PathLike[str], flag: str) -> None:
+def check_checkpoint_file(path: str | os.PathLike[str], flag: str) -> Any:
     """Fail with the file named when ``path`` is not a checkpoint torch can read with ``weights_only=True``.
 
     Lightning reports a truncated or corrupted checkpoint as a bare ``OSError: [Errno 22] Invalid argument``
@@ -88,13 +89,16 @@ def check_checkpoint_file(path: str | os.PathLike[str], flag: str) -> None:
         path: the checkpoint file.
         flag: the argument or CLI flag named in the error, e.g. ``"--ckpt_path"``.
 
+    Returns:
+        The checkpoint as torch loads it (memory-mapped where the file allows), or ``None`` for a URL.
+
     Raises:
         FileNotFoundError: if the file does not exist.
         ValueError: if torch cannot read it with ``weights_only=True`` (truncated, corrupted, not a
             checkpoint, or holding arbitrary Python objects, which are never unpickled).
     """
     if "://" in str(path):
-        return
+        return None
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
@@ -103,10 +107,10 @@ def check_checkpoint_file(path: str | os.PathLike[str], flag: str) -> None:
     import torch
 
     try:
-        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - mmap needs the zip format; the plain load below says what is wrong
         try:
-            torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the path and the cause
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(

@@ -27,12 +27,22 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+import lightning_ensembles.callbacks  # noqa: F401 - registers the callbacks' short names with the CLI
+from lightning_ensembles._help import CompactHelpFormatter
 from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.distributed import plan_members
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
 log = logging.getLogger(__name__)
+
+HELP_DESCRIPTION = (
+    "Train an ensemble (or one model), test it, and write its results table next to the TensorBoard logs. "
+    "Flags override the recipe's config. Classes are given by short name or class path, e.g. "
+    "--trainer.callbacks+=EnsembleSizeAblation; `--<flag>.help CLASS` prints a class's arguments "
+    "(--model.member.help WideResNet, --trainer.callbacks.help EnsembleSizeAblation) and --print_config the "
+    "whole configuration."
+)
 
 
 def check_devices(devices: Any, accelerator: Any) -> None:
@@ -93,6 +103,24 @@ def check_strategy(strategy: Any) -> None:
     )
 
 
+TIMM_MEMBER = "lightning_ensembles.models.TimmModel"
+
+
+def _timm_names_as_classes(model: Namespace) -> None:
+    """``--model.member resnet18`` (a timm model name) becomes the ``TimmModel`` entry it means, so the saved
+    config says what was built and jsonargparse serialises it as a class like any other member."""
+
+    def as_class(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return Namespace(class_path=TIMM_MEMBER, init_args=Namespace(model_name=value))
+
+    if isinstance(model.get("member"), str):
+        model["member"] = as_class(model["member"])
+    if isinstance(model.get("members"), list):
+        model["members"] = [as_class(value) for value in model["members"]]
+
+
 def _registered_name(path: str) -> str | None:
     """The registered name of the strategy class at ``path`` (e.g. ``lightning_ensembles.MemberParallelStrategy``
     -> ``member_parallel``), preferring its plain entry; ``None`` if ``path`` is not such a class."""
@@ -143,6 +171,10 @@ class EnsembleCLI(LightningCLI):
         kwargs.setdefault("run", False)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("formatter_class", CompactHelpFormatter)
+        parser_kwargs.setdefault("description", HELP_DESCRIPTION)
+        kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
     @override
@@ -193,6 +225,7 @@ class EnsembleCLI(LightningCLI):
             # which Lightning rejects: use the name the class is registered under.
             config.trainer.strategy = _registered_name(config.trainer.strategy) or config.trainer.strategy
         check_strategy(config.trainer.strategy)
+        _timm_names_as_classes(config.model)
         if _strategy_name(config.trainer.strategy).startswith("member_parallel"):
             members = config.model.get("num_members") or len(config.model.get("members") or []) or 1
             processes = _count_devices(config.trainer.devices, config.trainer.accelerator)

@@ -11,6 +11,9 @@ single member saved with ``torch.save(model.state_dict(), path)``.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +28,139 @@ MemberFactory = Callable[[], nn.Module]
 """Anything that returns a fresh member when called: a class, a ``functools.partial``, a LightningCLI
 ``class_path``/``init_args`` entry."""
 
-MemberSpec = MemberFactory | nn.Module
+MemberSpec = MemberFactory | nn.Module | str
+"""A factory, an already-built module, or a timm model name (``"resnet18"``: a
+:class:`~lightning_ensembles.models.TimmModel`)."""
 StateDict = dict[str, Tensor]
 
 MEMBERS_PREFIX = "members."
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _target_class(spec: Any) -> type | None:
+    """The class a factory builds: the class itself, a ``functools.partial`` of it, or jsonargparse's
+    partial (``partial(call_without_instantiate_context, instantiator, cls, **init_args)``)."""
+    if isinstance(spec, type):
+        return spec
+    if isinstance(spec, functools.partial):
+        if isinstance(spec.func, type):
+            return spec.func
+        classes = [a for a in spec.args if isinstance(a, type) and issubclass(a, nn.Module)]
+        return classes[0] if len(classes) == 1 else None
+    return None
+
+
+def _class_from_path(class_path: str, where: str) -> type[nn.Module]:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"Expected {where} `class_path` to name an importable class, but got {class_path!r}: {err}"
+        ) from err
+    # Only nn.Module classes are built from recorded data: a checkpoint cannot make this call anything else.
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"Expected {where} `class_path` to name an nn.Module class, but got {class_path!r}.")
+    return cls
+
+
+def resolve_member_spec(spec: Any, num_classes: int | None, where: str = "`member`") -> Any:
+    """Turn what the user gave into a factory, and let it build ``num_classes`` outputs where it is unset.
+
+    - a timm model name (``"resnet18"``) becomes ``TimmModel(model_name, num_classes=num_classes)``;
+    - a recorded factory ``{"class_path": ..., "init_args": {...}}`` (from a checkpoint's hyperparameters, see
+      :func:`describe_factory`) becomes ``functools.partial(cls, **init_args)``; only ``nn.Module`` classes;
+    - a factory whose class takes ``num_classes`` and leaves it ``None`` (``TimmModel``'s default, timm's 1000)
+      gets the ensemble's ``num_classes``, so ``--data.num_classes`` reaches the members;
+    - anything else (a factory that sets ``num_classes``, a lambda, a module) is returned as it is.
+
+    Args:
+        spec: the member spec.
+        num_classes: the ensemble's ``C``.
+        where: how the spec is named in errors.
+
+    Returns:
+        The spec to build from.
+
+    Example:
+        >>> from lightning_ensembles.models import TimmModel
+        >>> factory = resolve_member_spec(functools.partial(TimmModel, "test_efficientnet"), 7)
+        >>> factory.keywords["num_classes"]
+        7
+    """
+    if isinstance(spec, str):
+        from lightning_ensembles.models.timm_member import TimmModel, timm_pretrained_cfg
+
+        timm_pretrained_cfg(spec, where.strip("`"))  # an unknown name fails here, with close names suggested
+        return functools.partial(TimmModel, model_name=spec, num_classes=num_classes)
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        init_args = dict(spec.get("init_args") or {})
+        spec = functools.partial(_class_from_path(str(spec["class_path"]), where), **init_args)
+    if num_classes is None:
+        return spec
+    cls = _target_class(spec)
+    if cls is None:
+        return spec
+    try:
+        parameter = inspect.signature(cls).parameters.get("num_classes")
+    except (TypeError, ValueError):
+        return spec
+    if parameter is None:
+        return spec
+    given = (
+        spec.keywords.get("num_classes", parameter.default)
+        if isinstance(spec, functools.partial)
+        else parameter.default
+    )
+    if given is None:
+        return functools.partial(spec, num_classes=num_classes)
+    return spec
+
+
+def describe_factory(spec: Any) -> dict[str, Any] | str | None:
+    """A factory as data (``{"class_path": ..., "init_args": {...}}``), to store in a checkpoint's hyperparameters.
+
+    Recorded: a timm model name, an importable ``nn.Module`` class, or a ``functools.partial`` of one whose
+    arguments are plain data (numbers, strings, lists, dicts). Everything else (a lambda, a local class, a
+    partial holding an object) is code, not data: ``None``, and the checkpoint must be loaded with the
+    factory passed again. Checkpoints stay loadable with ``weights_only=True``.
+
+    Example:
+        >>> from lightning_ensembles.models import WideResNet
+        >>> describe_factory(functools.partial(WideResNet, depth=10, width=1))
+        {'class_path': 'lightning_ensembles.models.wide_resnet.WideResNet', 'init_args': {'depth': 10, 'width': 1}}
+        >>> describe_factory(lambda: nn.Linear(2, 2)) is None
+        True
+    """
+    if isinstance(spec, str) or (isinstance(spec, Mapping) and _is_plain(spec)):
+        return spec  # type: ignore[return-value]
+    cls = spec if isinstance(spec, type) else spec.func if isinstance(spec, functools.partial) else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or "<" in cls.__qualname__:
+        return None
+    if cls.__module__ == "__main__":
+        return None  # a script's class cannot be imported by the process that loads the checkpoint
+    init_args: dict[str, Any] = {}
+    if isinstance(spec, functools.partial):
+        try:
+            bound = inspect.signature(cls).bind_partial(*spec.args, **spec.keywords)
+        except TypeError:
+            return None
+        init_args = dict(bound.arguments)
+        if not _is_plain(init_args):
+            return None
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
 def build_member(spec: MemberSpec, seed: int, index: int = 0) -> nn.Module:

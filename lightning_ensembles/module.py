@@ -36,8 +36,10 @@ from lightning_ensembles.members import (
     MemberFactory,
     MemberSpec,
     build_members,
+    describe_factory,
     load_member_state_dicts,
     load_member_weights,
+    resolve_member_spec,
 )
 from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
 
@@ -63,11 +65,14 @@ class EnsembleLightningModule(LightningModule):
 
     Args:
         member: a callable returning a fresh ``nn.Module`` (a class, a ``functools.partial``, or on the CLI a
-            ``class_path``/``init_args`` entry); member ``i`` is built under seed ``seed + i``.
+            ``class_path``/``init_args`` entry), or a timm model name (``"resnet18"``: a
+            :class:`~lightning_ensembles.models.TimmModel`); member ``i`` is built under seed ``seed + i``.
         num_members: ``M`` when ``member`` is given; with ``members`` it defaults to (and must equal) their
             count.
-        members: one factory or ``nn.Module`` per member. Modules are used as they are.
+        members: one factory, timm model name or ``nn.Module`` per member. Modules are used as they are.
         num_classes: ``C``, the size of every member's output; linked from ``--data.num_classes`` by the CLI.
+            A member factory that takes ``num_classes`` and leaves it unset (``TimmModel``'s default) is given
+            this one.
         seed: base seed of member initialisation.
         aggregation: ``"mean_probs"`` (default), ``"mean_logits"`` or ``"vote"``.
         label_smoothing: label smoothing of each member's training cross-entropy, in ``[0, 1)``.
@@ -100,9 +105,9 @@ class EnsembleLightningModule(LightningModule):
 
     def __init__(
         self,
-        member: MemberFactory | None = None,
+        member: MemberFactory | str | None = None,
         num_members: int | None = None,
-        members: list[MemberFactory] | None = None,
+        members: list[MemberFactory | str] | None = None,
         num_classes: int | None = None,
         seed: int = 0,
         aggregation: Aggregation = "mean_probs",
@@ -137,10 +142,15 @@ class EnsembleLightningModule(LightningModule):
                 "Expected `--model.lr_scheduler_interval` to be 'epoch' or 'step', "
                 f"but got {lr_scheduler_interval!r}."
             )
+        specs = [
+            resolve_member_spec(spec, num_classes, _spec_name(member, i)) for i, spec in enumerate(specs)
+        ]
         self.save_hyperparameters()
+        self._record_factories()
         for key in [k for k, v in self.hparams.items() if not _is_serialisable(v)]:
-            # Factories given in Python are code, not data: checkpoints stay `weights_only=True`-loadable and
-            # `load_from_checkpoint` takes them as arguments. Under LightningCLI they are config dicts and kept.
+            # Other code (lambdas, local classes, optimizers) is not data: checkpoints stay
+            # `weights_only=True`-loadable and `load_from_checkpoint` takes it as arguments. Under LightningCLI
+            # the hyperparameters are config dicts and kept.
             del self.hparams[key]
         self._member_spec = member
         self.num_classes = num_classes
@@ -212,6 +222,20 @@ class EnsembleLightningModule(LightningModule):
             )
         return [member] * (num_members or 1)  # type: ignore[list-item]
 
+    def _record_factories(self) -> None:
+        """Keep ``member``/``members`` given in Python as data (class path and arguments) where they are a class
+        or a ``functools.partial`` of one with plain arguments, so ``load_from_checkpoint(path)`` needs no
+        arguments, as for CLI checkpoints."""
+        for key in ("member", "members"):
+            value = self.hparams.get(key)
+            if value is None or _is_serialisable(value):
+                continue
+            described: Any = (
+                [describe_factory(v) for v in value] if key == "members" else describe_factory(value)
+            )
+            if described is not None and (key == "member" or all(d is not None for d in described)):
+                self.hparams[key] = described
+
     def _set_frozen(self, frozen_members: Sequence[int]) -> None:
         frozen = tuple(sorted(set(int(i) for i in frozen_members)))
         bad = [i for i in frozen if not 0 <= i < len(self.members)]
@@ -282,9 +306,11 @@ class EnsembleLightningModule(LightningModule):
                 shapes = {f"member {j}": tuple(o.shape) for j, o in zip(indices, outputs)}
                 raise ValueError(
                     f"Expected every member to output logits of shape (B, C) = {expected} "
-                    f"(C = `--model.num_classes`), but member {i} gave "
+                    f"(C = `--model.num_classes`, linked from `--data.num_classes`), but member {i} gave "
                     f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; "
-                    f"member outputs: {shapes}."
+                    f"member outputs: {shapes}. A member whose own num_classes is set (e.g. "
+                    "`--model.member.init_args.num_classes`) must match; leave it unset (null) where the "
+                    "member takes it from the ensemble."
                 )
         return torch.stack(outputs)
 
@@ -564,8 +590,17 @@ class EnsembleLightningModule(LightningModule):
             ValueError: if it is truncated, corrupted or not loadable with ``weights_only=True`` (unless
                 ``weights_only=False`` is passed), naming the file.
         """
-        if kwargs.get("weights_only", True) is not False:
-            check_checkpoint_file(checkpoint_path, "checkpoint_path")
+        kwargs.setdefault("weights_only", True)  # explicit, whatever torch's default
+        if kwargs["weights_only"] is not False:
+            checkpoint = check_checkpoint_file(checkpoint_path, "checkpoint_path")
+            given = any(kwargs.get(key) is not None for key in ("member", "members"))
+            hparams = (
+                checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) if isinstance(checkpoint, dict) else None
+            )
+            if isinstance(checkpoint, dict) and not given and not _recorded_architecture(hparams):
+                raise ValueError(
+                    f"Cannot load {os.fspath(checkpoint_path)!r} without `member=`: {_PYTHON_FACTORY_HINT}"
+                )
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[return-value,arg-type]
 
     @override
@@ -601,8 +636,11 @@ class EnsembleLightningModule(LightningModule):
             checkpoints: Lightning checkpoints of ensemble modules (any number of members each) or plain
                 member ``state_dict`` files.
             member: the architecture of every member (a factory), or
-            members: one factory per member found in the checkpoints (mixed architectures).
-            **kwargs: the other arguments of :class:`EnsembleLightningModule` (``num_classes`` at least).
+            members: one factory per member found in the checkpoints (mixed architectures). With neither,
+                each checkpoint's recorded architecture is used (CLI checkpoints, and Python-built ensembles
+                whose factories are classes or partials of them with plain arguments).
+            **kwargs: the other arguments of :class:`EnsembleLightningModule`; ``num_classes`` defaults to
+                the checkpoints' when they record one.
 
         Returns:
             The combined ensemble, weights loaded.
@@ -613,11 +651,12 @@ class EnsembleLightningModule(LightningModule):
         """
         if not checkpoints:
             raise ValueError("Expected `checkpoints` to name at least one checkpoint file, but got none.")
-        found = [
-            (os.fspath(path), j, state)
-            for path in checkpoints
-            for j, state in enumerate(load_member_state_dicts(path))
-        ]
+        per_checkpoint = [(os.fspath(path), load_member_state_dicts(path)) for path in checkpoints]
+        found = [(path, j, state) for path, states in per_checkpoint for j, state in enumerate(states)]
+        if member is None and members is None:
+            members, num_classes = _recorded_members([(path, len(states)) for path, states in per_checkpoint])
+            if kwargs.get("num_classes") is None and num_classes is not None:
+                kwargs["num_classes"] = num_classes
         if members is not None and len(members) != len(found):
             raise ValueError(
                 f"Expected one entry of `members` per member in the checkpoints ({len(found)}), "
@@ -679,6 +718,56 @@ class EnsembleLightningModule(LightningModule):
         self._make_metrics()
         self.hparams["num_members"] = len(self.members)
         self.hparams["frozen_members"] = list(self.frozen_members)
+
+
+def _recorded_members(checkpoints: list[tuple[str, int]]) -> tuple[list[Any], int | None]:
+    """The member specs and ``num_classes`` recorded in each checkpoint's hyperparameters, one per member.
+
+    Args:
+        checkpoints: each checkpoint file with the number of members whose weights it holds.
+    """
+    specs: list[Any] = []
+    classes: set[int] = set()
+    for path, count in checkpoints:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(hparams, dict):
+            raise ValueError(
+                f"Expected `member=` or `members=` to say how to build the members of {path!r}: it is a plain "
+                "state_dict, which records no architecture."
+            )
+        if hparams.get("member") is None and hparams.get("members") is None:
+            raise ValueError(
+                f"Cannot combine {path!r} without `member=` or `members=`: {_PYTHON_FACTORY_HINT}"
+            )
+        recorded = hparams["members"] if hparams.get("members") is not None else [hparams["member"]] * count
+        if len(recorded) != count:
+            raise ValueError(
+                f"Checkpoint {path!r} records {len(recorded)} members but holds weights for {count}."
+            )
+        specs.extend(recorded)
+        if isinstance(hparams.get("num_classes"), int):
+            classes.add(hparams["num_classes"])
+    return specs, classes.pop() if len(classes) == 1 else None
+
+
+def _spec_name(member: Any, index: int) -> str:
+    return "`--model.member`" if member is not None else f"`--model.members[{index}]`"
+
+
+def _recorded_architecture(hparams: Any) -> bool:
+    return isinstance(hparams, dict) and (
+        hparams.get("member") is not None or hparams.get("members") is not None or "_instantiator" in hparams
+    )
+
+
+_PYTHON_FACTORY_HINT = (
+    "its members were built in Python from a factory that is code, not data (a lambda, a local function or "
+    "class, a class defined in a script's __main__, or a partial holding objects), so the checkpoint cannot "
+    "rebuild them. Pass the factory again, e.g. `EnsembleLightningModule.load_from_checkpoint(path, "
+    "member=MyNet)`, or build members from an importable nn.Module class (or a functools.partial of one "
+    "with plain arguments), which checkpoints record."
+)
 
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:

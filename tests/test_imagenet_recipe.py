@@ -80,16 +80,17 @@ def _tiny_args(tree: Path, tmp_path: Path) -> list[str]:
     ]
 
 
-def test_recipe_end_to_end_on_a_generated_imagefolder(tree: Path, tmp_path: Path) -> None:
+def test_recipe_end_to_end_on_a_generated_imagefolder(tmp_path: Path) -> None:
+    # Two classes, and no num_classes given anywhere: the ImageFolder's count reaches the timm members.
+    two = write_fake_imagefolder(tmp_path / "two", classes=("cat", "dog"), size=40)
     results = imagenet_efficientnet.main(
         [
             "--config", str(CONFIGS / "imagenet/b0.yaml"),
             "--config", str(CONFIGS / "ensemble-2.yaml"),
             "--config", str(ROOT / "callbacks/ablation.yaml"),
             f"--model.member.init_args.model_name={TINY}",
-            "--model.member.init_args.num_classes=3",
             "--model.member.init_args.input_size=[3, 64, 64]",
-            *_tiny_args(tree, tmp_path),
+            *_tiny_args(two, tmp_path),
         ]
     )  # fmt: skip
     assert results["architecture"] == TINY and [r["k"] for r in results["sizes"]] == [1, 2]

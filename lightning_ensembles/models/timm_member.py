@@ -142,8 +142,9 @@ class TimmModel(nn.Module):
             ``timm_model.state_dict()`` or ``member.model.state_dict()``; a dict holding them under
             ``'state_dict'`` or ``'model'`` works too, ``.safetensors`` as well). Without ``pretrained``
             every tensor must match (the model's own trained weights, ``num_classes`` included).
-        num_classes: Logits per image; ``None`` keeps timm's default (1000, ImageNet). The CLI does not link
-            this from the datamodule: set it for datasets other than ImageNet-1k.
+        num_classes: Logits per image. ``None``: inside an
+            :class:`~lightning_ensembles.EnsembleLightningModule`, the ensemble's ``num_classes`` (which the
+            CLI links from ``--data.num_classes``); on its own, timm's default (1000, ImageNet).
         drop_rate: Dropout before the classifier; ``None`` keeps timm's default.
         drop_path_rate: Stochastic-depth rate; ``None`` keeps timm's default.
         input_size: ``(C, H, W)`` or ``(H, W)`` to resize inputs to instead of the native resolution of
