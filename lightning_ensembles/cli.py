@@ -288,7 +288,10 @@ class EnsembleCLI(LightningCLI):
         return results
 
     @rank_zero_only
-    def _save_results(self, results: dict[str, Any], directory: Path) -> None:
+    def _save_results(self, results: dict[str, Any], directory: Path | None) -> None:
+        if directory is None:
+            log.info("fast_dev_run: no results files are written (Lightning's dev run has no run folder).")
+            return
         json_path, _ = write_results(results, directory)
         results["results_file"] = str(json_path)
         log.info("Results written to %s", json_path)

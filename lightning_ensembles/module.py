@@ -15,6 +15,7 @@ Semantics that make the ensemble exactly M separate runs:
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.parsing import AttributeDict
@@ -42,6 +43,8 @@ from lightning_ensembles.members import (
     resolve_member_spec,
 )
 from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
+
+log = logging.getLogger(__name__)
 
 _PRIMITIVES = (type(None), bool, int, float, str)
 _RNG_KEY = "lightning_ensembles_rng"
@@ -423,6 +426,10 @@ class EnsembleLightningModule(LightningModule):
         initial.update({f"model/{k}": v for k, v in self._own_hparams.items()})
         initial.update({f"ensemble/{k}": v for k, v in summary.items()})
 
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        return [_NameUnreadableCheckpoint()]
+
     # ------------------------------------------------------------------ steps
 
     @override
@@ -768,6 +775,29 @@ _PYTHON_FACTORY_HINT = (
     "member=MyNet)`, or build members from an importable nn.Module class (or a functools.partial of one "
     "with plain arguments), which checkpoints record."
 )
+
+
+class _NameUnreadableCheckpoint(Callback):
+    """When ``Trainer.fit/validate/test(ckpt_path=...)`` fails, say whether the checkpoint is the cause.
+
+    Lightning reports a truncated or corrupted checkpoint as a bare ``OSError: [Errno 22] Invalid argument``
+    with no path, and restores it after every hook a module could check it in. This adds a note to the
+    exception naming the file and what is wrong with it; the exception itself, and Lightning's teardown, are
+    unchanged.
+    """
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        ckpt_path = trainer.ckpt_path
+        if ckpt_path is None or not isinstance(exception, Exception):
+            return
+        try:
+            check_checkpoint_file(ckpt_path, "ckpt_path")
+        except (ValueError, FileNotFoundError) as err:
+            if hasattr(exception, "add_note"):  # Python >= 3.11
+                exception.add_note(str(err))
+            else:
+                log.error("%s", err)
 
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:

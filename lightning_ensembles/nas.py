@@ -20,7 +20,10 @@ same total cost (their answer: nearly the same). :class:`NASSearch` runs that se
   share it: ``n_trials`` architectures are trained in total over all workers, and a rerun of a finished study
   trains nothing (a sampler proposing an architecture already trained gets the trial recorded as a repeat);
 - a trial that diverges (a NaN loss, which the module reports as ``FloatingPointError``) is recorded as
-  failed with its reason and the study goes on.
+  failed with its reason and the study goes on;
+- in a database storage every running trial sends Optuna's heartbeat: when a worker dies (killed, out of
+  memory, its machine lost), another worker records its trial as failed and trains the architecture again;
+- every finished trial is logged as one line: the trial, its result, the best so far and the time left.
 
 :func:`choose_architectures` picks the two arms of the comparison from the finished trials and
 :func:`export_search` writes the Pareto set and the chosen architectures as LightningCLI YAML.
@@ -34,8 +37,10 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -190,6 +195,13 @@ class NASSearch:
             workers on one storage.
         latency_device: Where latency is measured (``objective="latency"``).
         latency_repeats: Timed runs per latency measurement.
+        heartbeat_interval: Seconds between the heartbeats a running trial records in a database ``storage``
+            (Optuna's ``RDBStorage(heartbeat_interval=...)``); ``None`` turns them off, and then a trial of a
+            worker that died stays ``RUNNING`` (and counted) for ever. No effect on an in-memory study.
+        grace_period: Seconds without a heartbeat after which another worker records a running trial as
+            failed; more than ``heartbeat_interval``, ``None`` for twice the interval.
+        stale_retries: How often the architecture of such a trial is queued again, as a new trial that the
+            next free worker trains (``0``: recorded as failed only).
 
     Raises:
         ValueError: For an invalid argument, naming its ``--search.*`` flag and the value.
@@ -223,6 +235,9 @@ class NASSearch:
         trainer: dict[str, Any] | None = None,
         latency_device: str = "cpu",
         latency_repeats: int = 20,
+        heartbeat_interval: int | None = 60,
+        grace_period: int | None = None,
+        stale_retries: int = 1,
     ) -> None:
         if not isinstance(space, NASSearchSpace):
             raise ValueError(f"Expected `{_FLAG}.space` to be a NASSearchSpace, but got {space!r}.")
@@ -296,8 +311,32 @@ class NASSearch:
                     f"Expected `{_FLAG}.trainer` not to set {key!r} (the search sets it; epochs are "
                     f"`{_FLAG}.proxy_epochs`), but got {self.trainer_kwargs!r}."
                 )
+        if self.trainer_kwargs.get("enable_progress_bar", False) is not False:
+            raise ValueError(
+                f"Expected `{_FLAG}.trainer.enable_progress_bar` to be false or unset (the search logs one line "
+                f"per trial instead of a bar per proxy), but got {self.trainer_kwargs['enable_progress_bar']!r}."
+            )
         self.latency_device = latency_device
         self.latency_repeats = check_int(latency_repeats, f"{_FLAG}.latency_repeats", 1)
+        if heartbeat_interval is not None:
+            check_int(heartbeat_interval, f"{_FLAG}.heartbeat_interval", 1)
+        self.heartbeat_interval = heartbeat_interval
+        if grace_period is not None and (
+            heartbeat_interval is None
+            or isinstance(grace_period, bool)
+            or not isinstance(grace_period, int)
+            or grace_period <= heartbeat_interval
+        ):
+            allowed = (
+                f"null, as `{_FLAG}.heartbeat_interval` is null (no heartbeats)"
+                if heartbeat_interval is None
+                else f"an int > `{_FLAG}.heartbeat_interval` ({heartbeat_interval} s) or null (twice the interval)"
+            )
+            raise ValueError(f"Expected `{_FLAG}.grace_period` to be {allowed}, but got {grace_period!r}.")
+        self.grace_period = None if heartbeat_interval is None else grace_period or 2 * heartbeat_interval
+        """Seconds without a heartbeat after which a running trial is stale (``None`` without heartbeats)."""
+        self.stale_retries = check_int(stale_retries, f"{_FLAG}.stale_retries", 0)
+        self._durations: list[float] = []  # seconds of the architectures this process trained, this run
 
     # ------------------------------------------------------------------ cost
 
@@ -446,13 +485,37 @@ class NASSearch:
                 study.set_user_attr(key, value)
         return study
 
+    def _heartbeat_kwargs(self, optuna: Any) -> dict[str, Any]:
+        """``RDBStorage`` arguments of the heartbeat: interval, grace period and the retry of stale trials."""
+        if self.heartbeat_interval is None:
+            return {}
+        # Optuna 4.9 renamed the callback and its argument (the old names are deprecated).
+        renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+        retry_class = (
+            optuna.storages.RetryHeartbeatStaleTrialCallback
+            if renamed
+            else optuna.storages.RetryFailedTrialCallback
+        )
+        with warnings.catch_warnings():  # experimental in Optuna, chosen here and not by the user
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = retry_class(max_retry=self.stale_retries)
+        callback = _RetryStaleTrial(retry, self.stale_retries, self.grace_period or 0)
+        return {
+            "heartbeat_interval": self.heartbeat_interval,
+            "grace_period": self.grace_period,
+            "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback": callback,
+        }
+
     def _open_storage(self, optuna: Any, url: str) -> Any:
         shown = _hide_password(url)
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        heartbeat = self._heartbeat_kwargs(optuna)
         try:
             for attempt in range(_STORAGE_ATTEMPTS):
                 try:
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
                 except Exception as err:
                     import sqlalchemy.exc
 
@@ -493,6 +556,12 @@ class NASSearch:
     def optimize(self, datamodule: LightningDataModule) -> optuna.Study:
         """Run trials until the study holds ``n_trials`` (counting those of other workers).
 
+        Every finished trial is logged as one line (INFO, WARNING for a failed one) of this module's logger:
+        the trial, its result, the best so far and the time left, estimated from the mean duration of the
+        architectures trained in this process. Optuna's own line about each trial is left out, and the
+        proxies show no progress bar. Running trials of workers that stopped sending heartbeats are failed
+        and their architectures queued again first (see ``heartbeat_interval``).
+
         Args:
             datamodule: The data of the proxies: ``num_classes``, ``input_shape``, and a validation split
                 (the accuracy objective; keep the test split for the final comparison).
@@ -508,6 +577,12 @@ class NASSearch:
         _num_classes(datamodule), _input_shape(datamodule)
         self.check_target(datamodule)
         study = self.create_study()
+        self._durations = []
+        if self.storage is not None and self.heartbeat_interval is not None:
+            # Here too, not only before each trial: a study that looks finished may hold a dead worker's trial.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", import_optuna().exceptions.ExperimentalWarning)
+                import_optuna().storages.fail_stale_trials(study)
         trained, total = self._counts(study)
         if trained >= self.n_trials or total >= self.max_trials:
             log.info(
@@ -525,12 +600,13 @@ class NASSearch:
                 "studies only).",
                 self.cost_key,
             )
-        study.optimize(
-            lambda trial: self._objective(trial, study, datamodule),
-            catch=(FloatingPointError, torch.cuda.OutOfMemoryError),
-            callbacks=[self._stop_when_done],
-            gc_after_trial=True,
-        )
+        with _one_line_per_trial():
+            study.optimize(
+                lambda trial: self._objective(trial, study, datamodule),
+                catch=(FloatingPointError, torch.cuda.OutOfMemoryError),
+                callbacks=[self._report_trial, self._stop_when_done],
+                gc_after_trial=True,
+            )
         trained, total = self._counts(study)
         if trained < self.n_trials:
             log.warning(
@@ -551,23 +627,114 @@ class NASSearch:
 
     @staticmethod
     def _counts(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
-        """(architectures trained or in training, all trials), optionally among the trials numbered below."""
-        trials = [t for t in study.get_trials(deepcopy=False) if before is None or t.number < before]
-        trained = sum(
-            1 for t in trials if "duplicate_of" not in t.user_attrs and "surplus" not in t.user_attrs
-        )
-        return trained, len(trials)
+        """(architectures trained or in training, all trials), optionally among the trials numbered below.
+
+        Repeats, surplus trials, queued (``WAITING``) trials and stale trials that were queued again are not
+        architectures of their own: a stale trial's architecture counts once, as its retry once that runs.
+        """
+        trials = study.get_trials(deepcopy=False)
+        counted = _counted(trials)
+        if before is not None:
+            trials = [t for t in trials if t.number < before]
+            counted = [t for t in counted if t.number < before]
+        return len(counted), len(trials)
 
     def _stop_when_done(self, study: optuna.Study, trial: Any) -> None:
         trained, total = self._counts(study)
         if trained >= self.n_trials or total >= self.max_trials:
             study.stop()
 
+    def _report_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Log the one line about a finished trial: what it was, its result, the best so far, the time left."""
+        trials = study.get_trials(deepcopy=False)
+        counted = _counted(trials)
+        attrs = trial.user_attrs
+        retry = trial.system_attrs.get("retry_history") or []
+        is_counted = any(t.number == trial.number for t in counted)
+        if is_counted and trial.datetime_start is not None and trial.datetime_complete is not None:
+            self._durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
+        if "duplicate_of" in attrs:
+            what = f"a repeat of trial {attrs['duplicate_of']} (not trained, not counted)"
+        elif "surplus" in attrs:
+            what = f"surplus (the study already trains its {self.n_trials} architectures; not counted)"
+        else:
+            position = sum(1 for t in counted if t.number <= trial.number)
+            what = f"architecture {position} of {self.n_trials}"
+        if retry:
+            what += f", the retry of trial {retry[-1]} (its worker stopped)"
+        state = trial.state.name
+        if state == "COMPLETE":
+            result = f"top-1 {attrs['top1']:.4f} at {self._cost_text(attrs)}"
+            if self.target is not None:
+                result = f"reward {attrs['reward']:.4f}, {result}"
+            result += f", {attrs['fit_seconds']:.1f} s ({_blocks(attrs)})"
+        elif state == "PRUNED" and "top1" in attrs:
+            reported = trial.intermediate_values
+            reward = f"reward {reported[max(reported)]:.4f}, " if reported else ""
+            result = (
+                f"pruned after epoch {attrs.get('epochs', '?')}: {reward}top-1 {attrs['top1']:.4f} at "
+                f"{self._cost_text(attrs)}"
+            )
+        elif state == "FAIL":
+            reason = attrs.get("fail_reason", "No reason recorded.")
+            result = f"failed and is recorded as FAIL; the study continues. {reason}"
+        else:
+            result = state.lower()
+        finished = sum(1 for t in counted if t.state.is_finished())
+        log.log(
+            logging.WARNING if state == "FAIL" else logging.INFO,
+            "Trial %d, %s: %s. Best so far: %s. %s",
+            trial.number,
+            what,
+            result,
+            self._best_text(trials),
+            self._time_left(counted, finished),
+        )
+
+    def _cost_text(self, attrs: Mapping[str, Any]) -> str:
+        text = f"{attrs.get('gmacs', float('nan')):.4g} GMACs"
+        if "latency_ms" in attrs:
+            text += f", {attrs['latency_ms']:.3g} ms"
+        if "params" in attrs:
+            text += f", {attrs['params'] / 1e6:.4g} M params"
+        return text
+
+    def _best_text(self, trials: Sequence[optuna.trial.FrozenTrial]) -> str:
+        records = _completed([_record(t) for t in trials], self.cost_key)
+        if not records:
+            return "none completed yet"
+        if self.target is not None:
+            best = max(records, key=lambda r: (r.get("reward", -math.inf), -r["number"]))
+            return f"reward {best.get('reward', float('nan')):.4f} (trial {best['number']}, top-1 {best['top1']:.4f})"
+        best = max(records, key=lambda r: (r["top1"], -r[self.cost_key], -r["number"]))
+        unit = "GMACs" if self.cost_key == "gmacs" else "ms"
+        front = pareto_front(records, self.cost_key)
+        return (
+            f"top-1 {best['top1']:.4f} (trial {best['number']}, {best[self.cost_key]:.4g} {unit}), "
+            f"{len(front)} on the Pareto set"
+        )
+
+    def _time_left(self, counted: Sequence[optuna.trial.FrozenTrial], finished: int) -> str:
+        left = self.n_trials - finished
+        if left <= 0:
+            return f"All {self.n_trials} architectures trained."
+        if not self._durations:
+            return f"{_architectures(left)} to go; time left not known yet."
+        mean = sum(self._durations) / len(self._durations)
+        me = _worker_id()
+        others = {t.user_attrs.get("worker") for t in counted if t.state.name == "RUNNING"} - {me, None}
+        workers = 1 + len(others)
+        shared = f", shared by {workers} workers" if workers > 1 else ""
+        return (
+            f"About {_duration(left * mean / workers)} left ({_architectures(left)} at {mean:.1f} s each in this "
+            f"process{shared})."
+        )
+
     def _objective(self, trial: optuna.Trial, study: optuna.Study, datamodule: LightningDataModule) -> Any:
         optuna = import_optuna()
         architecture = self.space.sample(trial)
         trial.set_user_attr("architecture", architecture.to_dict())
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _worker_id())
         done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         for previous in study.get_trials(deepcopy=False, states=done):
             if previous.params == trial.params and not {"duplicate_of", "surplus"} & set(previous.user_attrs):
@@ -588,16 +755,6 @@ class NASSearch:
         trial.set_user_attr("top1", top1)
         trial.set_user_attr("fit_seconds", fit_seconds)
         trial.set_user_attr("epochs", epochs)
-        log.info(
-            "Trial %d: top-1 %.4f, %.4g GMACs, %.4g M params%s, %.1f s (%s)",
-            trial.number,
-            top1,
-            cost["gmacs"],
-            cost["params"] / 1e6,
-            f", {cost['latency_ms']:.3g} ms" if "latency_ms" in cost else "",
-            fit_seconds,
-            ", ".join(s[0] for s in architecture.block_strings()),
-        )
         if self.target is not None:
             reward = self.reward(top1, cost[self.cost_key])
             trial.set_user_attr("reward", reward)
@@ -626,10 +783,10 @@ class NASSearch:
             "devices": 1,
             "logger": False,
             "enable_checkpointing": False,
-            "enable_progress_bar": False,
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
             **self.trainer_kwargs,
+            "enable_progress_bar": False,  # one line per trial instead (`_report_trial`)
             "max_epochs": self.proxy_epochs,
             "callbacks": callbacks,
         }
@@ -638,12 +795,11 @@ class NASSearch:
             with _quiet_lightning():  # one line per trial from this module, not Lightning's banner per trial
                 trainer = Trainer(**settings)
                 trainer.fit(module, datamodule=datamodule)
-        except FloatingPointError as err:
-            reason = f"diverged: {err}"
-            trial.set_user_attr("fail_reason", reason)
-            log.warning(
-                "Trial %d failed and is recorded as FAIL; the study continues. %s", trial.number, reason
-            )
+        except (FloatingPointError, torch.cuda.OutOfMemoryError) as err:
+            # Logged with the trial's line (`_report_trial`), once the study has recorded it as failed.
+            kind = "diverged" if isinstance(err, FloatingPointError) else "out of memory"
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            trial.set_user_attr("fail_reason", f"{kind}: {message}")
             raise
         fit_seconds = time.perf_counter() - started
         metric = trainer.callback_metrics.get("val/top1")
@@ -660,6 +816,119 @@ class NASSearch:
                 f"pruned after epoch {pruning.pruned_epoch} (reward {pruning.last_value:.4f}, top-1 {top1:.4f})"
             )
         return top1, fit_seconds, trainer.current_epoch
+
+
+class _RetryStaleTrial:
+    """Optuna's heartbeat callback: say that a worker stopped, and queue its trial's architecture again.
+
+    Optuna calls it once a running trial's heartbeat is older than the grace period, after recording the
+    trial as ``FAIL``. The queued copy (a ``WAITING`` trial with the same parameters, made by Optuna's retry
+    callback) keeps only the architecture of the stale trial's user attributes: its cost, top-1 and worker
+    are measured again by whichever worker runs it.
+
+    Args:
+        retry: Optuna's ``RetryHeartbeatStaleTrialCallback`` (``RetryFailedTrialCallback`` before 4.9).
+        max_retries: Its ``max_retry``, for the message.
+        grace_period: Seconds without a heartbeat, for the message.
+    """
+
+    def __init__(self, retry: Any, max_retries: int, grace_period: int) -> None:
+        self.retry = retry
+        self.max_retries = max_retries
+        self.grace_period = grace_period
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        worker = trial.user_attrs.get("worker", "unknown")
+        retries = len(trial.system_attrs.get("retry_history", [])) + 1
+        stopped = (
+            f"Trial {trial.number} (worker {worker}) sent no heartbeat for over {self.grace_period} s, so its "
+            "worker stopped; it is recorded as FAIL"
+        )
+        if retries > self.max_retries:
+            log.warning(
+                "%s and not retried (`%s.stale_retries` %d reached).", stopped, _FLAG, self.max_retries
+            )
+            return
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "architecture"}
+        self.retry(study, trial)
+        log.warning(
+            "%s and its architecture is queued again (retry %d of %d).", stopped, retries, self.max_retries
+        )
+
+
+class _DropOptunaTrialLines(logging.Filter):
+    """Drops Optuna's own lines about each trial ("Trial 3 finished ...", "... pruned ...", "... failed ...")."""
+
+    _LINE = re.compile(r"Trial \d+ (finished|pruned|failed)")
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and self._LINE.match(record.msg))
+
+
+@contextlib.contextmanager
+def _one_line_per_trial() -> Iterator[None]:
+    """Within a search, leave the line about each trial to :meth:`NASSearch._report_trial`.
+
+    Optuna's verbosity is raised to at least WARNING (its INFO line per trial) and its warnings about failed
+    trials, which the search reports with their reason, are dropped; both are restored afterwards, so the
+    user's own Optuna logging settings hold outside the search.
+    """
+    optuna = import_optuna()
+    verbosity = optuna.logging.get_verbosity()
+    # Optuna logs trials from these two modules; a filter acts on the logger a record is made on.
+    loggers = [logging.getLogger(name) for name in ("optuna.study._optimize", "optuna.study.study")]
+    drop = _DropOptunaTrialLines()
+    try:
+        optuna.logging.set_verbosity(max(verbosity, logging.WARNING))
+        for logger in loggers:
+            logger.addFilter(drop)
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _blocks(attrs: Mapping[str, Any]) -> str:
+    if "architecture" not in attrs:
+        return "?"
+    return ", ".join(s[0] for s in NASArchitecture.from_dict(attrs["architecture"]).block_strings())
+
+
+def _architectures(count: int) -> str:
+    return f"{count} architecture{'' if count == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"`` or ``"2.1 h"``.
+
+    Example:
+        >>> [_duration(s) for s in (42.2, 210, 7560)]
+        ['42 s', '3.5 min', '2.1 h']
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _counted(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count as architectures: not repeats, surplus, queued, or stale ones queued again."""
+    # Optuna's retry callback keeps the numbers of the stale trials a retry stands for in its system attrs.
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [
+        t
+        for t in trials
+        if t.state.name != "WAITING"
+        and t.number not in retried
+        and not {"duplicate_of", "surplus"} & set(t.user_attrs)
+    ]
 
 
 @contextlib.contextmanager
@@ -724,17 +993,29 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
     Returns:
         One dict per trial, by number: ``number``, ``state`` (``"COMPLETE"``, ``"PRUNED"``, ``"FAIL"``, ...),
         ``values``, and the user attributes (``architecture``, ``top1``, ``gmacs``, ``params``, ``latency_ms``,
-        ``reward``, ``fit_seconds``, ``fail_reason``, ``duplicate_of``, ...).
+        ``reward``, ``fit_seconds``, ``fail_reason``, ``duplicate_of``, ...). A trial that ran again because its
+        worker stopped has ``retry_of`` (the stale trial), and the stale trial ``retried_as``.
     """
-    records = []
-    for trial in study.get_trials(deepcopy=False):
-        record: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "values": trial.values}
-        if trial.datetime_start is not None and trial.datetime_complete is not None:
-            record["started"] = trial.datetime_start.isoformat(timespec="seconds")
-            record["seconds"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        record.update(trial.user_attrs)
-        records.append(record)
+    trials = study.get_trials(deepcopy=False)
+    records = [_record(trial) for trial in trials]
+    retried_as = {r["retry_of"]: r["number"] for r in records if "retry_of" in r}
+    for record in records:
+        if record["number"] in retried_as:
+            record["retried_as"] = retried_as[record["number"]]
+            record.setdefault("fail_reason", "its worker stopped (no heartbeat)")
     return sorted(records, key=lambda r: r["number"])
+
+
+def _record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    record: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "values": trial.values}
+    if trial.datetime_start is not None and trial.datetime_complete is not None:
+        record["started"] = trial.datetime_start.isoformat(timespec="seconds")
+        record["seconds"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    record.update(trial.user_attrs)
+    history = trial.system_attrs.get("retry_history")
+    if history:
+        record["retry_of"] = history[-1]
+    return record
 
 
 def _completed(records: Sequence[Mapping[str, Any]], cost_key: str) -> list[Mapping[str, Any]]:
@@ -926,10 +1207,11 @@ def export_search(
     name = search.study_name
 
     states: dict[str, int] = {}
-    trained = [r for r in records if "duplicate_of" not in r and "surplus" not in r]
+    trained = [r for r in records if not {"duplicate_of", "surplus", "retried_as"} & set(r)]
     for r in trained:
         states[r["state"]] = states.get(r["state"], 0) + 1
     repeats = sum("duplicate_of" in r for r in records)
+    stale = sum("retried_as" in r for r in records)
     timed = [r for r in records if "seconds" in r]
     wall = ""
     if timed:
@@ -952,7 +1234,9 @@ def export_search(
         f"Data: {type(datamodule).__name__}, input {tuple(_input_shape(datamodule))}; proxies trained {search.proxy_epochs} epochs each.",
         f"Trials: {len(records)}: {len(trained)} architectures trained "
         f"({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))}), {repeats} repeats of trained ones "
-        f"(not trained again){wall}.",
+        f"(not trained again)"
+        + (f", {stale} of stopped workers (trained again)" if stale else "")
+        + f"{wall}.",
         f"Objective: {objective}.",
         f"Hardware: {hardware}; torch {env['torch']}, lightning {env['lightning']}, optuna {import_optuna().__version__}.",
     ]

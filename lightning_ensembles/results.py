@@ -56,7 +56,7 @@ def _umask() -> int:
     return mask
 
 
-def run_directory(trainer: Any) -> Path:
+def run_directory(trainer: Any) -> Path | None:
     """The run's folder for result files: the first logger's ``log_dir``, else ``default_root_dir``.
 
     Call it on **every** rank, not only where the files are written: under DDP ``trainer.log_dir`` is a
@@ -66,8 +66,11 @@ def run_directory(trainer: Any) -> Path:
         trainer: the Trainer.
 
     Returns:
-        The folder.
+        The folder, or ``None`` for a ``fast_dev_run``: Lightning's dev run has no logger and no run folder
+        (its ``log_dir`` is the working directory), so it writes no result files.
     """
+    if getattr(trainer, "fast_dev_run", False):
+        return None
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 

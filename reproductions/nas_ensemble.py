@@ -12,6 +12,11 @@ command on several machines to share it), then writes pareto.yaml, searched.yaml
 (arm b) to ``--out``. ``compare`` trains both arms with the full recipe (configs/nas/digits.yaml: FLOPs
 monitor, ensemble-size ablation), logs them under ``<out>/compare`` and runs ``lightning_ensembles.compare``
 there. ``train`` is the plain recipe, for one config such as the shipped searched architecture.
+
+The search prints one line per finished trial on stderr (its place among ``--search.n_trials``, top-1 and
+cost, the best so far and the time left). A worker that dies leaves its trial to the others: after
+``--search.grace_period`` seconds without a heartbeat (sent every ``--search.heartbeat_interval``) the next
+worker records it as failed and trains its architecture again.
 """
 
 from __future__ import annotations

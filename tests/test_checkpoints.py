@@ -216,6 +216,10 @@ def test_unreadable_checkpoints_name_the_file(tmp_path: Path) -> None:
                     f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--ckpt_path={path}",
                 ]
             )  # fmt: skip
+        # A plain Trainer.fit raises Lightning's own error (a bare OSError for the truncated file), with a note
+        # naming the file; pytest matches notes.
+        with pytest.raises(Exception, match=rf"`ckpt_path` to be a readable checkpoint, but '{path}'"):
+            _fit(_module(num_members=2), 2, tmp_path / "resumed", ckpt_path=str(path))
     assert not marker.exists()  # never unpickled
     with pytest.raises(
         FileNotFoundError, match=r"`checkpoint_path` to be a checkpoint file, but .*missing.ckpt"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,22 @@ def _search(**kwargs: Any) -> NASSearch:
 
 def _digits() -> DigitsDataModule:
     return DigitsDataModule(batch_size=32)
+
+
+@pytest.fixture
+def optuna_info_to_caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Optuna at its default verbosity (INFO), its records reaching ``caplog`` as well as its own handler."""
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    optuna.logging.enable_propagation()
+    caplog.set_level(logging.INFO)
+    yield caplog
+    optuna.logging.disable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _lines_about(caplog: pytest.LogCaptureFixture, number: int) -> list[str]:
+    """Every logged line, of any logger, about trial ``number``."""
+    return [r.getMessage() for r in caplog.records if re.match(rf"Trial {number}\b", r.getMessage())]
 
 
 def test_two_objective_search_completes_and_gives_the_pareto_set(tmp_path: Path) -> None:
@@ -149,6 +170,77 @@ def test_diverging_trial_is_recorded_failed_and_the_study_continues(caplog: pyte
     assert "recorded as FAIL; the study continues" in caplog.text
 
 
+def test_each_finished_trial_is_one_line_with_progress_best_and_time_left(
+    optuna_info_to_caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog = optuna_info_to_caplog
+    _DivergesOnSecondFit.fits = 0
+    study = _search(n_trials=3).optimize(_DivergesOnSecondFit(batch_size=32))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    # One line per trial, the library's: Optuna's "Trial 0 finished with values ..." and its two warnings
+    # (with a traceback) about the failed trial are left out.
+    lines = [_lines_about(caplog, number) for number in range(3)]
+    assert [len(about) for about in lines] == [1, 1, 1], lines
+    first, failed, last = (about[0] for about in lines)
+    assert re.match(
+        r"Trial 0, architecture 1 of 3: top-1 [\d.]+ at [\d.e-]+ GMACs, [\d.e-]+ M params, [\d.]+ s \(ds_r1_.*\)\. "
+        r"Best so far: top-1 [\d.]+ \(trial 0, [\d.e-]+ GMACs\), 1 on the Pareto set\. "
+        r"About \d+ s left \(2 architectures at [\d.]+ s each in this process\)\.$",
+        first,
+    ), first
+    assert failed.startswith(
+        "Trial 1, architecture 2 of 3: failed and is recorded as FAIL; the study continues. "
+    )
+    assert "diverged: Member 0" in failed and "About" in failed and "(1 architecture at" in failed
+    assert last.startswith("Trial 2, architecture 3 of 3: top-1 ") and last.endswith(
+        "All 3 architectures trained."
+    )
+    levels = {r.getMessage(): r.levelno for r in caplog.records}
+    assert (levels[first], levels[failed]) == (logging.INFO, logging.WARNING)
+    assert {r.name for r in caplog.records if r.getMessage() in (first, failed, last)} == {
+        "lightning_ensembles.nas"
+    }
+    # The user's Optuna verbosity holds again after the search, and nothing is left filtering Optuna's loggers.
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    assert not logging.getLogger("optuna.study._optimize").filters
+    assert not logging.getLogger("optuna.study.study").filters
+
+
+def test_repeats_are_one_line_each_and_the_reward_search_reports_the_best_reward(
+    optuna_info_to_caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog = optuna_info_to_caplog
+    one = NASSearchSpace(
+        stages=[StageSpace(channels=[8], expand_ratios=[1], kernel_sizes=[3, 5], max_blocks=1, se=[False])]
+    )
+    dm = _digits()
+    target = 2 * _search(space=one).measure(one.smallest(), dm)["gmacs"]
+    study = _search(space=one, n_trials=2, target=target, pruner="none").optimize(dm)
+    for trial in study.trials:
+        (line,) = _lines_about(caplog, trial.number)
+        if "duplicate_of" in trial.user_attrs:
+            assert (
+                f"a repeat of trial {trial.user_attrs['duplicate_of']} (not trained, not counted): pruned"
+                in line
+            )
+        else:
+            assert re.search(r"architecture \d of 2: reward [\d.]+, top-1 [\d.]+ at", line), line
+        assert "Best so far: reward " in line
+
+
+def test_proxies_train_without_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    bars = []
+
+    class Spy(Trainer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            bars.append(self.progress_bar_callback)
+
+    monkeypatch.setattr("lightning_ensembles.nas.Trainer", Spy)
+    _search(n_trials=1, trainer={**FAST, "enable_progress_bar": False}).optimize(_digits())
+    assert bars == [None]
+
+
 def test_latency_objective_measures_milliseconds() -> None:
     study = _search(n_trials=2, objective="latency", latency_repeats=3).optimize(_digits())
     for r in trial_records(study):
@@ -228,6 +320,135 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch: pytest.MonkeyP
     assert isinstance(storage, real) and len(calls) == 2
 
 
+_DYING_WORKER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from lightning_ensembles.data import DigitsDataModule
+    from lightning_ensembles.models import NASSearchSpace, StageSpace
+    from lightning_ensembles.nas import NASSearch
+
+    class DiesInSecondFit(DigitsDataModule):
+        fits = 0
+
+        def train_dataloader(self):
+            type(self).fits += 1
+            if type(self).fits == 2:
+                os._exit(3)  # killed mid-trial: no exception, no `tell`, the trial stays RUNNING
+            return super().train_dataloader()
+
+    torch.set_num_threads(1)
+    space = NASSearchSpace(
+        stages=[StageSpace(channels=[8, 16], expand_ratios=[1], max_blocks=1),
+                StageSpace(channels=[16, 24], stride=2, expand_ratios=[3, 6], max_blocks=2)],
+        stem_channels=8, num_features=32)
+    search = NASSearch(space, n_trials=3, storage=sys.argv[1], seed=0, sampler="random", proxy_epochs=1,
+                       trainer={"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2})
+    search.optimize(DiesInSecondFit(batch_size=32))
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_workers_trial_is_failed_and_its_architecture_trained_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "study.db"
+    storage = f"sqlite:///{db}"
+    script = tmp_path / "worker.py"
+    script.write_text(_DYING_WORKER)
+    worker = subprocess.Popen(
+        [sys.executable, str(script), storage], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    _, err = worker.communicate(timeout=150)
+    assert worker.returncode == 3, err[-3000:]
+    dead = optuna.load_study(study_name="nas", storage=storage).trials[1]
+    assert dead.state.name == "RUNNING" and dead.user_attrs["worker"].endswith(f":{worker.pid}")
+    # The dead worker recorded a heartbeat when the trial started. Instead of waiting out the grace period,
+    # its heartbeat is moved an hour back: what another worker sees once the worker has been gone that long.
+    connection = sqlite3.connect(db)
+    with connection:
+        moved = connection.execute(
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') "
+            "WHERE trial_id IN (SELECT trial_id FROM trials WHERE state = 'RUNNING')"
+        )
+    assert moved.rowcount == 1
+    connection.close()
+
+    caplog.set_level(logging.INFO, logger="lightning_ensembles")
+    search = _search(storage=storage, n_trials=3, seed=1)
+    study = search.optimize(_digits())
+    records = {r["number"]: r for r in trial_records(study)}
+    # The dead trial failed; its architecture came back as the next trial, trained here, and counts once.
+    assert records[1]["state"] == "FAIL" and records[1]["retried_as"] == 2
+    assert records[1]["fail_reason"] == "its worker stopped (no heartbeat)"
+    retry = study.trials[2]
+    assert records[2]["retry_of"] == 1 and retry.state.name == "COMPLETE" and retry.params == dead.params
+    assert records[2]["architecture"] == dead.user_attrs["architecture"] and "top1" in records[2]
+    assert records[2]["worker"].endswith(f":{os.getpid()}")
+    assert search._counts(study) == (3, len(study.trials))
+    trained = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert len(trained) == 3 and not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    assert (
+        f"Trial 1 (worker {dead.user_attrs['worker']}) sent no heartbeat for over 120 s, so its worker stopped; "
+        "it is recorded as FAIL and its architecture is queued again (retry 1 of 1)." in caplog.text
+    )
+    assert "Trial 2, architecture 2 of 3, the retry of trial 1 (its worker stopped): top-1" in caplog.text
+
+
+def test_stale_trials_count_once_and_retries_stop_after_stale_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study()
+    params, distributions = {"stage0.kernel_size": 3}, {"stage0.kernel_size": CategoricalDistribution([3, 5])}
+
+    def add(state: TrialState, history: list[int], **attrs: Any) -> None:
+        system = {"failed_trial": history[0], "retry_history": history} if history else {}
+        study.add_trial(
+            create_trial(
+                state=state,
+                params=params,
+                distributions=distributions,
+                user_attrs=attrs,
+                system_attrs=system,
+                value=None if state != TrialState.COMPLETE else 1.0,
+            )
+        )
+
+    add(TrialState.COMPLETE, [])  # 0: an architecture
+    add(
+        TrialState.FAIL, [], architecture={"stages": []}, gmacs=1.0, worker="gone:1"
+    )  # 1: stale, retried as 2
+    add(TrialState.FAIL, [1])  # 2: went stale again, retried as 3
+    add(TrialState.WAITING, [1, 2])  # 3: queued, not yet an architecture
+    add(TrialState.PRUNED, [], duplicate_of=0)  # 4: a repeat
+    assert NASSearch._counts(study) == (1, 5)
+    assert NASSearch._counts(study, before=3) == (1, 3)  # the stale trials count through their retry only
+    # A retry is not queued again past `stale_retries`: the stale trial stays failed and counts.
+    heartbeat = _search(stale_retries=1)._heartbeat_kwargs(optuna)
+    (retry,) = (value for key, value in heartbeat.items() if key.endswith("_callback"))
+    retry(study, study.trials[2])
+    assert len(study.trials) == 5 and "and not retried (`--search.stale_retries` 1 reached)" in caplog.text
+    retry(study, study.trials[1])
+    queued = study.trials[5]
+    assert queued.state.name == "WAITING" and queued.params == params
+    assert queued.user_attrs == {"architecture": {"stages": []}}  # cost, worker, top-1 are measured again
+    assert NASSearch._counts(study) == (1, 6)
+
+
+def test_database_storages_get_the_heartbeat_settings(tmp_path: Path) -> None:
+    def storage(**kwargs: Any) -> optuna.storages.RDBStorage:
+        url = f"sqlite:///{tmp_path / f'{len(kwargs)}.db'}"
+        return _search(storage=url, **kwargs)._open_storage(optuna, url)
+
+    assert (storage().heartbeat_interval, storage().grace_period) == (60, 120)  # the defaults
+    custom = storage(heartbeat_interval=5, grace_period=30)
+    assert (custom.heartbeat_interval, custom.grace_period) == (5, 30)
+    assert storage(heartbeat_interval=None).heartbeat_interval is None
+
+
 def test_repeated_architectures_are_recorded_but_not_trained_or_counted() -> None:
     one = NASSearchSpace(
         stages=[StageSpace(channels=[8], expand_ratios=[1], kernel_sizes=[3, 5], max_blocks=1, se=[False])]
@@ -297,6 +518,25 @@ def test_a_study_created_by_another_search_is_refused(tmp_path: Path) -> None:
         ({"trainer": {"max_epochs": 9}}, r"`--search.trainer` not to set 'max_epochs'"),
         ({"member_kwargs": {"in_channels": 3}}, r"`--search.member_kwargs` not to set 'in_channels'"),
         ({"sampler": "grid"}, r"`--search.sampler` to be 'tpe' or 'random'"),
+        (
+            {"trainer": {"enable_progress_bar": True}},
+            r"`--search.trainer.enable_progress_bar` to be false or unset .* but got True",
+        ),
+        (
+            {"heartbeat_interval": 0},
+            r"^Expected `--search.heartbeat_interval` to be an int >= 1, but got 0.$",
+        ),
+        ({"heartbeat_interval": 2.5}, r"`--search.heartbeat_interval` to be an int >= 1, but got 2.5"),
+        (
+            {"heartbeat_interval": 60, "grace_period": 60},
+            r"^Expected `--search.grace_period` to be an int > `--search.heartbeat_interval` \(60 s\) or null "
+            r"\(twice the interval\), but got 60.$",
+        ),
+        (
+            {"heartbeat_interval": None, "grace_period": 120},
+            r"`--search.grace_period` to be null, as `--search.heartbeat_interval` is null .* but got 120",
+        ),
+        ({"stale_retries": -1}, r"`--search.stale_retries` to be an int >= 0, but got -1"),
     ],
 )
 def test_bad_search_arguments_name_the_flag(kwargs: dict, message: str) -> None:

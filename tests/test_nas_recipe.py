@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -151,8 +153,6 @@ def test_train_stage_trains_the_shipped_architecture(tmp_path: Path) -> None:
 
 
 def test_the_recipe_shows_the_librarys_log_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import logging
-
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.WARNING)
     monkeypatch.setattr(root, "handlers", list(root.handlers))
@@ -163,3 +163,78 @@ def test_the_recipe_shows_the_librarys_log_only(monkeypatch: pytest.MonkeyPatch)
     nas_ensemble.library_logging()  # idempotent
     assert root.level == logging.WARNING  # TensorBoard's INFO lines stay hidden
     assert library.level == logging.INFO and len(library.handlers) == 1
+
+
+def _narrow_space(tmp_path: Path) -> Path:
+    """A search config of architectures of nearly equal cost, so that both arms can be chosen at ±90%."""
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(
+        "search:\n  space:\n    stem_channels: 8\n    num_features: 32\n    stages:\n"
+        "      - {channels: [8], expand_ratios: [1], max_blocks: 1}\n"
+        "      - {channels: [16], stride: 2, expand_ratios: [3], max_blocks: 1}\n"
+    )
+    return narrow
+
+
+def test_the_search_shows_one_progress_line_per_trial_and_no_other_packages_info(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    library = logging.getLogger("lightning_ensembles")
+    monkeypatch.setattr(library, "handlers", [])  # library_logging() binds its handler to this test's stderr
+    monkeypatch.setattr(library, "level", logging.NOTSET)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default, which prints each trial itself
+    try:
+        result = nas_ensemble.main(
+            [
+                "search", "--config", str(_narrow_space(tmp_path)), f"--out={tmp_path / 'nas'}",
+                "--search.n_trials=2", "--search.proxy_epochs=1", "--select.num_members=2",
+                "--select.tolerance=0.9",
+                '--search.trainer={"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}',
+            ]
+        )  # fmt: skip
+        logging.getLogger("tensorboard").info("TensorBoard's directory watcher says hello")
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    err = capfd.readouterr().err
+    for record in result["records"]:
+        about = [line for line in err.splitlines() if re.search(rf"\bTrial {record['number']}\b", line)]
+        assert len(about) == 1 and about[0].startswith(
+            f"INFO lightning_ensembles.nas: Trial {record['number']}, "
+        )
+    assert "INFO lightning_ensembles.nas: Trial 0, architecture 1 of 2: top-1 " in err
+    assert re.search(
+        r"Best so far: top-1 [\d.]+ \(trial 0, [^)]+\), 1 on the Pareto set\. About \d+ s left \(1 architecture at",
+        err,
+    )
+    assert "All 2 architectures trained." in err
+    assert "finished with value" not in err and "says hello" not in err
+    assert "it/s" not in err and "Epoch 0" not in err  # no progress bars of the proxies
+    assert "GPU available" not in err  # nor Lightning's banner per proxy
+    assert root.level == logging.WARNING and optuna.logging.get_verbosity() == optuna.logging.WARNING
+
+
+def test_heartbeat_flags_of_the_search(capsys: pytest.CaptureFixture) -> None:
+    parser = nas_ensemble.search_parser()
+    flags = ["--search.heartbeat_interval=30", "--search.grace_period=90", "--search.stale_retries=2"]
+    config = parser.parse_args(["--config", str(NAS / "search.yaml"), *flags])
+    init = (
+        parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)
+    )
+    search = init.search
+    assert (search.heartbeat_interval, search.grace_period, search.stale_retries) == (30, 90, 2)
+    default = _search_config().search  # type: ignore[attr-defined]
+    assert (default.heartbeat_interval, default.grace_period, default.stale_retries) == (60, 120, 1)
+    with pytest.raises(
+        ValueError, match=r"`--search.grace_period` to be an int > `--search.heartbeat_interval` \(30 s\)"
+    ):
+        nas_ensemble.search([flags[0], "--search.grace_period=10", "--search.n_trials=1"])
+    with pytest.raises(SystemExit):
+        nas_ensemble.main(["search", "--help"])
+    printed = capsys.readouterr().out
+    assert all(
+        flag in printed
+        for flag in ("--search.heartbeat_interval", "--search.grace_period", "--search.stale_retries")
+    )

@@ -290,3 +290,25 @@ def test_recipes_do_not_trigger_lightnings_args_and_argv_warning(monkeypatch: py
         _instantiate("cifar/wrn-16-1.yaml")
     assert not [w for w in caught if "args parameter is intended" in str(w.message)]
     assert sys.argv == ["cifar_wrn.py", "--config", "x.yaml"]  # restored for Lightning's DDP launcher
+
+
+def test_a_dev_run_writes_nothing_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    results = cifar_wrn.main(
+        [
+            "--config", str(CONFIGS / "cifar/wrn-10-1.yaml"),
+            "--config", str(ROOT / "callbacks/ablation.yaml"),
+            "--data=DigitsDataModule",
+            "--data.batch_size=32",
+            "--model.member.init_args.in_channels=1",
+            "--trainer.fast_dev_run=true",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )  # fmt: skip
+    assert "results_file" not in results and results["sizes"]  # evaluated, nothing saved
+    assert sorted(p.name for p in work.iterdir()) == []  # was results.json, results.md, ablation_test.*

@@ -297,7 +297,8 @@ class EnsembleSizeAblation(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
         if self.figures:
             self._draw(trainer, stage, rows)
-        self._write(directory, stage)
+        if directory is not None:
+            self._write(directory, stage)
         if self.verbose:
             rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, self.metric_names))
 

@@ -311,8 +311,9 @@ class CascadeMonitor(Callback):
         if trainer.is_global_zero:
             self._log(trainer, stage, report)
             self._draw(trainer, stage, report)
-            text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
-            atomic_write_text(directory / f"cascade_{stage}.json", text)
+            if directory is not None:
+                text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+                atomic_write_text(directory / f"cascade_{stage}.json", text)
 
     def _build(
         self,
