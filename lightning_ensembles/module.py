@@ -167,6 +167,7 @@ class EnsembleLightningModule(LightningModule):
         self.detect_nonfinite = detect_nonfinite
         self.channels_last = channels_last
         self._own_hparams: dict[str, Any] | None = None
+        self._warned_padding: set[str] = set()
         if execution not in EXECUTIONS:
             raise ValueError(
                 f"Expected `--model.execution` to be one of {list(EXECUTIONS)}, but got {execution!r}."
@@ -428,6 +429,9 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Callback]:
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, _NameUnreadableCheckpoint) for c in trainer.callbacks):
+            return []  # added by an earlier fit/test of this trainer: adding it again makes Lightning say so
         return [_NameUnreadableCheckpoint()]
 
     # ------------------------------------------------------------------ steps
@@ -487,6 +491,32 @@ class EnsembleLightningModule(LightningModule):
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluation_step(batch, self.val_metrics)
+
+    @override
+    def on_validation_start(self) -> None:
+        self._warn_if_padded("val", self.trainer.val_dataloaders)
+
+    @override
+    def on_test_start(self) -> None:
+        self._warn_if_padded("test", self.trainer.test_dataloaders)
+
+    def _warn_if_padded(self, stage: str, loaders: Any) -> None:
+        """Say once per stage when Lightning's padding ``DistributedSampler`` makes samples count twice."""
+        from lightning_ensembles.data.sampling import padded_samples
+
+        if self.trainer.world_size < 2 or stage in self._warned_padding:
+            return
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        repeated = sum(padded_samples(loader) for loader in loaders if loader is not None)
+        if repeated:
+            self._warned_padding.add(stage)
+            rank_zero_warn(
+                f"The {stage} loader's DistributedSampler repeats {repeated} sample(s) to even out the "
+                f"{self.trainer.world_size} processes' shards, so {stage}/ metrics count them twice. Give the "
+                "datamodule's evaluation loaders `sampler=lightning_ensembles.data.sampling.evaluation_sampler"
+                "(dataset)` (or use `make_loader`, as the library's datamodules do) to evaluate every sample "
+                "exactly once."
+            )
 
     @override
     def on_validation_epoch_end(self) -> None:

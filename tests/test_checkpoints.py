@@ -234,3 +234,14 @@ def test_the_declared_torch_never_unpickles_checkpoints_by_default() -> None:
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     (minimum,) = re.findall(r'^\s*"torch>=\s*([\d.]+)"', text, flags=re.MULTILINE)
     assert tuple(int(p) for p in minimum.split(".")[:2]) >= (2, 6)  # 2.6 made torch.load weights_only
+
+
+def test_the_checkpoint_note_callback_is_added_once(caplog: pytest.LogCaptureFixture) -> None:
+    module = _module(num_members=2)
+    trainer = pl.Trainer(max_epochs=1, **trainer_kwargs())
+    with caplog.at_level("INFO"):
+        trainer.fit(module, make_loader(n=32))
+        trainer.test(module, make_loader(n=32), verbose=False)
+        trainer.validate(module, make_loader(n=32), verbose=False)
+    assert "override existing callbacks" not in caplog.text
+    assert sum(type(c).__name__ == "_NameUnreadableCheckpoint" for c in trainer.callbacks) == 1

@@ -4,6 +4,7 @@ gradients, and the bad inputs of the strategy."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lightning_ensembles import EnsembleLightningModule, MemberParallelStrategy
-from lightning_ensembles.callbacks import MemberEMA
+from lightning_ensembles.callbacks import EnsembleSizeAblation, MemberEMA
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler, make_loader
 from lightning_ensembles.distributed import plan_members
@@ -403,3 +404,64 @@ def test_a_lost_peer_is_reported_with_what_to_do() -> None:
     other = RuntimeError("shape mismatch")
     strategy.on_exception(other)
     assert str(other) == "shape mismatch"
+
+
+class UnevenData(pl.LightningDataModule):
+    """201 evaluation samples, an odd number for 2 processes; ``plain`` leaves the sampler to Lightning."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.plain = plain
+
+    def val_dataloader(self) -> DataLoader:
+        data = make_data(201, seed=2)
+        if self.plain:
+            return DataLoader(data, batch_size=50)  # Lightning's padded DistributedSampler
+        return make_loader(data, 50, 0, seed=0, train=False)  # 101 and 100 samples: 3 and 2 batches
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def _evaluate(module: EnsembleLightningModule, root: Path, data: UnevenData, **kwargs: Any) -> dict:
+    ablation = EnsembleSizeAblation(num_subsets=2, latency_batch_size=None, figures=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(default_root_dir=root, callbacks=[ablation], **kwargs))
+    (validated,) = trainer.validate(module, datamodule=data, verbose=False)
+    (tested,) = trainer.test(module, datamodule=data, verbose=False)
+    rows = {stage: json.loads((root / f"ablation_{stage}.json").read_text()) for stage in ("val", "test")}
+    return {**validated, **tested, "ablation": rows}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "member_parallel_spawn"])
+def test_uneven_evaluation_counts_every_sample_once(tmp_path: Path, strategy: str) -> None:
+    module = ensemble(num_members=2).eval()
+    single = _evaluate(module, tmp_path / "one", UnevenData())
+    distributed = _evaluate(module, tmp_path / "two", UnevenData(), devices=2, strategy=strategy)
+    rows = distributed.pop("ablation")
+    expected_rows = single.pop("ablation")
+    assert set(distributed) == set(single) and {"val/nll", "test/nll", "test/size_2/top1"} <= set(single)
+    for key, value in single.items():
+        assert distributed[key] == pytest.approx(value, abs=1e-6), key
+    for stage in ("val", "test"):
+        for got, expected in zip(rows[stage], expected_rows[stage]):
+            for name in ("first_top1", "first_nll", "random_top1", "random_nll"):
+                assert got[name] == pytest.approx(expected[name], abs=1e-6), (stage, name)
+    if strategy == "ddp_spawn":
+        # The negative control: Lightning's padded sampler evaluates 202 samples, one of them twice.
+        padded = _evaluate(module, tmp_path / "padded", UnevenData(plain=True), devices=2, strategy=strategy)
+        assert padded["test/nll"] != pytest.approx(single["test/nll"], abs=1e-6)
+
+
+def test_padded_evaluation_samplers_are_counted_and_ours_repeat_nothing(in_process_group: None) -> None:
+    from torch.utils.data import DistributedSampler
+
+    from lightning_ensembles.data.sampling import evaluation_sampler, padded_samples
+
+    data = make_data(201, seed=2)
+    padded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert padded_samples(padded) == 1 and padded_samples(DataLoader(data)) == 0
+    assert evaluation_sampler(data) is None  # one process: the loader's own order
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    assert evaluation_sampler(data) is None  # a group of one is not distributed either

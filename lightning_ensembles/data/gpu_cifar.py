@@ -157,11 +157,12 @@ class DeviceBatches:
     otherwise it is ``0 .. N-1``. With ``augment`` each batch is cropped and flipped by :func:`augment_batch`
     with the generator :meth:`batch_generator` returns.
 
-    With ``world_size > 1`` the epoch's order is padded, as ``torch.utils.data.DistributedSampler`` (with
-    ``drop_last=False``) does, by repeating its first elements until the length divides by ``world_size``,
-    and rank ``r`` takes ``order[r::world_size]``: the shards are disjoint up to that padding (at most
-    ``world_size - 1`` repeated samples) and all of length ``ceil(N / world_size)``, so every rank runs the
-    same number of steps. ``drop_last`` then drops a rank's last incomplete batch.
+    With ``world_size > 1`` rank ``r`` takes ``order[r::world_size]``. For training (``pad``) the epoch's order
+    is first padded, as ``torch.utils.data.DistributedSampler`` (with ``drop_last=False``) does, by repeating
+    its first elements until the length divides by ``world_size``: the shards are disjoint up to that padding
+    (at most ``world_size - 1`` repeated samples) and all of length ``ceil(N / world_size)``, so every rank
+    runs the same number of steps. ``drop_last`` then drops a rank's last incomplete batch. For evaluation
+    (``pad=False``) nothing is repeated: every sample is on exactly one rank, and shards differ by at most one.
 
     Args:
         images: uint8 images ``(N, 3, H, W)``, already on the device the batches should be on.
@@ -173,6 +174,7 @@ class DeviceBatches:
         drop_last: Drop the last batch if it is smaller than ``batch_size``.
         rank: This process's global rank.
         world_size: The number of processes sharing the data.
+        pad: Repeat samples so every rank gets ``ceil(N / world_size)`` (training); ``False`` for evaluation.
         dtype: The floating dtype of the yielded images.
         channels_last: Yield images in ``torch.channels_last`` memory format.
 
@@ -202,6 +204,7 @@ class DeviceBatches:
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        pad: bool = True,
     ) -> None:
         if images.ndim != 4 or images.dtype != torch.uint8:
             raise ValueError(
@@ -220,6 +223,7 @@ class DeviceBatches:
         self.drop_last = check_bool(drop_last, "--data.drop_last")
         self.world_size = check_int(world_size, "world_size", 1)
         self.rank = check_int(rank, "rank", 0, self.world_size)
+        self.pad = check_bool(pad, "pad")
         self.dtype = dtype
         self.channels_last = check_bool(channels_last, "--data.channels_last")
         self.sampler: EpochSeededRandomSampler | None = (
@@ -259,21 +263,24 @@ class DeviceBatches:
         """Return the number of samples this rank gets per epoch.
 
         Returns:
-            ``ceil(N / world_size)``.
+            ``ceil(N / world_size)`` with ``pad``, else the size of this rank's share of ``range(N)``.
         """
+        if not self.pad:
+            return len(range(self.rank, len(self.images), self.world_size))
         return math.ceil(len(self.images) / self.world_size)
 
     def epoch_indices(self) -> Tensor:
         """Return the indices into :attr:`images` this rank visits in the current epoch, in order.
 
         Returns:
-            int64 indices ``(ceil(N / world_size),)`` on the device, before ``drop_last``.
+            int64 indices (:meth:`_per_rank` of them) on the device, before ``drop_last``.
         """
         num = len(self.images)
         order = torch.tensor(list(self.sampler)) if self.sampler is not None else torch.arange(num)
         if self.world_size > 1:
-            total = self._per_rank() * self.world_size
-            order = order.repeat(math.ceil(total / max(num, 1)))[:total]
+            if self.pad:
+                total = self._per_rank() * self.world_size
+                order = order.repeat(math.ceil(total / max(num, 1)))[:total]
             order = order[self.rank :: self.world_size]
         return order.to(torch.int64).to(self.device)
 
@@ -535,6 +542,7 @@ class GPUCIFAR10DataModule(LightningDataModule):
             world_size=world_size,
             dtype=self.dtype,
             channels_last=self.channels_last,
+            pad=train,  # evaluation counts every sample exactly once
         )
 
     @override

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ensembles._validation import check_int
 
-__all__ = ["EpochSeededRandomSampler"]
+__all__ = ["EpochSeededRandomSampler", "evaluation_sampler", "make_loader", "padded_samples"]
 
 
 class EpochSeededRandomSampler(Sampler[int]):
@@ -93,10 +93,61 @@ class EpochSeededRandomSampler(Sampler[int]):
         return len(self.data_source)
 
 
+def evaluation_sampler(dataset: Sized) -> Sampler[int] | None:
+    """The evaluation sampler of a distributed run: every sample on exactly one process, none repeated.
+
+    Lightning gives evaluation loaders a ``DistributedSampler``, which pads the split by repeating its first
+    samples until its length divides by the number of processes: with 201 test images on 2 processes, 202
+    are evaluated and one counts twice. Lightning's ``UnrepeatedDistributedSampler`` (which Lightning keeps,
+    being a ``DistributedSampler``) gives the processes shards of ``ceil`` or ``floor(N / world_size)``
+    samples instead; torchmetrics gathers uneven shards. Evaluation has no per-step collective here (the
+    metrics synchronise once, at the end), so processes may run different numbers of batches.
+
+    Args:
+        dataset: the evaluation split.
+
+    Returns:
+        The sampler when a process group of more than one process is initialised, else ``None`` (the loader's
+        own sequential order).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(  # type: ignore[no-any-return]
+        dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=False
+    )
+
+
+def padded_samples(loader: Any) -> int:
+    """How many samples a loader's ``DistributedSampler`` repeats to even out the shards (0 if none).
+
+    Example:
+        >>> from torch.utils.data import DistributedSampler
+        >>> padded_samples(DataLoader(range(201), sampler=DistributedSampler(range(201), 2, 0, shuffle=False)))
+        1
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from torch.utils.data import DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or isinstance(sampler, UnrepeatedDistributedSampler):
+        return 0
+    dataset = getattr(sampler, "dataset", None)
+    if not isinstance(dataset, Sized):
+        return 0
+    return int(sampler.total_size) - len(dataset)
+
+
 def make_loader(
     dataset: Dataset[Any], batch_size: int, num_workers: int, seed: int, train: bool
 ) -> DataLoader[Any]:
     """The DataLoader every datamodule here uses: shuffled by ``(seed, epoch)`` for training, in order else.
+
+    Evaluation loaders built inside a distributed run shard the split without repeating a sample
+    (:func:`evaluation_sampler`), so val and test metrics count every sample exactly once.
 
     Args:
         dataset: the split.
@@ -111,7 +162,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSeededRandomSampler(dataset, seed=seed) if train else None,  # type: ignore[arg-type]
+        sampler=EpochSeededRandomSampler(dataset, seed=seed) if train else evaluation_sampler(dataset),  # type: ignore[arg-type]
         shuffle=False,
         drop_last=False,
         num_workers=num_workers,
