@@ -24,15 +24,25 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
+    candidates: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    deadline: float | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, measured in alternation so drift hits all alike."""
+    """Seconds per call of each candidate, measured in alternation so drift hits all alike.
+
+    With ``deadline`` (a ``time.perf_counter()`` value) no new round starts once it has passed, after at
+    least one round: fewer than ``repeats`` samples come back rather than a late result.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    for index in range(repeats):
+        if deadline is not None and index > 0 and time.perf_counter() >= deadline:
+            break
         for name, fn in candidates.items():
             _sync(device)
             start = time.perf_counter()
@@ -64,3 +74,19 @@ def save(name: str, rows: list[dict[str, Any]], out: str | None) -> dict[str, An
     if out:
         atomic_write_text(Path(out) / f"{name}.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> dict[str, float] | None:
+    """Peak CUDA memory of one call of ``fn`` (``torch.cuda.max_memory_allocated``), in MiB; ``None`` off CUDA.
+
+    Returns ``{"peak_mb": ..., "before_mb": ...}``: the peak during the call, and what was allocated before it
+    (parameters, optimizer state, cached inputs), so ``peak_mb - before_mb`` is what the call itself needs.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "before_mb": before / 2**20}

@@ -38,7 +38,10 @@ def run(
     repeats: int,
     num_train: int,
     out: str | None,
+    deadline: float | None = None,
 ) -> dict:
+    """Time both pipelines and the step, interleaved; ``deadline`` (a ``time.perf_counter()`` value) cuts the
+    repeats short."""
     dev = torch.device(device)
     generated = not _has_cifar(root)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +79,7 @@ def run(
 
         samples = time_interleaved(
             {"torchvision": torchvision_batches, "device": device_batches, "step": step},
-            repeats=repeats, warmup=1, device=dev,
+            repeats=repeats, warmup=1, device=dev, deadline=deadline,
         )  # fmt: skip
     step_s = sorted(samples["step"])[len(samples["step"]) // 2]
     rows = []

@@ -65,8 +65,18 @@ def _fit(module: pl.LightningModule, loader: DataLoader, device: torch.device, s
 
 
 def run(
-    device: str, depth: int, width: int, batch: int, size: int, steps: int, rounds: int, out: str | None
+    device: str,
+    depth: int,
+    width: int,
+    batch: int,
+    size: int,
+    steps: int,
+    rounds: int,
+    out: str | None,
+    deadline: float | None = None,
 ) -> dict:
+    """Alternate plain and ensemble fits for ``rounds`` rounds; with ``deadline`` (a ``time.perf_counter()``
+    value) no new round starts once it has passed, after the first."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
@@ -75,15 +85,18 @@ def run(
     loader = DataLoader(data, batch_size=batch)
     factory = functools.partial(WideResNet, depth, width)
     optimizer = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
-    plain, ensemble = [], []
+    plain, ensemble, done = [], [], 0
     for _ in range(rounds):
+        if deadline is not None and done > 0 and time.perf_counter() >= deadline:
+            break
+        done += 1
         torch.manual_seed(0)
         plain += _fit(Plain(factory()), loader, dev, steps)
         ensemble += _fit(
             EnsembleLightningModule(member=factory, num_classes=10, optimizer=optimizer), loader, dev, steps
         )
     row = {
-        "model": f"WRN-{depth}-{width}", "batch": batch, "image": size, "steps": len(plain),
+        "model": f"WRN-{depth}-{width}", "batch": batch, "image": size, "steps": len(plain), "rounds": done,
         "plain": summary(plain), "ensemble_of_1": summary(ensemble),
         "ensemble_over_plain_median": summary(ensemble)["median_ms"] / summary(plain)["median_ms"],
     }  # fmt: skip

@@ -136,7 +136,13 @@ def test_small_ensembles_have_fewer_metrics() -> None:
         "member_0/nll",
         "size_1/top1",
         "size_1/nll",
+        "size_1/ece",
+        # uncertainty, without the members' disagreement ones (mutual information, variation ratio)
+        *(f"{prefix}{name}" for prefix in ("", "size_1/") for name in ("entropy", "aece", "aurc", "risk80")),
     }
+    two = {name for name, _ in EnsembleMetrics(2, 3).items()}
+    assert {"mutual_information", "variation_ratio", "size_2/mutual_information"} <= two
+    assert "size_1/mutual_information" not in two
 
 
 @pytest.mark.parametrize(

@@ -33,13 +33,22 @@ from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
 from lightning_ensembles.cost import count_macs
-from lightning_ensembles.metrics import ECE_BINS, nll_per_sample
+from lightning_ensembles.metrics import (
+    AURC,
+    COVERAGE,
+    ECE_BINS,
+    AdaptiveCalibrationError,
+    RiskAtCoverage,
+    nll_per_sample,
+)
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
 
-METRICS = ("top1", "nll", "ece")
+METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80")
+"""Accuracy, NLL, calibration (15-bin and equal-mass ECE) and selective classification (AURC, the risk at
+80% coverage), as defined in :mod:`lightning_ensembles.metrics`."""
 STAGES = ("val", "test")
 
 
@@ -48,6 +57,12 @@ def _make_metric(name: str, num_classes: int) -> Metric:
         return MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
     if name == "ece":
         return MulticlassCalibrationError(num_classes=num_classes, n_bins=ECE_BINS, validate_args=False)
+    if name == "aece":
+        return AdaptiveCalibrationError(ECE_BINS)
+    if name == "aurc":
+        return AURC()
+    if name == "risk80":
+        return RiskAtCoverage(COVERAGE)
     return MeanMetric()
 
 
@@ -86,7 +101,8 @@ class EnsembleSizeAblation(Callback):
     return, so members run once).
 
     Args:
-        metrics: any of ``"top1"``, ``"nll"``, ``"ece"``.
+        metrics: any of :data:`METRICS` (default: all): ``"top1"``, ``"nll"``, ``"ece"``, ``"aece"``
+            (equal-mass ECE), ``"aurc"`` and ``"risk80"`` (selective classification).
         num_subsets: the most random subsets averaged per size (all subsets when there are fewer).
         seed: seed of the subset choice.
         stages: ``"val"`` and/or ``"test"``.
@@ -221,7 +237,7 @@ class EnsembleSizeAblation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._active(trainer, "test"):
+        if self._active(trainer, "test") and dataloader_idx == 0:  # loader 1: an OOD set (ood.py)
             self._update(outputs, pl_module)
 
     # ------------------------------------------------------------------ report
@@ -370,7 +386,14 @@ def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metr
         |---:|---:|---:|---:|
         | 1 | 0.0016 | 98.50 (98.00) | 0.0500 |
     """
-    names = {"top1": "top-1 (%)", "nll": "NLL", "ece": "ECE"}
+    names = {
+        "top1": "top-1 (%)",
+        "nll": "NLL",
+        "ece": "ECE",
+        "aece": "aECE",
+        "aurc": "AURC",
+        "risk80": "risk@80%",
+    }
     lines = [
         f"EnsembleSizeAblation, {stage} after epoch {epoch} (mean over k-subsets; top-1 of the first k members "
         "in brackets)",

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation, choose_subsets
 from lightning_ensembles.cost import count_macs
+from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
 from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
 
@@ -141,7 +142,7 @@ def test_choose_subsets_is_complete_or_sampled_and_deterministic() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(metrics=["top1", "f1"]), r"`metrics`.*\['top1', 'nll', 'ece'\].*'f1'"),
+        (dict(metrics=["top1", "f1"]), r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80'\].*'f1'"),
         (dict(metrics=[]), r"non-empty"),
         (dict(stages=["train"]), r"`stages`.*'train'"),
         (dict(num_subsets=0), r"`num_subsets` to be an int >= 1, but got 0"),
@@ -178,11 +179,12 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     trainer = pl.Trainer(**trainer_kwargs(default_root_dir=str(tmp_path / "one"), callbacks=[single]))
     (one_metrics,) = trainer.test(module, datamodule=TinyData(), verbose=False)
     # The module's own metrics (torchmetrics state sync) equal the single-process values too.
-    assert set(ddp_metrics) == set(one_metrics) and len(one_metrics) == 19  # 6 ensemble + 1 loss + 6 + 6
+    expected = {f"test/{name}" for name, _ in EnsembleMetrics(M, NUM_CLASSES).items()} | {"test/loss"}
+    assert set(ddp_metrics) == set(one_metrics) == expected
     for key, value in one_metrics.items():
         assert ddp_metrics[key] == pytest.approx(value, abs=1e-6), key
     for got, expected in zip(gathered, single.history, strict=True):
-        for key in ("first_top1", "first_nll", "random_top1", "random_ece"):
+        for key in ("first_top1", "first_nll", "random_top1", "random_ece", "random_aurc", "first_aece"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (got["k"], key)
 
 
@@ -215,7 +217,7 @@ def test_prints_its_table_after_each_evaluation_unless_quiet(
     ]  # not the sanity check
     test_rows = [row for row in ablation.history if row["stage"] == "test"]
     lines = tables[-1].splitlines()
-    assert lines[1] == "| k | GMACs | top-1 (%) | NLL | ECE |" and len(lines) == 3 + M
+    assert lines[1] == "| k | GMACs | top-1 (%) | NLL | ECE | aECE | AURC | risk@80% |" and len(lines) == 3 + M
     first = test_rows[0]
     assert lines[3].startswith(f"| 1 | {first['random_gmacs']:.4g} | {100 * first['random_top1']:.2f} (")
 
