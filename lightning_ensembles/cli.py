@@ -264,7 +264,9 @@ class EnsembleCLI(LightningCLI):
             best, selection = "", "final weights (validation ran on the test split)"
         else:
             selection = "best checkpoint on the validation split" if best else "final weights"
-        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        # One dict per test loader: [in-distribution, OOD] when the datamodule has an OOD set.
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics = {key: value for per_loader in tested for key, value in per_loader.items()}
         if not isinstance(model, EnsembleLightningModule):
             raise TypeError(
                 f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}."

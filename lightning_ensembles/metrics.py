@@ -322,12 +322,15 @@ class EnsembleMetrics(nn.Module):
         return cast(Metric, self.metrics[name])
 
     @torch.no_grad()
-    def update(self, logits: Tensor, target: Tensor) -> None:
+    def update(self, logits: Tensor, target: Tensor, temperature: Tensor | float | None = None) -> None:
         """Accumulate one batch.
 
         Args:
             logits: member logits, shape ``(M, B, C)``.
             target: class indices, shape ``(B,)``.
+            temperature: the ensemble's temperature (:mod:`lightning_ensembles.calibration`), applied to the
+                aggregate of all ``M`` members (the ensemble's metrics and ``size_M``); member temperatures are
+                applied to ``logits`` by the caller.
 
         Raises:
             ValueError: if the shapes do not match ``(M, B, C)`` and ``(B,)`` for this ensemble.
@@ -340,6 +343,9 @@ class EnsembleMetrics(nn.Module):
         logits = logits.detach().float()
         member_log_probs = logits.log_softmax(dim=-1)
         size_log_probs = cumulative_log_probs(logits, self.aggregation)  # (M, B, C)
+        if temperature is not None:
+            last = torch.log_softmax(size_log_probs[-1] / temperature, dim=-1)
+            size_log_probs = torch.cat([size_log_probs[:-1], last.unsqueeze(0)])
         size_probs = size_log_probs.exp().clamp(0.0, 1.0)
         member_nll = nll_per_sample(member_log_probs, target)  # (M, B)
         size_nll = nll_per_sample(size_log_probs, target)  # (M, B)

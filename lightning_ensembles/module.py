@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_checkpoint_file
-from lightning_ensembles.aggregation import Aggregation, aggregate, validate_aggregation
+from lightning_ensembles.aggregation import Aggregation, cumulative_log_probs, validate_aggregation
+from lightning_ensembles.calibration import MODES as TEMPERATURE_MODES
+from lightning_ensembles.calibration import EvaluationLogits, fit_temperature, scale
 from lightning_ensembles.fused import EXECUTIONS, check_fusable, choose_execution, vmap_forward
 from lightning_ensembles.members import (
     MemberFactory,
@@ -43,6 +45,8 @@ from lightning_ensembles.members import (
     resolve_member_spec,
 )
 from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
+from lightning_ensembles.ood import OODMetrics
+from lightning_ensembles.uncertainty import uncertainty_scores
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,13 @@ class EnsembleLightningModule(LightningModule):
         compile: compile every member with ``torch.compile`` (``nn.Module.compile``: in place, so parameter names
             and checkpoints are unchanged); compilation happens at the first batch.
         compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"eager"`` to debug).
+        ood_criteria: OOD scores evaluated when the test datamodule has an OOD loader
+            (:mod:`~lightning_ensembles.ood`: ``msp``, ``entropy``, ``mutual_information``); ``None``: each that
+            applies (MI needs ``M >= 2``).
+        temperature_scaling: post-hoc temperature scaling (:mod:`~lightning_ensembles.calibration`), fitted on
+            the validation split at the end of every validation epoch and applied at test and predict:
+            ``"ensemble"`` (one temperature for the aggregated prediction), ``"members"`` (one per member,
+            before aggregation) or ``"none"``. The temperatures are buffers, saved in checkpoints.
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
@@ -105,6 +116,11 @@ class EnsembleLightningModule(LightningModule):
         >>> module(torch.randn(5, 4)).shape
         torch.Size([2, 5, 3])
     """
+
+    member_temperature: Tensor
+    """The members' temperatures ``(M,)`` (ones unless ``temperature_scaling="members"`` has fitted them)."""
+    ensemble_temperature: Tensor
+    """The ensemble's temperature (one unless ``temperature_scaling="ensemble"`` has fitted it)."""
 
     def __init__(
         self,
@@ -125,6 +141,8 @@ class EnsembleLightningModule(LightningModule):
         execution: Literal["loop", "vmap", "auto"] = "loop",
         compile: bool = False,
         compile_backend: str = "inductor",
+        ood_criteria: Sequence[str] | None = None,
+        temperature_scaling: Literal["none", "ensemble", "members"] = "none",
     ) -> None:
         super().__init__()
         specs = self._member_specs(member, num_members, members)
@@ -180,6 +198,16 @@ class EnsembleLightningModule(LightningModule):
         self.frozen_members: tuple[int, ...] = ()
         self._set_frozen(frozen_members)
         self._assigned: tuple[int, ...] | None = None  # set by MemberParallelStrategy
+        self.ood_criteria = ood_criteria  # checked by OODMetrics in _make_metrics (and again after grow)
+        if temperature_scaling not in TEMPERATURE_MODES:
+            raise ValueError(
+                f"Expected `--model.temperature_scaling` to be one of {list(TEMPERATURE_MODES)}, but got "
+                f"{temperature_scaling!r}."
+            )
+        self.temperature_scaling = temperature_scaling
+        # Identity (1) until fitted; buffers, so checkpoints carry them and a loaded module predicts calibrated.
+        self.register_buffer("member_temperature", torch.ones(len(self.members)))
+        self.register_buffer("ensemble_temperature", torch.ones(()))
         self._make_metrics()
         if execution == "vmap":
             check_fusable(list(self.members))
@@ -258,6 +286,10 @@ class EnsembleLightningModule(LightningModule):
         self.train_member_loss = MemberLossMean(len(self.members))
         self.val_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
         self.test_metrics = EnsembleMetrics(len(self.members), self.num_classes, self.aggregation)
+        self.val_logits = EvaluationLogits()  # filled only with temperature scaling
+        self.test_ood_metrics = OODMetrics(
+            len(self.members), self.num_classes, self.aggregation, self.ood_criteria
+        )
 
     @property
     def num_members(self) -> int:
@@ -409,6 +441,8 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.temperature_scaling != "none":
+            self._check_validation_split()
         # Lightning logs `hparams_initial` to the loggers (TensorBoard's HParams dashboard) right after setup;
         # the summary goes there only, so checkpoints keep exactly the constructor's arguments.
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -430,7 +464,9 @@ class EnsembleLightningModule(LightningModule):
     @override
     def configure_callbacks(self) -> list[Callback]:
         trainer = self._trainer
-        if trainer is not None and any(isinstance(c, _NameUnreadableCheckpoint) for c in trainer.callbacks):
+        if trainer is not None and any(
+            isinstance(c, _NameUnreadableCheckpoint) for c in getattr(trainer, "callbacks", [])
+        ):
             return []  # added by an earlier fit/test of this trainer: adding it again makes Lightning say so
         return [_NameUnreadableCheckpoint()]
 
@@ -475,12 +511,26 @@ class EnsembleLightningModule(LightningModule):
             sync_dist=True,
         )
 
-    def _evaluation_step(self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics) -> dict[str, Tensor]:
+    def _evaluation_step(
+        self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics, calibrated: bool = True
+    ) -> dict[str, Tensor]:
         x, y = batch
         logits = self(x)
-        metrics.update(logits, y)
-        # Returned so callbacks (e.g. the ensemble-size ablation) read them in `on_*_batch_end`.
+        if calibrated and self.temperature_scaling != "none":
+            logits = logits / self.member_temperature.view(-1, 1, 1)
+            metrics.update(logits, y, temperature=self.ensemble_temperature)
+        else:
+            metrics.update(logits, y)
+        # Returned so callbacks (e.g. the ensemble-size ablation) read them in `on_*_batch_end`: the members'
+        # logits, with their temperatures at test (the ensemble's temperature acts on the aggregate only).
         return {"logits": logits.detach(), "target": y}
+
+    def calibrated_log_probs(self, logits: Tensor) -> Tensor:
+        """The ensemble's log-probabilities ``(B, C)`` from member logits ``(M, B, C)``, at the fitted
+        temperatures (the identity until :attr:`temperature_scaling` has fitted them)."""
+        logits = logits.float() / self.member_temperature.view(-1, 1, 1)
+        log_probs = cumulative_log_probs(logits, self.aggregation)[-1]
+        return scale(log_probs, self.ensemble_temperature)
 
     def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics
@@ -490,7 +540,11 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluation_step(batch, self.val_metrics)
+        # Uncalibrated: the temperatures are fitted on these logits at the epoch's end.
+        outputs = self._evaluation_step(batch, self.val_metrics, calibrated=False)
+        if self.temperature_scaling != "none" and not self.trainer.sanity_checking:
+            self.val_logits.update(outputs["logits"], outputs["target"])
+        return outputs
 
     @override
     def on_validation_start(self) -> None:
@@ -521,24 +575,126 @@ class EnsembleLightningModule(LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        if self.temperature_scaling != "none" and not self.trainer.sanity_checking:
+            self._fit_temperatures()
+
+    def _check_validation_split(self) -> None:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        flag = f"`--model.temperature_scaling {self.temperature_scaling}`"
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "val_size", None) == 0:
+            raise ValueError(
+                f"{flag} fits its temperatures on a validation split of its own, but `--data.val_size` is 0 "
+                "(validation runs on the test split, so fitting there would tune on the test set). Set "
+                "`--data.val_size` > 0, or `--model.temperature_scaling none`."
+            )
+        no_loader = datamodule is not None and not is_overridden("val_dataloader", datamodule)
+        if no_loader or self.trainer.limit_val_batches == 0:
+            raise ValueError(
+                f"{flag} fits its temperatures on the validation split, but this run has none (no "
+                "`val_dataloader`, or `--trainer.limit_val_batches 0`). Give it a validation split, or set "
+                "`--model.temperature_scaling none`."
+            )
+
+    def _fit_temperatures(self) -> None:
+        """Fit the temperatures on this validation epoch's logits (gathered from every process, so each fits
+        the same values) and log the validation NLL and ECE before and after."""
+        from torchmetrics.functional.classification import multiclass_calibration_error
+
+        from lightning_ensembles.metrics import ECE_BINS
+
+        logits, target = self.val_logits.compute()
+        self.val_logits.reset()
+        if self.temperature_scaling == "members":
+            member = torch.tensor(
+                [fit_temperature(member_logits, target) for member_logits in logits], device=logits.device
+            )
+            self.member_temperature.copy_(member)
+            self.ensemble_temperature.fill_(1.0)
+        else:
+            self.member_temperature.fill_(1.0)
+            raw = cumulative_log_probs(logits, self.aggregation)[-1]
+            self.ensemble_temperature.fill_(fit_temperature(raw, target))
+        before = cumulative_log_probs(logits, self.aggregation)[-1]
+        after = self.calibrated_log_probs(logits)
+        values: dict[str, Tensor | float] = {}
+        for name, log_probs in (("uncalibrated", before), ("calibrated", after)):
+            values[f"val/{name}/nll"] = F.nll_loss(log_probs.clamp_min(-1e4), target)
+            values[f"val/{name}/ece"] = multiclass_calibration_error(
+                log_probs.exp(), target, self.num_classes, n_bins=ECE_BINS, norm="l1", validate_args=False
+            )
+        if self.temperature_scaling == "members":
+            values.update({f"val/member_{i}/temperature": t for i, t in enumerate(self.member_temperature)})
+        else:
+            values["val/temperature"] = self.ensemble_temperature
+        # equal on every process already (gathered logits); `sync_dist` tells Lightning so
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}, sync_dist=True)
 
     @override
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluation_step(batch, self.test_metrics)
+    def test_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor] | None:
+        """Loader 0 (in-distribution): the test metrics and the OOD metrics' negatives; loader 1 (an OOD set,
+        :mod:`~lightning_ensembles.ood`): the OOD metrics' positives only, its labels (if any) ignored.
+
+        Returns:
+            ``{"logits": (M, B, C), "target": (B,)}`` for loader 0, ``{"logits": (M, B, C)}`` for loader 1
+            (``None`` when ``ood_criteria`` is ``[]``).
+
+        Raises:
+            ValueError: for a third test loader, or an OOD batch whose per-sample shape differs from loader 0's.
+        """
+        if dataloader_idx == 0:
+            self.test_ood_metrics.check_inputs(batch[0], is_ood=False)
+            outputs = self._evaluation_step(batch, self.test_metrics)
+            self.test_ood_metrics.update(outputs["logits"], is_ood=False, temperature=self._ood_temperature())
+            return outputs
+        if dataloader_idx != 1:
+            raise ValueError(
+                "Expected at most two test loaders, [in_distribution, ood] (dataloader_idx 0 and 1), but got a "
+                f"batch from dataloader_idx {dataloader_idx}."
+            )
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self.test_ood_metrics.check_inputs(x, is_ood=True)
+        if not self.test_ood_metrics.criteria:
+            return None
+        logits = self(x).detach()
+        if self.temperature_scaling != "none":  # the member temperatures loader 0's logits carry
+            logits = logits / cast(Tensor, self.member_temperature).view(-1, 1, 1)
+        self.test_ood_metrics.update(logits, is_ood=True, temperature=self._ood_temperature())
+        return {"logits": logits}
+
+    def _ood_temperature(self) -> Tensor | None:
+        return self.ensemble_temperature if self.temperature_scaling == "ensemble" else None
 
     @override
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+        ood = self.test_ood_metrics.compute()  # synchronised; empty unless an OOD sample was seen
+        self.test_ood_metrics.reset()
+        if ood:
+            self.log_dict({f"test/ood/{name}": value for name, value in ood.items()}, sync_dist=True)
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | dict[str, Tensor]:
-        """Aggregated probabilities ``(B, C)``; with ``predict_members`` also ``member_probs`` ``(M, B, C)``."""
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The prediction of every sample, with its uncertainty.
+
+        Returns:
+            ``probs``: the aggregated probabilities ``(B, C)``; ``msp``, ``entropy``, ``mutual_information``
+            and ``variation_ratio``: per-sample scores ``(B,)`` (:func:`~lightning_ensembles.uncertainty.
+            uncertainty_scores`); with ``predict_members`` also ``member_probs`` ``(M, B, C)``. All at the
+            fitted temperatures (``temperature_scaling``).
+            :func:`~lightning_ensembles.uncertainty.concat_predictions` joins the batches ``trainer.predict``
+            returns.
+        """
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        logits = self(x)
-        probs = aggregate(logits, self.aggregation)
+        logits = self(x).float() / self.member_temperature.view(-1, 1, 1)
+        log_probs = scale(cumulative_log_probs(logits, self.aggregation)[-1], self.ensemble_temperature)
+        output = {"probs": log_probs.exp().clamp(0.0, 1.0), **uncertainty_scores(logits, log_probs=log_probs)}
         if self.predict_members:
-            return {"probs": probs, "member_probs": logits.float().softmax(dim=-1)}
-        return probs
+            output["member_probs"] = logits.softmax(dim=-1)
+        return output
 
     # ------------------------------------------------------------------ optimisation
 
@@ -642,6 +798,11 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and any(k.startswith("members.") for k in state):
+            # checkpoints written before temperature scaling existed: the identity
+            state.setdefault("member_temperature", torch.ones_like(self.member_temperature))
+            state.setdefault("ensemble_temperature", torch.ones_like(self.ensemble_temperature))
         saved = len({k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("members.")})
         if saved and saved != len(self.members):
             raise ValueError(
@@ -752,6 +913,10 @@ class EnsembleLightningModule(LightningModule):
             check_fusable(list(self.members))
         self._auto_choice = None  # the member count changed: decide again
         self._set_frozen(range(old))
+        self.member_temperature = torch.ones(
+            len(self.members), device=device
+        )  # refitted at the next validation
+        self.ensemble_temperature.fill_(1.0)
         self._make_metrics()
         self.hparams["num_members"] = len(self.members)
         self.hparams["frozen_members"] = list(self.frozen_members)

@@ -21,7 +21,15 @@ from torch import nn
 
 from lightning_ensembles.cost import count_macs, count_params
 
-ENSEMBLE_KEYS = ("top1", "top5", "nll", "ece", "brier", "disagreement")
+ENSEMBLE_KEYS = (
+    "top1",
+    "top5",
+    "nll",
+    "ece",
+    "brier",
+    "disagreement",
+    *("aece", "aurc", "risk80", "entropy", "mutual_information", "variation_ratio"),  # uncertainty
+)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -153,6 +161,10 @@ def build_results(
             }
         )
     ensemble = {key: float(metrics[f"{stage}/{key}"]) for key in ENSEMBLE_KEYS if f"{stage}/{key}" in metrics}
+    ood = f"{stage}/ood/"  # OOD detection (lightning_ensembles.ood): ood/{criterion}/{auroc,aupr,fpr95}
+    ensemble.update(
+        {key[len(stage) + 1 :]: float(value) for key, value in metrics.items() if key.startswith(ood)}
+    )
     architectures = sorted({member_name(m) for m in members})
     return {
         "architecture": architectures[0] if len(architectures) == 1 else "+".join(architectures),

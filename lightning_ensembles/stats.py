@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-LOWER_IS_BETTER = frozenset({"nll", "ece", "aece", "aurc", "risk80", "brier", "loss", "latency_ms", "gmacs"})
+LOWER_IS_BETTER = frozenset(
+    {"nll", "ece", "aece", "aurc", "risk80", "brier", "loss", "latency_ms", "gmacs"}
+    | {f"ood/{criterion}/fpr95" for criterion in ("msp", "entropy", "mutual_information")}
+)
 """Metrics for which a smaller value is better (wins are counted that way)."""
 
 

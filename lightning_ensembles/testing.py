@@ -13,6 +13,10 @@ keys and byte strings are written as Python 2 ``str`` objects, so they load with
 The images are learnable: every class has its own mean colour and a brighter square in a class-dependent
 corner, plus Gaussian noise, so a tiny model beats chance within a few steps. Their md5 sums cannot match
 the official ones, so load them with ``verify_checksums=False``.
+
+:func:`write_fake_svhn` does the same for the SVHN test split that serves as CIFAR-10's out-of-distribution
+set (``CIFAR10DataModule(ood="svhn")``): a ``test_32x32.mat`` MATLAB file as :class:`torchvision.datasets.SVHN`
+reads it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 
 from lightning_ensembles._validation import check_int
 
-__all__ = ["CIFAR10_CLASSES", "write_fake_cifar10"]
+__all__ = ["CIFAR10_CLASSES", "write_fake_cifar10", "write_fake_svhn"]
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -234,3 +238,57 @@ def write_fake_cifar10(
     }
     _dump_python2_style(meta, batches_dir / "batches.meta")
     return batches_dir
+
+
+def write_fake_svhn(root: str | os.PathLike[str], num_test: int = 50, seed: int = 0) -> Path:
+    """Write a tiny SVHN test split in the official format: ``<root>/test_32x32.mat``.
+
+    The file holds what the official one holds (MATLAB 5 format, written with :func:`scipy.io.savemat`):
+    ``X``, uint8 images of shape ``(32, 32, 3, N)``, and ``y``, labels of shape ``(N, 1)`` in ``1..10``
+    (SVHN writes the digit 0 as 10). Each image is a grey-ish background with a bright vertical bar, plus
+    noise: unlike every class of :func:`write_fake_cifar10`. Its md5 cannot match, so load it with
+    ``verify_checksums=False``. Deterministic in ``seed``; an existing file is overwritten.
+
+    Args:
+        root: The folder to write into (``--data.ood_root``), created if missing.
+        num_test: The number of images.
+        seed: Seed of the labels and the noise.
+
+    Returns:
+        The path of ``test_32x32.mat``.
+
+    Raises:
+        ValueError: If ``num_test`` is not an int >= 1 or ``seed`` not an int >= 0.
+
+    Example:
+        >>> import tempfile
+        >>> from scipy.io import loadmat
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     mat = loadmat(write_fake_svhn(root, num_test=7))
+        >>> mat["X"].shape, mat["X"].dtype, mat["y"].shape
+        ((32, 32, 3, 7), dtype('uint8'), (7, 1))
+    """
+    check_int(num_test, "num_test", 1)
+    check_int(seed, "seed", 0)
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(1, 11, size=num_test)
+    images = np.empty((num_test, 32, 32, 3), dtype=np.float64)
+    images[:] = rng.uniform(90, 160, size=(num_test, 1, 1, 1))
+    for index, label in enumerate(labels):
+        left = 4 + 2 * int(label)
+        images[index, 6:26, left : left + 4, :] += 80.0
+    images += rng.normal(0.0, 15.0, size=images.shape)
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / "test_32x32.mat"
+    savemat(
+        file,
+        {
+            "X": np.ascontiguousarray(pixels.transpose(1, 2, 3, 0)),
+            "y": labels.reshape(-1, 1).astype(np.uint8),
+        },
+    )
+    return file

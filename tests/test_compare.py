@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_ensembles.callbacks import CascadeMonitor, EnsembleSizeAblation, FlopsMonitor, LatencyMonitor
+from lightning_ensembles.callbacks import (
+    CascadeMonitor,
+    EnsembleSizeAblation,
+    FlopsMonitor,
+    LatencyMonitor,
+    ReliabilityDiagram,
+)
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.compare import compare, main
 from lightning_ensembles.testing import write_fake_cifar10
@@ -38,6 +44,7 @@ def test_presets_add_to_the_recipes_callbacks(preset: str) -> None:
         "latency.yaml": {LatencyMonitor},
         "ablation.yaml": {EnsembleSizeAblation},
         "cascade.yaml": {CascadeMonitor},
+        "reliability.yaml": {ReliabilityDiagram},
     }[preset]
     assert expected <= set(kinds)
 
@@ -273,7 +280,9 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
         compare(str(seeded_runs), pairs=["WRN-16-2@4 vs WRN-16-8@1"], out=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"look like 'WRN-16-2@4 vs WRN-16-4@1'.*got 'WRN-16-2 vs WRN-16-4'"):
         compare(str(seeded_runs), pairs=["WRN-16-2 vs WRN-16-4"], out=str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"`--metric` to be one of top1, nll, ece, aece, aurc, risk80, but got 'top5'"):
+    with pytest.raises(
+        ValueError, match=r"`--metric` to be one of top1, nll, ece, aece, aurc, risk80, but got 'top5'"
+    ):
         compare(str(seeded_runs), metric="top5")  # type: ignore[arg-type]
 
     # Runs without a seed (no config.yaml) draw on the figure but cannot be paired.

@@ -48,7 +48,9 @@ def test_a_timm_factory_without_num_classes_gets_the_ensembles() -> None:
     assert resolve_member_spec(explicit, 7) is explicit  # a member's own setting is kept ...
     with pytest.raises(ValueError, match=r"member 0 gave \(1, 3\).*init_args.num_classes"):
         EnsembleLightningModule(member=explicit, num_classes=7)(torch.randn(1, 3, 32, 32))  # ... and checked
-    assert resolve_member_spec(WideResNet, 7) is WideResNet  # num_classes defaults to 10, not None: kept
+    wide = EnsembleLightningModule(member=functools.partial(WideResNet, 10, 1), num_members=1, num_classes=7)
+    assert wide.members[0].num_classes == 7  # WideResNet's num_classes is unset by default: the ensemble's
+    assert WideResNet(10, 1).num_classes == 10  # and on its own, CIFAR-10's
 
 
 def test_string_member_and_data_classes_on_the_cli() -> None:

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from lightning_ensembles.members import build_member, build_members
 from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.uncertainty import concat_predictions, uncertainty_scores
 from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
 
 
@@ -82,17 +83,25 @@ def test_forward_shape_and_mixed_architectures_train_and_evaluate() -> None:
     assert isinstance(module.members[1], TinyConvNet)
 
 
-def test_predict_step_returns_aggregated_and_member_probabilities() -> None:
+def test_predict_step_returns_probabilities_uncertainty_and_member_probabilities() -> None:
     loader = make_loader(n=20, batch_size=10)
     module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
     trainer = pl.Trainer(**trainer_kwargs())
-    probs = torch.cat(trainer.predict(module, loader))
+    predictions = concat_predictions(trainer.predict(module, loader))
+    probs = predictions["probs"]
     assert probs.shape == (20, NUM_CLASSES)
     assert_close(probs.sum(dim=1), torch.ones(20))
+    module.eval()
+    x = torch.cat([x for x, _ in loader])
+    expected = uncertainty_scores(module(x))
+    assert set(predictions) == {"probs", *expected}
+    for name, value in expected.items():
+        assert_close(predictions[name], value, msg=name)
+    assert_close(predictions["msp"], probs.max(dim=1).values)
     module.predict_members = True
-    (first, *_) = trainer.predict(module, loader)
-    assert first["member_probs"].shape == (2, 10, NUM_CLASSES)
-    assert_close(first["member_probs"].mean(dim=0), first["probs"])
+    predictions = concat_predictions(trainer.predict(module, loader))
+    assert predictions["member_probs"].shape == (2, 20, NUM_CLASSES)
+    assert_close(predictions["member_probs"].mean(dim=0), predictions["probs"])
 
 
 def test_nonfinite_loss_names_member_and_step() -> None:

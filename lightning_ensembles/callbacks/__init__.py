@@ -10,5 +10,13 @@ from lightning_ensembles.callbacks.cascade import CascadeMonitor
 from lightning_ensembles.callbacks.ema import MemberEMA
 from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.callbacks.latency import LatencyMonitor
+from lightning_ensembles.callbacks.reliability import ReliabilityDiagram
 
-__all__ = ["CascadeMonitor", "EnsembleSizeAblation", "FlopsMonitor", "LatencyMonitor", "MemberEMA"]
+__all__ = [
+    "CascadeMonitor",
+    "EnsembleSizeAblation",
+    "FlopsMonitor",
+    "LatencyMonitor",
+    "MemberEMA",
+    "ReliabilityDiagram",
+]

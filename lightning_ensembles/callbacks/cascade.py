@@ -238,7 +238,8 @@ class CascadeMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(trainer, pl_module, outputs)
+        if dataloader_idx == 0:  # loader 1 is an OOD set (lightning_ensembles.ood)
+            self._collect(trainer, pl_module, outputs)
 
     def _gathered(self, trainer: Trainer, pl_module: LightningModule) -> CascadeStages | None:
         parts, self._parts, self._num_collected = self._parts, [], 0

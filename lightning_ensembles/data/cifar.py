@@ -11,6 +11,11 @@ integrity check returns ``False`` without saying which file is missing or corrup
 skip the md5 comparison. :class:`_CIFAR10` makes both failures name the file, and with
 ``verify_checksums=False`` sets the md5 sums to ``None`` (torchvision's own "existence only" setting) so
 generated test data (:func:`lightning_ensembles.testing.write_fake_cifar10`) loads through the same code.
+
+For out-of-distribution evaluation (:mod:`lightning_ensembles.ood`), ``ood="svhn"`` adds the test split of
+SVHN (Netzer et al., *Reading Digits in Natural Images with Unsupervised Feature Learning*, 2011), the usual
+far-OOD set for CIFAR-10 (Hendrycks & Gimpel 2017; Lakshminarayanan et al. 2017), as a second test loader,
+read by :class:`torchvision.datasets.SVHN` with the same ``verify_checksums`` switch.
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, SVHN
 from torchvision.datasets import utils as tv_utils
 from typing_extensions import override
 
@@ -290,6 +295,76 @@ class _CIFAR10(CIFAR10):
             raise self._diagnose(train, "the loaded images, labels or class names are inconsistent")
 
 
+_SVHN_URL, _SVHN_FILE, _SVHN_MD5 = (str(v) for v in SVHN.split_list["test"])
+OOD_SETS = ("svhn",)
+"""The out-of-distribution test sets :class:`CIFAR10DataModule` offers (``--data.ood``)."""
+
+
+class _SVHN(SVHN):
+    """torchvision's SVHN test split whose failures name the file, with an optional md5 check.
+
+    As for :class:`_CIFAR10`: with ``verify_checksums=False`` the instance's ``split_list`` carries ``None``
+    for the md5 (torchvision's "exists only"), and a missing, corrupted or malformed ``test_32x32.mat`` is an
+    error naming the file instead of torchvision's "Dataset not found or corrupted".
+
+    Args:
+        root: The folder holding ``test_32x32.mat`` (``--data.ood_root``).
+        verify_checksums: Whether to compare the file's md5 with torchvision's.
+        transform: Transform applied to each PIL image.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        RuntimeError: If it fails its md5 check, cannot be read, or does not hold 32x32 RGB uint8 images.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], verify_checksums: bool, transform: Callable[[Any], Any] | None
+    ) -> None:
+        if not verify_checksums:
+            self.split_list = {split: [url, name, None] for split, (url, name, _) in SVHN.split_list.items()}
+        self._path = os.path.abspath(os.path.join(os.path.expanduser(os.fspath(root)), _SVHN_FILE))
+        try:
+            super().__init__(root, split="test", transform=transform, download=False)
+        except (FileNotFoundError, RuntimeError):
+            raise
+        except Exception as err:  # scipy cannot read it, or it lacks 'X'/'y': re-raised naming the file
+            raise RuntimeError(self._corrupted(f"could not be read ({type(err).__name__}: {err})")) from err
+        if (
+            self.data.dtype != np.uint8
+            or self.data.ndim != 4
+            or self.data.shape[1:] != (3, 32, 32)
+            or len(self.labels) != len(self.data)
+        ):
+            raise RuntimeError(
+                self._corrupted(
+                    f"holds 'X' of shape {tuple(self.data.shape)[::-1]} ({self.data.dtype}) and "
+                    f"{len(self.labels)} labels, but (32, 32, 3, N) uint8 images and N labels were expected"
+                )
+            )
+
+    def _corrupted(self, problem: str) -> str:
+        return (
+            f"SVHN {self._path} {problem}. Download {_SVHN_URL} (md5 {_SVHN_MD5}) again into `--data.ood_root`; "
+            "only files you generated yourself (e.g. with `lightning_ensembles.testing.write_fake_svhn`) should "
+            "be loaded with `--data.verify_checksums false`."
+        )
+
+    @override
+    def _check_integrity(self) -> bool:
+        if not os.path.isfile(self._path):
+            raise FileNotFoundError(
+                f"SVHN (the OOD test set of `--data.ood svhn`) was not found: {self._path!r} does not exist. "
+                f"Download {_SVHN_URL} (md5 {_SVHN_MD5}) into `--data.ood_root`, or pass `--data.download true` "
+                "where the internet is reachable."
+            )
+        md5 = self.split_list[self.split][2]
+        if md5 is not None:
+            actual = tv_utils.calculate_md5(self._path)
+            if actual != md5:
+                raise RuntimeError(self._corrupted(f"failed its md5 check (expected {md5}, got {actual})"))
+        return True
+
+
 class _TransformedSubset(Dataset[tuple[Any, int]]):
     """A subset of a CIFAR-10 split with its own transform.
 
@@ -343,6 +418,13 @@ class CIFAR10DataModule(LightningDataModule):
     and training uses the rest. :meth:`test_dataloader` and :meth:`predict_dataloader` always return the
     test split.
 
+    Out-of-distribution evaluation: with ``ood="svhn"`` :meth:`setup` for ``"test"`` also loads SVHN's test
+    split (26,032 32x32 RGB images) from ``ood_root`` with the evaluation transforms (CIFAR-10's
+    normalisation), and :meth:`test_dataloader` returns ``[cifar10_test_loader, svhn_loader]``: Lightning's
+    multiple test loaders, ``dataloader_idx`` 1 being the OOD set, which
+    :class:`~lightning_ensembles.module.EnsembleLightningModule` logs as ``test/ood/...``. SVHN's labels are
+    ignored. ``download`` and ``verify_checksums`` apply to SVHN too.
+
     Args:
         root: Directory holding (or to receive) ``cifar-10-batches-py/``.
         batch_size: Images per batch, for every loader.
@@ -353,11 +435,16 @@ class CIFAR10DataModule(LightningDataModule):
             generated data such as :func:`lightning_ensembles.testing.write_fake_cifar10`.
         augment: Apply random crop and flip to training images; if false they get the evaluation transforms.
         seed: Seed of the train/validation split and of the training order.
+        ood: ``"svhn"`` adds SVHN's test split as an OOD test loader; ``None``: no OOD set.
+        ood_root: The folder holding SVHN's ``test_32x32.mat`` (as for :class:`torchvision.datasets.SVHN`);
+            ``None``: ``<root>/svhn``.
 
     Raises:
         ValueError: If an argument is out of range; the message names its ``--data.*`` flag.
 
     Example:
+        >>> CIFAR10DataModule(root="data", ood="svhn").ood_root
+        'data/svhn'
         >>> dm = CIFAR10DataModule(root="data", batch_size=64)
         >>> dm.num_classes, dm.input_shape
         (10, (3, 32, 32))
@@ -379,6 +466,8 @@ class CIFAR10DataModule(LightningDataModule):
         verify_checksums: bool = True,
         augment: bool = True,
         seed: int = 0,
+        ood: Literal["svhn"] | None = None,
+        ood_root: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -391,6 +480,17 @@ class CIFAR10DataModule(LightningDataModule):
         self.verify_checksums = check_bool(verify_checksums, "--data.verify_checksums")
         self.augment = check_bool(augment, "--data.augment")
         self.seed = check_int(seed, "--data.seed", 0)
+        if ood is not None and ood not in OOD_SETS:
+            raise ValueError(f"Expected `--data.ood` to be one of {list(OOD_SETS)} or null, but got {ood!r}.")
+        self.ood = ood
+        if ood_root is not None and (not isinstance(ood_root, (str, os.PathLike)) or not os.fspath(ood_root)):
+            raise ValueError(
+                f"Expected `--data.ood_root` to be a non-empty directory path or null, but got {ood_root!r}."
+            )
+        self.ood_root: str = (
+            os.fspath(ood_root) if ood_root is not None else os.path.join(os.fspath(root), "svhn")
+        )
+        """The folder SVHN's ``test_32x32.mat`` is read from (``--data.ood_root``, default ``<root>/svhn``)."""
         self.save_hyperparameters()
 
         normalize = [transforms.ToTensor(), transforms.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD)]
@@ -409,6 +509,8 @@ class CIFAR10DataModule(LightningDataModule):
         self.train_set: _TransformedSubset | None = None
         self.val_set: _TransformedSubset | None = None
         self.test_set: _TransformedSubset | None = None
+        self.ood_set: Dataset[tuple[Any, int]] | None = None
+        """The OOD test set (SVHN's test split), set by ``setup("test")`` when ``ood`` is given."""
 
     @property
     def batches_dir(self) -> str:
@@ -435,6 +537,8 @@ class CIFAR10DataModule(LightningDataModule):
         Raises:
             CIFAR10NotFoundError: If files are missing and ``download`` is false, or the download failed.
         """
+        if self.ood == "svhn" and self.download:
+            self._download_svhn()
         missing = self._missing_files()
         if not missing:
             return
@@ -468,6 +572,24 @@ class CIFAR10DataModule(LightningDataModule):
                     self.root, still_missing, f" after extracting {CIFAR10.filename}", suggest_download=False
                 )
             )
+
+    def _download_svhn(self) -> None:
+        """Download SVHN's ``test_32x32.mat`` into ``ood_root`` if it is missing (md5 checked by torchvision).
+
+        Raises:
+            FileNotFoundError: If the download failed.
+        """
+        if os.path.isfile(os.path.join(os.path.expanduser(self.ood_root), _SVHN_FILE)):
+            return
+        log.info("Downloading SVHN's test split from %s to %s", _SVHN_URL, self.ood_root)
+        try:
+            tv_utils.download_url(_SVHN_URL, os.path.expanduser(self.ood_root), _SVHN_FILE, _SVHN_MD5)
+        except Exception as err:  # network or disk errors; re-raised with the fix in the message
+            raise FileNotFoundError(
+                f"Downloading SVHN ({_SVHN_URL}) into `--data.ood_root` {self.ood_root!r} failed: "
+                f"{type(err).__name__}: {err}. Download it on a machine with internet access and copy "
+                f"{_SVHN_FILE} there."
+            ) from err
 
     def _load(self, train: bool) -> _CIFAR10:
         """Load one split without a transform.
@@ -522,6 +644,8 @@ class CIFAR10DataModule(LightningDataModule):
             ValueError: If ``stage`` is unknown, or ``val_size`` is not smaller than the training split found.
             CIFAR10NotFoundError: If a file is missing.
             CIFAR10CorruptedError: If a file fails its md5 check, cannot be unpickled or is malformed.
+            FileNotFoundError: If ``ood="svhn"`` and SVHN's ``test_32x32.mat`` is missing (stage ``"test"``).
+            RuntimeError: If that file fails its md5 check or is malformed.
         """
         if stage not in _STAGES:
             raise ValueError(f"Expected `stage` to be one of {', '.join(_STAGES)}, but got {stage!r}.")
@@ -534,9 +658,11 @@ class CIFAR10DataModule(LightningDataModule):
                 self._setup_test()
         if stage in ("test", "predict"):
             self._setup_test()
+        if stage == "test" and self.ood == "svhn" and self.ood_set is None:
+            self.ood_set = _SVHN(self.ood_root, self.verify_checksums, self.eval_transform)
 
     def _loader(
-        self, dataset: _TransformedSubset | None, name: str, stage: str, train: bool = False
+        self, dataset: Dataset[tuple[Any, int]] | None, name: str, stage: str, train: bool = False
     ) -> DataLoader[Any]:
         """Build a DataLoader over one split.
 
@@ -581,15 +707,17 @@ class CIFAR10DataModule(LightningDataModule):
         return self._loader(self.val_set, "validation", "validate")
 
     @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        """Return the test loader.
+    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """Return the test loader, or ``[test loader, OOD loader]`` when ``ood`` is given.
 
         Returns:
-            Batches ``(images (B, 3, 32, 32), labels (B,))`` in a fixed order.
+            Batches ``(images (B, 3, 32, 32), labels (B,))`` in a fixed order (SVHN's labels are its digits).
 
         Raises:
             RuntimeError: If ``setup("test")`` has not run.
         """
+        if self.ood is not None:
+            return [self._loader(self.test_set, "test", "test"), self._loader(self.ood_set, "OOD", "test")]
         return self._loader(self.test_set, "test", "test")
 
     @override

@@ -7,10 +7,15 @@ tests and CPU smoke runs this module provides a small real dataset that ships in
 (Alpaydin & Kaynak, 1998), via :func:`sklearn.datasets.load_digits`. Pixel values 0..16 are scaled to
 [0, 1] and then standardised with the mean and standard deviation of the training split only. The
 train/validation/test split is stratified by class and determined by ``seed``.
+
+For out-of-distribution evaluation (:mod:`lightning_ensembles.ood`), ``ood_classes`` holds some digits out:
+the model trains, validates and tests on the others, and the held-out digits of the test split form a second
+test loader.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +35,34 @@ _MIN_TRAIN = 10
 _STAGES = ("fit", "validate", "test", "predict")
 
 
+def _check_ood_classes(ood_classes: Sequence[int] | None) -> tuple[int, ...]:
+    """Return the held-out digits, sorted, after checking them.
+
+    Args:
+        ood_classes: ``--data.ood_classes``.
+
+    Returns:
+        The digits as a sorted tuple (empty for ``None`` or ``[]``).
+
+    Raises:
+        ValueError: If they are not distinct ints in ``[0, 9]`` leaving at least 2 in-distribution digits.
+    """
+    if ood_classes is None:
+        return ()
+    values = list(ood_classes) if isinstance(ood_classes, (list, tuple)) else None
+    if (
+        values is None
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _NUM_CLASSES for c in values)
+        or len(set(values)) != len(values)
+        or _NUM_CLASSES - len(values) < 2
+    ):
+        raise ValueError(
+            f"Expected `--data.ood_classes` to be distinct ints in [0, {_NUM_CLASSES - 1}] that leave at least 2 "
+            f"in-distribution digits (e.g. [8, 9]), or null, but got {ood_classes!r}."
+        )
+    return tuple(sorted(values))
+
+
 class DigitsDataModule(LightningDataModule):
     """The 1,797 8x8 handwritten digits of scikit-learn, split into train/validation/test by class.
 
@@ -41,12 +74,24 @@ class DigitsDataModule(LightningDataModule):
     :meth:`val_dataloader` returns the test split (as in
     :class:`~lightning_ensembles.data.CIFAR10DataModule`).
 
+    Out-of-distribution classes: with ``ood_classes`` (e.g. ``[8, 9]``) the split above is made as usual, then
+    the held-out digits are removed from every split; the remaining ``K`` digits are relabelled ``0..K-1`` in
+    increasing order (:attr:`classes` maps a label back to its digit), :attr:`num_classes` is ``K`` (linked
+    into ``--model.num_classes`` by the CLI), and the standardisation uses the in-distribution training
+    images only. The held-out digits' images **of the test split only** form :attr:`ood_set`, and
+    :meth:`test_dataloader` returns ``[in_distribution_loader, ood_loader]``: Lightning's multiple test
+    loaders, ``dataloader_idx`` 1 being the OOD set, which
+    :class:`~lightning_ensembles.module.EnsembleLightningModule` scores as OOD and logs as ``test/ood/...``.
+    The OOD set's labels are the original digits, which the module ignores.
+
     Args:
         batch_size: Images per batch, for every loader.
         num_workers: DataLoader worker processes (0 loads in the main process).
         val_size: Images held out for validation: 0, or at least 10 (one per class).
         test_size: Images held out for testing: at least 10 (one per class).
         seed: Seed of the split and of the training order.
+        ood_classes: Digits held out as an out-of-distribution test set: distinct ints in ``[0, 9]`` leaving
+            at least 2 in-distribution digits; ``None`` or ``[]``: none.
 
     Raises:
         ValueError: If an argument is out of range or the splits leave fewer than 10 training images; the
@@ -58,6 +103,11 @@ class DigitsDataModule(LightningDataModule):
         >>> images, labels = next(iter(dm.train_dataloader()))
         >>> tuple(images.shape), labels.dtype, len(dm.train_set), len(dm.val_set)
         ((32, 1, 8, 8), torch.int64, 1197, 300)
+        >>> dm = DigitsDataModule(ood_classes=[8, 9])
+        >>> dm.setup("test")
+        >>> in_distribution, ood = dm.test_dataloader()
+        >>> dm.num_classes, dm.classes, len(in_distribution.dataset), len(ood.dataset)
+        (8, [0, 1, 2, 3, 4, 5, 6, 7], 241, 59)
     """
 
     num_classes: int = _NUM_CLASSES
@@ -73,6 +123,7 @@ class DigitsDataModule(LightningDataModule):
         val_size: int = 300,
         test_size: int = 300,
         seed: int = 0,
+        ood_classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = check_int(batch_size, "--data.batch_size", 1)
@@ -85,6 +136,11 @@ class DigitsDataModule(LightningDataModule):
             )
         self.test_size = check_int(test_size, "--data.test_size", _NUM_CLASSES)
         self.seed = check_int(seed, "--data.seed", 0)
+        self.ood_classes: tuple[int, ...] = _check_ood_classes(ood_classes)
+        """The held-out digits, sorted (empty: no OOD set)."""
+        self.classes: list[int] = [c for c in range(_NUM_CLASSES) if c not in self.ood_classes]
+        """The digit of each label, in label order."""
+        self.num_classes = len(self.classes)
         if _NUM_SAMPLES - val_size - test_size < _MIN_TRAIN:
             raise ValueError(
                 f"Expected `--data.val_size` + `--data.test_size` to leave at least {_MIN_TRAIN} of the "
@@ -99,10 +155,13 @@ class DigitsDataModule(LightningDataModule):
         """Population std of the training pixels (after dividing by 16), set by :meth:`setup`."""
         self.split_indices: dict[str, np.ndarray] = {}
         """Sorted indices into :func:`~sklearn.datasets.load_digits` of each split, set by :meth:`setup`:
-        ``"train"``, ``"val"`` (when ``val_size > 0``) and ``"test"``."""
+        ``"train"``, ``"val"`` (when ``val_size > 0``) and ``"test"`` (in-distribution digits only), and
+        ``"ood"`` (the held-out digits of the test split, when ``ood_classes`` is given)."""
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
+        self.ood_set: TensorDataset | None = None
+        """The held-out digits of the test split (labels: the original digits), set by :meth:`setup`."""
 
     @override
     def setup(self, stage: str) -> None:
@@ -144,12 +203,18 @@ class DigitsDataModule(LightningDataModule):
         else:
             train_idx, val_idx = rest, None
 
+        held_out = np.isin(labels, self.ood_classes)
         self.split_indices = {"train": np.sort(train_idx), "test": np.sort(test_idx)}
         if val_idx is not None:
             self.split_indices["val"] = np.sort(val_idx)
+        if self.ood_classes:
+            self.split_indices = {split: idx[~held_out[idx]] for split, idx in self.split_indices.items()}
+            self.split_indices["ood"] = np.sort(test_idx[held_out[test_idx]])
 
         x = torch.from_numpy(images)
-        y = torch.from_numpy(labels)
+        relabel = np.full(_NUM_CLASSES, -1, dtype=np.int64)
+        relabel[self.classes] = np.arange(len(self.classes))
+        y = torch.from_numpy(np.where(held_out, labels, relabel[labels]))
         train_x = x[self.split_indices["train"]]
         mean = train_x.mean()
         std = train_x.std(correction=0)
@@ -162,6 +227,8 @@ class DigitsDataModule(LightningDataModule):
         self.train_set = subset("train")
         self.test_set = subset("test")
         self.val_set = subset("val") if val_idx is not None else self.test_set
+        if self.ood_classes:
+            self.ood_set = subset("ood")
 
     def _loader(self, dataset: TensorDataset | None, train: bool = False) -> DataLoader[Any]:
         """Build a DataLoader over one split.
@@ -205,15 +272,18 @@ class DigitsDataModule(LightningDataModule):
         return self._loader(self.val_set)
 
     @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        """Return the test loader.
+    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """Return the test loader, or ``[test loader, OOD loader]`` when ``ood_classes`` is given.
 
         Returns:
-            Batches ``(images (B, 1, 8, 8), labels (B,))`` in a fixed order.
+            Batches ``(images (B, 1, 8, 8), labels (B,))`` in a fixed order; the OOD loader's labels are the
+            original held-out digits.
 
         Raises:
             RuntimeError: If :meth:`setup` has not run.
         """
+        if self.ood_classes:
+            return [self._loader(self.test_set), self._loader(self.ood_set)]
         return self._loader(self.test_set)
 
     @override

@@ -15,6 +15,10 @@ RandAugment (``auto_augment``) and random erasing (``re_prob``); evaluation imag
 :class:`~timm.data.Mixup`) mix training batches after they reach the device and turn the labels into soft
 targets ``(B, C)``, which the cross-entropy of
 :class:`~lightning_ensembles.module.EnsembleLightningModule` accepts as they are.
+
+For out-of-distribution evaluation (:mod:`lightning_ensembles.ood`), ``ood_root`` names an image folder of
+the user's choice (ImageNet-O, iNaturalist, Textures, OpenImage-O, ...) that is tested as a second test
+loader with the same evaluation transforms.
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ class ImageNetDataModule(LightningDataModule):
 
     The training loader shuffles by ``(seed, epoch)``; validation, test and prediction use the ``val`` split.
 
+    Out-of-distribution evaluation: ``ood_root`` is an :class:`~torchvision.datasets.ImageFolder` root
+    **itself**: its sub-folders hold the images (``<ood_root>/<any folder>/*.JPEG``, as ImageNet-O ships;
+    for a dataset with a ``val`` split, pass that split's folder, e.g. ``data/inaturalist/val``; put a flat
+    folder of images into one sub-folder). Its folder names are ignored. ``setup("test")`` indexes it with
+    the evaluation transforms, and :meth:`test_dataloader` returns ``[val_loader, ood_loader]``: Lightning's
+    multiple test loaders, ``dataloader_idx`` 1 being the OOD set, which
+    :class:`~lightning_ensembles.module.EnsembleLightningModule` logs as ``test/ood/...``.
+
     Args:
         root: Folder holding ``train/`` and ``val/`` (``--data.root``).
         model_name: timm model whose pretrained config sets the image size and crop (e.g.
@@ -106,6 +118,7 @@ class ImageNetDataModule(LightningDataModule):
         label_smoothing: Label smoothing of the Mixup/CutMix soft targets, in [0, 1).
         crop_pct: Evaluation center-crop fraction, overriding the model's (e.g. 0.934 for B5).
         seed: Seed of the training order.
+        ood_root: An image folder tested as the out-of-distribution set (see above); ``None``: none.
 
     Raises:
         ValueError: If an argument is out of range, naming its ``--data.*`` flag and the value.
@@ -132,6 +145,7 @@ class ImageNetDataModule(LightningDataModule):
         label_smoothing: float = 0.0,
         crop_pct: float | None = None,
         seed: int = 0,
+        ood_root: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -163,6 +177,11 @@ class ImageNetDataModule(LightningDataModule):
                     f"Expected `--data.crop_pct` to be a float in (0, 1] or null, but got {crop_pct!r}."
                 )
         self.seed = check_int(seed, "--data.seed", 0)
+        if ood_root is not None and (not isinstance(ood_root, (str, os.PathLike)) or not os.fspath(ood_root)):
+            raise ValueError(
+                f"Expected `--data.ood_root` to be a non-empty directory path or null, but got {ood_root!r}."
+            )
+        self.ood_root = os.fspath(ood_root) if ood_root is not None else None
         mixing = self.mixup_alpha > 0 or self.cutmix_alpha > 0
         if mixing and self.batch_size % 2:
             raise ValueError(
@@ -192,6 +211,8 @@ class ImageNetDataModule(LightningDataModule):
         """Class names in label order, set by :meth:`setup`."""
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
+        self.ood_set: ImageFolder | None = None
+        """The OOD image folder, indexed by ``setup("test")`` when ``ood_root`` is given."""
 
     def _split_dir(self, split: str) -> str:
         return os.path.join(self.root, split)
@@ -243,6 +264,34 @@ class ImageNetDataModule(LightningDataModule):
             raise FileNotFoundError(
                 f"The ImageNet {split} folder {path!r} (under `--data.root` {self.root!r}) has class folders "
                 f"without images ({err}). Supported extensions: {', '.join(IMG_EXTENSIONS)}."
+            ) from err
+
+    def _load_ood(self, folder: str) -> ImageFolder:
+        """Index the OOD image folder with the evaluation transforms.
+
+        Args:
+            folder: ``ood_root``.
+
+        Returns:
+            The folder as an :class:`~torchvision.datasets.ImageFolder`.
+
+        Raises:
+            FileNotFoundError: If it does not exist, has no sub-folders, or they hold no images.
+        """
+        path = os.path.abspath(folder)
+        if not os.path.isdir(path) or not _class_folders(path):
+            problem = "does not exist" if not os.path.isdir(path) else "has no sub-folders"
+            raise FileNotFoundError(
+                f"The OOD image folder `--data.ood_root` {path!r} {problem}. Expected an ImageFolder root: "
+                "sub-folders of images, e.g. <ood_root>/<folder>/*.JPEG (put a flat folder of images into one "
+                "sub-folder)."
+            )
+        try:
+            return ImageFolder(path, transform=self.eval_transform)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"The OOD image folder `--data.ood_root` {path!r} has sub-folders without images ({err}). "
+                f"Supported extensions: {', '.join(IMG_EXTENSIONS)}."
             ) from err
 
     def _configure(self, model_name: str | None, cfg: dict[str, Any] | None = None) -> None:
@@ -312,7 +361,8 @@ class ImageNetDataModule(LightningDataModule):
 
         Raises:
             ValueError: If ``stage`` is unknown or ``train`` and ``val`` have different class folders.
-            FileNotFoundError: If a split folder is missing, has no class folders, or a class has no images.
+            FileNotFoundError: If a split folder is missing, has no class folders, or a class has no images; or,
+                for ``"test"``, if ``ood_root`` is given and is not a folder of image sub-folders.
         """
         if stage not in _STAGES:
             raise ValueError(f"Expected `stage` to be one of {', '.join(_STAGES)}, but got {stage!r}.")
@@ -335,6 +385,8 @@ class ImageNetDataModule(LightningDataModule):
                 )
         if self.val_set is None:
             self.val_set = self._load("val", self.eval_transform)
+        if stage == "test" and self.ood_root is not None and self.ood_set is None:
+            self.ood_set = self._load_ood(self.ood_root)
         if need_train and self.train_set is None:
             self.train_set = self._load("train", self.train_transform)
         self.classes = list(self.val_set.classes)
@@ -423,15 +475,22 @@ class ImageNetDataModule(LightningDataModule):
         return self._loader(self.val_set, "validation", "validate")
 
     @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        """Return the ``val`` split (ImageNet's labelled test set) in a fixed order.
+    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """Return the ``val`` split (ImageNet's labelled test set) in a fixed order, and the OOD folder after it
+        when ``ood_root`` is given.
 
         Returns:
-            Batches ``(images (B, 3, S, S), labels (B,))``.
+            Batches ``(images (B, 3, S, S), labels (B,))``; ``[val loader, OOD loader]`` with ``ood_root`` (the
+            OOD labels are its folder indices, ignored).
 
         Raises:
             RuntimeError: If :meth:`setup` has not run.
         """
+        if self.ood_root is not None:
+            return [
+                self._loader(self.val_set, "validation", "test"),
+                self._loader(self.ood_set, "OOD", "test"),
+            ]
         return self._loader(self.val_set, "validation", "test")
 
     @override

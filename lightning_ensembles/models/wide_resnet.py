@@ -77,7 +77,9 @@ class WideResNet(nn.Module):
         depth: Total number of weighted layers; must be of the form ``6n + 4`` with ``n >= 1``
             (10, 16, 22, 28, 40, ...), giving ``n`` blocks per stage.
         width: Widening factor ``k``; the stages have ``16k``, ``32k`` and ``64k`` channels.
-        num_classes: Number of output logits.
+        num_classes: Number of output logits. ``None``: inside an
+            :class:`~lightning_ensembles.EnsembleLightningModule`, the ensemble's ``num_classes`` (linked from
+            ``--data.num_classes`` by the CLI); on its own, 10 (CIFAR-10).
         dropout: Dropout probability between the two convolutions of every block, in ``[0, 1)``.
         in_channels: Channels of the input images (3 for RGB, 1 for grey-scale).
 
@@ -102,11 +104,12 @@ class WideResNet(nn.Module):
         self,
         depth: int = 28,
         width: int = 10,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         dropout: float = 0.0,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
+        num_classes = 10 if num_classes is None else num_classes
         if not _is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:
             raise _arg_error("depth", "an int of the form 6n+4 (10, 16, 22, 28, 40, ...)", depth)
         if not _is_int(width) or width < 1:

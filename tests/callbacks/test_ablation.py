@@ -142,7 +142,10 @@ def test_choose_subsets_is_complete_or_sampled_and_deterministic() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(metrics=["top1", "f1"]), r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80'\].*'f1'"),
+        (
+            dict(metrics=["top1", "f1"]),
+            r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80'\].*'f1'",
+        ),
         (dict(metrics=[]), r"non-empty"),
         (dict(stages=["train"]), r"`stages`.*'train'"),
         (dict(num_subsets=0), r"`num_subsets` to be an int >= 1, but got 0"),
@@ -217,7 +220,9 @@ def test_prints_its_table_after_each_evaluation_unless_quiet(
     ]  # not the sanity check
     test_rows = [row for row in ablation.history if row["stage"] == "test"]
     lines = tables[-1].splitlines()
-    assert lines[1] == "| k | GMACs | top-1 (%) | NLL | ECE | aECE | AURC | risk@80% |" and len(lines) == 3 + M
+    assert (
+        lines[1] == "| k | GMACs | top-1 (%) | NLL | ECE | aECE | AURC | risk@80% |" and len(lines) == 3 + M
+    )
     first = test_rows[0]
     assert lines[3].startswith(f"| 1 | {first['random_gmacs']:.4g} | {100 * first['random_top1']:.2f} (")
 

@@ -15,16 +15,18 @@ import pytest
 import torch
 import torchvision.datasets.utils as tv_utils
 from PIL import Image
-from torchvision.datasets import CIFAR10
+from scipy.io import loadmat, savemat
+from torchvision.datasets import CIFAR10, SVHN
 
 from lightning_ensembles.data import CIFAR10DataModule, EpochSeededRandomSampler
 from lightning_ensembles.data.cifar import (
+    _SVHN,
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10CorruptedError,
     CIFAR10NotFoundError,
 )
-from lightning_ensembles.testing import CIFAR10_CLASSES, write_fake_cifar10
+from lightning_ensembles.testing import CIFAR10_CLASSES, write_fake_cifar10, write_fake_svhn
 
 EXPECTED_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]
 EXPECTED_FILES += ["test_batch", "batches.meta"]
@@ -435,3 +437,95 @@ def test_val_size_must_be_smaller_than_the_training_set_found(shared_root: Path)
 def test_hyperparameters_are_saved(shared_root: Path) -> None:
     dm = _datamodule(shared_root, val_size=5, seed=3)
     assert dm.hparams["val_size"] == 5 and dm.hparams["seed"] == 3 and dm.hparams["root"] == str(shared_root)
+
+
+# ------------------------------------------------------------------------------ SVHN as the OOD test set
+
+
+@pytest.fixture(scope="module")
+def svhn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake SVHN test split (20 images) in the real format, which the tests only read."""
+    root = tmp_path_factory.mktemp("svhn")
+    write_fake_svhn(root, num_test=20, seed=0)
+    return root
+
+
+def test_fake_svhn_has_the_real_format(svhn_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mat = loadmat(svhn_root / "test_32x32.mat")
+    assert mat["X"].shape == (32, 32, 3, 20) and mat["X"].dtype == np.uint8
+    assert mat["y"].shape == (20, 1) and set(mat["y"].ravel().tolist()) <= set(range(1, 11))
+    url, name, _ = SVHN.split_list["test"]
+    monkeypatch.setitem(SVHN.split_list, "test", [url, name, None])  # torchvision itself, md5 aside
+    svhn = SVHN(str(svhn_root), split="test")
+    assert len(svhn) == 20 and svhn[0][0].size == (32, 32)
+
+
+def test_svhn_is_the_second_test_loader_with_the_cifar_normalisation(
+    shared_root: Path, svhn_root: Path
+) -> None:
+    dm = _datamodule(shared_root, ood="svhn", ood_root=str(svhn_root))
+    dm.setup("fit")
+    assert dm.ood_set is None  # only the test stage loads it
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == 2
+    assert loaders[0].dataset is dm.test_set and len(loaders[1].dataset) == 20  # type: ignore[arg-type]
+    images, _ = next(iter(loaders[1]))
+    assert images.shape == (16, 3, 32, 32)
+    raw = loadmat(svhn_root / "test_32x32.mat")["X"].transpose(3, 2, 0, 1)  # (N, C, H, W), as torchvision
+    torch.testing.assert_close(images, _normalised(raw[:16]))
+    default = CIFAR10DataModule(root=str(shared_root), ood="svhn")
+    assert default.ood_root == os.path.join(str(shared_root), "svhn")
+
+
+def test_svhn_missing_corrupted_and_malformed_files_are_named(tmp_path: Path, shared_root: Path) -> None:
+    dm = _datamodule(shared_root, ood="svhn", ood_root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"test_32x32.mat' does not exist.*`--data.ood_root`"):
+        dm.setup("test")
+    path = write_fake_svhn(tmp_path, num_test=3)
+    with pytest.raises(
+        RuntimeError, match=rf"{path} failed its md5 check \(expected eb5a983be6a315427106f1b164d9cef3"
+    ):
+        _SVHN(tmp_path, verify_checksums=True, transform=None)
+    savemat(path, {"X": np.zeros((28, 28, 1, 3), dtype=np.uint8), "y": np.ones((3, 1), dtype=np.uint8)})
+    with pytest.raises(
+        RuntimeError, match=r"holds 'X' of shape \(28, 28, 1, 3\).*`--data.verify_checksums false`"
+    ):
+        _SVHN(tmp_path, verify_checksums=False, transform=None)
+    path.write_bytes(b"not a MATLAB file")
+    with pytest.raises(RuntimeError, match=r"test_32x32.mat could not be read"):
+        _SVHN(tmp_path, verify_checksums=False, transform=None)
+
+
+def test_prepare_data_downloads_a_missing_svhn(
+    tmp_path: Path, shared_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_download(url: str, root: str, filename: str, md5: str) -> None:
+        calls.append((url, root, filename, md5))
+        write_fake_svhn(root, num_test=2)
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    dm = _datamodule(shared_root, ood="svhn", ood_root=str(tmp_path / "svhn"), download=True)
+    dm.prepare_data()
+    dm.prepare_data()  # present now: not downloaded again
+    assert calls == [
+        (SVHN.split_list["test"][0], str(tmp_path / "svhn"), "test_32x32.mat", SVHN.split_list["test"][2])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ood": "mnist"}, "Expected `--data.ood` to be one of ['svhn'] or null, but got 'mnist'."),
+        (
+            {"ood": "svhn", "ood_root": ""},
+            "Expected `--data.ood_root` to be a non-empty directory path or null",
+        ),
+    ],
+)
+def test_invalid_ood_arguments_name_the_flag(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        CIFAR10DataModule(root="data", **kwargs)
+    assert str(info.value).startswith(message)

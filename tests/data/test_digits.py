@@ -132,3 +132,43 @@ def test_invalid_arguments_name_the_flag(kwargs: dict[str, Any], message: str) -
 def test_smallest_training_split_allowed() -> None:
     dm = _setup(val_size=1000, test_size=787)
     assert dm.train_set is not None and len(dm.train_set) == 10
+
+
+def test_ood_classes_are_held_out_relabelled_and_served_from_the_test_split(
+    digits: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    plain = _setup(val_size=200, test_size=300)
+    dm = DigitsDataModule(val_size=200, test_size=300, ood_classes=[5, 0])
+    assert dm.num_classes == 8 and dm.classes == [1, 2, 3, 4, 6, 7, 8, 9] and dm.ood_classes == (0, 5)
+    dm.setup("test")
+    images, labels = digits
+    held_out = (labels == 0) | (labels == 5)
+    # The same split as without OOD classes, minus the held-out digits; OOD = their test images only.
+    for split in ("train", "val", "test"):
+        expected = plain.split_indices[split][~held_out[plain.split_indices[split]].numpy()]
+        np.testing.assert_array_equal(dm.split_indices[split], expected)
+    test = plain.split_indices["test"]
+    np.testing.assert_array_equal(dm.split_indices["ood"], test[held_out[test].numpy()])
+    # Labels 0..7 in digit order; standardised with the in-distribution training images only.
+    assert dm.train_set is not None and dm.test_set is not None and dm.ood_set is not None
+    train_idx = torch.from_numpy(dm.split_indices["train"])
+    assert dm.mean == pytest.approx(float(images[train_idx].mean()), abs=1e-6)
+    digit_of = torch.tensor(dm.classes)
+    torch.testing.assert_close(digit_of[dm.train_set.tensors[1]], labels[train_idx])
+    ood_idx = torch.from_numpy(dm.split_indices["ood"])
+    torch.testing.assert_close(dm.ood_set.tensors[0], (images[ood_idx] - dm.mean) / dm.std)
+    assert set(dm.ood_set.tensors[1].tolist()) == {0, 5}  # the original digits, ignored by the module
+    loaders = dm.test_dataloader()
+    assert isinstance(loaders, list) and [loader.dataset for loader in loaders] == [dm.test_set, dm.ood_set]
+    assert next(iter(loaders[1]))[0].shape[1:] == (1, 8, 8)
+    assert not isinstance(plain.test_dataloader(), list) and plain.num_classes == 10
+    assert DigitsDataModule(ood_classes=[]).num_classes == 10
+
+
+@pytest.mark.parametrize("ood_classes", [[8, 8], [10], [-1], list(range(9)), "89", [True], [8.0]])
+def test_invalid_ood_classes_name_the_flag(ood_classes: Any) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `--data.ood_classes` to be distinct ints in \[0, 9\] that leave at least 2",
+    ):
+        DigitsDataModule(ood_classes=ood_classes)

@@ -234,3 +234,37 @@ def test_label_smoothing_without_mixup_warns(root: Path) -> None:
 def test_loaders_before_setup_raise(root: Path) -> None:
     with pytest.raises(RuntimeError, match=r"setup\('fit'\)"):
         _dm(root).train_dataloader()
+
+
+def test_ood_root_is_an_image_folder_tested_after_val_with_the_eval_transforms(
+    root: Path, tmp_path: Path
+) -> None:
+    other = write_fake_imagefolder(
+        tmp_path / "other", classes=("x", "y"), train_per_class=0, val_per_class=3, size=56
+    )
+    dm = _dm(root, ood_root=str(other / "val"))
+    dm.setup("validate")
+    assert dm.ood_set is None and not isinstance(dm.val_dataloader(), list)  # only the test stage loads it
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    assert isinstance(loaders, list) and [len(loader.dataset) for loader in loaders] == [6, 6]  # type: ignore[arg-type]
+    assert loaders[0].dataset is dm.val_set and dm.ood_set is not None
+    assert dm.ood_set.transform is dm.eval_transform
+    ood_images, _ = next(iter(loaders[1]))
+    assert ood_images.shape == (4, 3, 32, 32)  # 56x56 files, resized and cropped like the val images
+    assert dm.num_classes == 3 and dm.classes == list(CLASSES)  # the OOD folder names are not classes
+
+
+def test_ood_root_errors_name_the_flag(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"`--data.ood_root` .*missing' does not exist"):
+        _dm(root, ood_root=str(tmp_path / "missing")).setup("test")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"`--data.ood_root` .*flat' has no sub-folders"):
+        _dm(root, ood_root=str(tmp_path / "flat")).setup("test")
+    (tmp_path / "flat" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"`--data.ood_root` .*has sub-folders without images"):
+        _dm(root, ood_root=str(tmp_path / "flat")).setup("test")
+    with pytest.raises(
+        ValueError, match=r"Expected `--data.ood_root` to be a non-empty directory path or null"
+    ):
+        _dm(root, ood_root="")
