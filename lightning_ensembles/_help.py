@@ -19,6 +19,7 @@ from jsonargparse import ActionConfigFile
 from jsonargparse import DefaultHelpFormatter as _DefaultHelpFormatter
 
 LIBRARY = "lightning_ensembles."
+MAX_OTHERS = 10  # lists without a class of this library name their first 10
 MAX_NAMED = 30  # class lists longer than this are cut (nn.Module lists: the library's members only)
 _SIMPLE = re.compile(r"^(?:Optional\[(\w+)\]|(\w+)(?: \| null)?)$")
 _KNOWN = re.compile(r", known subclasses: (.*)$", re.S)
@@ -54,6 +55,8 @@ def short_classes(class_paths: list[str], base: str) -> str:
     others = [p.rpartition(".")[2] for p in class_paths if not p.startswith(LIBRARY)]
     base_name = base.rpartition(".")[2]
     others = [name for name in dict.fromkeys(others) if name != base_name and name not in ours]
+    if not ours and len(others) > MAX_OTHERS:  # another library's classes: the first few, by short name
+        return ", ".join(others[:MAX_OTHERS]) + f", ...; or any {base} by class path"
     if len(ours) + len(others) <= MAX_NAMED:
         return ", ".join([*ours, *others])
     if base == "nn.Module":

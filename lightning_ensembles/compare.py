@@ -41,7 +41,7 @@ from lightning_ensembles.stats import PairedDifference, format_difference, paire
 
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".lightning_ensembles_comparison"  # marks an output folder, so later comparisons skip it
-METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80")
+METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc")
 COLUMNS = ("gmacs", "latency_ms", *METRICS)
 _LABELS = {
     "top1": "top-1 accuracy (%)",
@@ -50,6 +50,7 @@ _LABELS = {
     "aece": "adaptive (equal-mass) ECE",
     "aurc": "AURC (area under risk-coverage)",
     "risk80": "error at 80% coverage",
+    "ood_auroc": "OOD detection AUROC (entropy)",
 }
 
 
@@ -365,7 +366,7 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
     Args:
         lines: the output of :func:`collect`.
         axis: ``"gmacs"`` or ``"latency_ms"``.
-        metric: the y column (one of :data:`METRICS`: ``"top1"``, ``"nll"``, ``"ece"``, ``"aece"``, ``"aurc"``, ``"risk80"``).
+        metric: the y column, one of :data:`METRICS`.
         title: the figure title.
 
     Returns:
@@ -489,7 +490,7 @@ def compare(
     logdir: str,
     stage: Literal["val", "test"] = "test",
     curve: Literal["first", "random"] = "random",
-    metric: Literal["top1", "nll", "ece", "aece", "aurc", "risk80"] = "top1",
+    metric: Literal["top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc"] = "top1",
     out: str | None = None,
     skip_incomplete: bool = False,
     pairs: list[str] | None = None,
@@ -502,7 +503,8 @@ def compare(
         logdir: a directory of TensorBoard runs (e.g. ``lightning_logs/`` or a sweep's folder).
         stage: which evaluation's ablation to compare.
         curve: ``"random"`` (mean over random k-subsets) or ``"first"`` (the first k members).
-        metric: the y-axis of the figure and the metric of the verdicts: ``top1``, ``nll``, ``ece``, ``aece``, ``aurc`` or ``risk80``.
+        metric: the y-axis of the figure and the metric of the verdicts: ``top1``, ``nll``, ``ece``, ``aece``,
+            ``aurc``, ``risk80`` or ``ood_auroc`` (at test, with an OOD test loader).
         out: where to write (default: ``<logdir>/comparison``).
         skip_incomplete: leave out runs that lack the ablation tags instead of failing.
         pairs: the matched pairs, as ``"WRN-16-2@4 vs WRN-16-4@1"``; by default every ensemble point is

@@ -102,10 +102,10 @@ class EnsembleLightningModule(LightningModule):
         ood_criteria: OOD scores evaluated when the test datamodule has an OOD loader
             (:mod:`~lightning_ensembles.ood`: ``msp``, ``entropy``, ``mutual_information``); ``None``: each that
             applies (MI needs ``M >= 2``).
-        temperature_scaling: post-hoc temperature scaling (:mod:`~lightning_ensembles.calibration`), fitted on
-            the validation split at the end of every validation epoch and applied at test and predict:
-            ``"ensemble"`` (one temperature for the aggregated prediction), ``"members"`` (one per member,
-            before aggregation) or ``"none"``. The temperatures are buffers, saved in checkpoints.
+        temperature_scaling: ``"none"``, ``"ensemble"`` or ``"members"`` post-hoc temperature scaling. One
+            temperature for the aggregated prediction, or one per member before aggregation
+            (:mod:`~lightning_ensembles.calibration`), fitted on the validation split at the end of every
+            validation epoch and applied at test and predict; buffers, so checkpoints keep them.
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.

@@ -1,6 +1,6 @@
 """Uncertainty per multiply-add on digits: 4 x WRN-16-2 against WRN-16-4, over seeds, offline.
 
-    python reproductions/uncertainty_digits.py [--seeds 4] [--workers 2] [--out runs/uncertainty_digits]
+    python reproductions/uncertainty_digits.py [--seeds 8] [--workers 2] [--out runs/uncertainty_digits]
 
 Kondratyuk et al. 2020 ask whether an ensemble of small networks beats one large network in accuracy at the
 same multiply-adds. This asks the same of what ensembles are trained for beyond accuracy: NLL, calibration
@@ -42,7 +42,7 @@ METRICS = (
     ("ood/entropy/auroc", "OOD AUROC (entropy)", 1.0),
     ("ood/entropy/fpr95", "OOD FPR at 95% TPR (entropy)", 1.0),
 )
-DEFAULT_SEEDS = 4
+DEFAULT_SEEDS = 8
 
 
 def run(seeds: int | list[int], workers: int | None, out: str, recipe_args: list[str]) -> dict[str, Any]:

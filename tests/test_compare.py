@@ -281,7 +281,8 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
     with pytest.raises(ValueError, match=r"look like 'WRN-16-2@4 vs WRN-16-4@1'.*got 'WRN-16-2 vs WRN-16-4'"):
         compare(str(seeded_runs), pairs=["WRN-16-2 vs WRN-16-4"], out=str(tmp_path / "bad"))
     with pytest.raises(
-        ValueError, match=r"`--metric` to be one of top1, nll, ece, aece, aurc, risk80, but got 'top5'"
+        ValueError,
+        match=r"`--metric` to be one of top1, nll, ece, aece, aurc, risk80, ood_auroc, but got 'top5'",
     ):
         compare(str(seeded_runs), metric="top5")  # type: ignore[arg-type]
 

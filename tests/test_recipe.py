@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "reproductions"))
 
 import cifar_wrn  # noqa: E402
 import quickstart  # noqa: E402
+import uncertainty_digits  # noqa: E402
 
 ALL_YAML = sorted(
     p.relative_to(CONFIGS).as_posix()
@@ -130,7 +131,7 @@ def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pyt
     for pair in record["pairs"]:
         gap = abs(pair["gmacs_a"] - pair["gmacs_b"]) / pair["gmacs_b"]
         assert gap < 0.05 and pair["seeds"] == [0, 1]  # FLOP-matched, paired seed by seed
-        assert set(pair["differences"]) == {"top1", "nll", "ece"}
+        assert set(pair["differences"]) == {"top1", "nll", "ece", "aece", "aurc", "risk80"}  # no OOD set here
     assert "| WRN-16-2 | 4 | 0.0252 | 2 |" in printed and " ± " in printed
     assert "| 4 x WRN-16-2 | WRN-16-4 | 0.02521 vs 0.02452 | top1 | 2 |" in printed
     assert len(record["verdicts"]) == 2 and all(f"- {v}" in printed for v in record["verdicts"])
@@ -143,6 +144,25 @@ def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pyt
     # More seeds later: only the new seed trains.
     again = quickstart.main(["--seeds", "3", "--workers", "0", "--out", str(out), "--", *TINY])
     assert [r["skipped"] for r in again["runs"]] == [True] * 6 + [False] * 3
+
+
+@pytest.mark.timeout(300)
+def test_uncertainty_digits_compares_uncertainty_and_ood_seed_by_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "uncertainty"
+    record = uncertainty_digits.main(["--seeds", "2", "--workers", "0", "--out", str(out), "--", *TINY])
+    printed = capsys.readouterr().out
+    metrics = {row["metric"]: row for row in record["metrics"]}
+    assert {"nll", "ece", "aece", "aurc", "risk80", "ood/msp/auroc", "ood/entropy/fpr95"} <= set(metrics)
+    for row in metrics.values():
+        assert row["seeds"] == [0, 1] and len(row["single"]) == len(row["ensemble"]) == 2
+        assert row["difference"]["mean"] == pytest.approx(
+            sum(a - b for a, b in zip(row["ensemble"], row["single"])) / 2
+        )
+    assert "| OOD AUROC (entropy) |" in printed and " ± " in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 4 and all("ood/entropy/auroc" in r["ensemble"] for r in saved["runs"])
 
 
 def test_mixed_architecture_members_from_yaml(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassCalibrationError
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
@@ -41,14 +41,18 @@ from lightning_ensembles.metrics import (
     RiskAtCoverage,
     nll_per_sample,
 )
+from lightning_ensembles.ood import ood_scores
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
 
-METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80")
-"""Accuracy, NLL, calibration (15-bin and equal-mass ECE) and selective classification (AURC, the risk at
-80% coverage), as defined in :mod:`lightning_ensembles.metrics`."""
+METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc")
+"""Accuracy, NLL, calibration (15-bin and equal-mass ECE), selective classification (AURC, the risk at 80%
+coverage), as defined in :mod:`lightning_ensembles.metrics`, and OOD detection: ``ood_auroc``, the AUROC of the
+predictive entropy separating the OOD test loader from the test set (:mod:`lightning_ensembles.ood`; logged at
+test, when the datamodule has an OOD loader)."""
+OOD_CRITERION = "entropy"  # defined for every k, unlike mutual information (0 for one member)
 STAGES = ("val", "test")
 
 
@@ -63,6 +67,8 @@ def _make_metric(name: str, num_classes: int) -> Metric:
         return AURC()
     if name == "risk80":
         return RiskAtCoverage(COVERAGE)
+    if name == "ood_auroc":
+        return BinaryAUROC(thresholds=None, validate_args=False)
     return MeanMetric()
 
 
@@ -157,6 +163,7 @@ class EnsembleSizeAblation(Callback):
         self.history: list[dict[str, Any]] = []
         self._metrics: nn.ModuleDict | None = None
         self._device = torch.device("cpu")
+        self._ood_loader = False  # whether this test has an OOD loader (index 1)
 
     # ------------------------------------------------------------------ setup
 
@@ -196,7 +203,10 @@ class EnsembleSizeAblation(Callback):
 
     # ------------------------------------------------------------------ accumulate
 
-    def _update(self, outputs: Any, pl_module: LightningModule) -> None:
+    def _update(self, outputs: Any, pl_module: LightningModule, ood_loader: bool = False) -> None:
+        if ood_loader:  # the OOD test loader: only the OOD metric, with these samples as positives
+            self._update_ood(outputs, pl_module)
+            return
         logits, target = evaluation_outputs(outputs, "EnsembleSizeAblation")
         logits = logits.float()
         assert self._metrics is not None
@@ -211,8 +221,31 @@ class EnsembleSizeAblation(Callback):
             for name, metric in _metrics_of(group):
                 if name == "nll":
                     metric.update(nll_per_sample(log_probs, target))
+                elif name == "ood_auroc":
+                    if self._ood_loader:
+                        score = ood_scores(logits[subset], [OOD_CRITERION], aggregation)[OOD_CRITERION]
+                        metric.update(score, torch.zeros_like(target))
                 else:
                     metric.update(probs, target)
+
+    def _update_ood(self, outputs: Any, pl_module: LightningModule) -> None:
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if (
+            not isinstance(logits, torch.Tensor)
+            or self._metrics is None
+            or "ood_auroc" not in self.metric_names
+        ):
+            return
+        logits = logits.float()
+        if self._device != logits.device:
+            self._metrics.to(logits.device)
+            self._device = logits.device
+        aggregation = getattr(pl_module, "aggregation", "mean_probs")
+        positives = torch.ones(logits.shape[1], dtype=torch.long, device=logits.device)
+        for key, group in self._metrics.items():
+            subset = [int(i) for i in key.split("_")]
+            score = ood_scores(logits[subset], [OOD_CRITERION], aggregation)[OOD_CRITERION]
+            cast(Metric, cast(nn.ModuleDict, group)["ood_auroc"]).update(score, positives)
 
     @override
     def on_validation_batch_end(
@@ -237,8 +270,8 @@ class EnsembleSizeAblation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._active(trainer, "test") and dataloader_idx == 0:  # loader 1: an OOD set (ood.py)
-            self._update(outputs, pl_module)
+        if self._active(trainer, "test") and dataloader_idx in (0, 1):  # loader 1: an OOD set (ood.py)
+            self._update(outputs, pl_module, ood_loader=dataloader_idx == 1)
 
     # ------------------------------------------------------------------ report
 
@@ -246,7 +279,11 @@ class EnsembleSizeAblation(Callback):
         assert self._metrics is not None
         values = {}
         for key, group in self._metrics.items():
-            values[key] = {name: float(metric.compute()) for name, metric in _metrics_of(group)}
+            values[key] = {
+                name: float(metric.compute())
+                for name, metric in _metrics_of(group)
+                if name != "ood_auroc" or self._ood_loader  # OOD: only where a test OOD loader ran
+            }
             for _, metric in _metrics_of(group):
                 metric.reset()
         return values
@@ -265,6 +302,8 @@ class EnsembleSizeAblation(Callback):
             row["num_subsets"] = len(subsets)
             first = values[_key(tuple(range(k)))]
             for name in self.metric_names:
+                if name not in first:
+                    continue
                 row[f"first_{name}"] = first[name]
                 row[f"random_{name}"] = sum(values[_key(s)][name] for s in subsets) / len(subsets)
             if self.macs:
@@ -301,6 +340,8 @@ class EnsembleSizeAblation(Callback):
         for row in rows:
             prefix = f"ablation/{stage}"
             for name in self.metric_names:
+                if f"first_{name}" not in row:
+                    continue
                 scalars[f"{prefix}/first/size_{row['k']}/{name}"] = row[f"first_{name}"]
                 scalars[f"{prefix}/random/size_{row['k']}/{name}"] = row[f"random_{name}"]
             if "first_gmacs" in row:
@@ -316,7 +357,8 @@ class EnsembleSizeAblation(Callback):
         if directory is not None:
             self._write(directory, stage)
         if self.verbose:
-            rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, self.metric_names))
+            shown = [name for name in self.metric_names if rows and f"random_{name}" in rows[0]]
+            rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, shown))
 
     def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
         experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
@@ -349,6 +391,15 @@ class EnsembleSizeAblation(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active(trainer, "val"):
             self._report(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.test_dataloaders
+        self._ood_loader = isinstance(loaders, (list, tuple)) and len(loaders) > 1
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ood_loader = False
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -393,6 +444,7 @@ def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metr
         "aece": "aECE",
         "aurc": "AURC",
         "risk80": "risk@80%",
+        "ood_auroc": "OOD AUROC",
     }
     lines = [
         f"EnsembleSizeAblation, {stage} after epoch {epoch} (mean over k-subsets; top-1 of the first k members "

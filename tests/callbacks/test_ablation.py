@@ -144,7 +144,7 @@ def test_choose_subsets_is_complete_or_sampled_and_deterministic() -> None:
     [
         (
             dict(metrics=["top1", "f1"]),
-            r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80'\].*'f1'",
+            r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80', 'ood_auroc'\].*'f1'",
         ),
         (dict(metrics=[]), r"non-empty"),
         (dict(stages=["train"]), r"`stages`.*'train'"),
