@@ -5,12 +5,14 @@ Follows Kondratyuk et al., *When Ensembling Smaller Models is More Efficient tha
 """
 
 from lightning_ensembles.aggregation import aggregate, cumulative_probs
+from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.distributed import MemberParallelStrategy  # importing registers `member_parallel`
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
 
 __version__ = "0.1.0.dev0"
 __all__ = [
+    "CascadeEnsemble",
     "EnsembleLightningModule",
     "EnsembleMetrics",
     "MemberParallelStrategy",
