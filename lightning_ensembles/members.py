@@ -39,13 +39,15 @@ MEMBERS_PREFIX = "members."
 _PLAIN = (type(None), bool, int, float, str)
 
 
-def _is_plain(value: Any) -> bool:
+def is_plain_data(value: Any) -> bool:
+    """Whether ``value`` is data a checkpoint can hold and ``torch.load(weights_only=True)`` reads back: None,
+    bools, numbers, strings, and lists, tuples and str-keyed dicts of them."""
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return all(is_plain_data(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and is_plain_data(v) for k, v in value.items())
     return False
 
 
@@ -144,7 +146,7 @@ def describe_factory(spec: Any) -> dict[str, Any] | str | None:
         >>> describe_factory(lambda: nn.Linear(2, 2)) is None
         True
     """
-    if isinstance(spec, str) or (isinstance(spec, Mapping) and _is_plain(spec)):
+    if isinstance(spec, str) or (isinstance(spec, Mapping) and is_plain_data(spec)):
         return spec  # type: ignore[return-value]
     cls = spec if isinstance(spec, type) else spec.func if isinstance(spec, functools.partial) else None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or "<" in cls.__qualname__:
@@ -158,7 +160,7 @@ def describe_factory(spec: Any) -> dict[str, Any] | str | None:
         except TypeError:
             return None
         init_args = dict(bound.arguments)
-        if not _is_plain(init_args):
+        if not is_plain_data(init_args):
             return None
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 

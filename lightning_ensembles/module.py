@@ -40,6 +40,7 @@ from lightning_ensembles.members import (
     MemberSpec,
     build_members,
     describe_factory,
+    is_plain_data,
     load_member_state_dicts,
     load_member_weights,
     resolve_member_spec,
@@ -50,18 +51,7 @@ from lightning_ensembles.uncertainty import uncertainty_scores
 
 log = logging.getLogger(__name__)
 
-_PRIMITIVES = (type(None), bool, int, float, str)
 _RNG_KEY = "lightning_ensembles_rng"
-
-
-def _is_serialisable(value: Any) -> bool:
-    if isinstance(value, _PRIMITIVES):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_serialisable(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_serialisable(v) for k, v in value.items())
-    return False
 
 
 class EnsembleLightningModule(LightningModule):
@@ -168,7 +158,7 @@ class EnsembleLightningModule(LightningModule):
         ]
         self.save_hyperparameters()
         self._record_factories()
-        for key in [k for k, v in self.hparams.items() if not _is_serialisable(v)]:
+        for key in [k for k, v in self.hparams.items() if not is_plain_data(v)]:
             # Other code (lambdas, local classes, optimizers) is not data: checkpoints stay
             # `weights_only=True`-loadable and `load_from_checkpoint` takes it as arguments. Under LightningCLI
             # the hyperparameters are config dicts and kept.
@@ -260,7 +250,7 @@ class EnsembleLightningModule(LightningModule):
         arguments, as for CLI checkpoints."""
         for key in ("member", "members"):
             value = self.hparams.get(key)
-            if value is None or _is_serialisable(value):
+            if value is None or is_plain_data(value):
                 continue
             described: Any = (
                 [describe_factory(v) for v in value] if key == "members" else describe_factory(value)
@@ -517,7 +507,7 @@ class EnsembleLightningModule(LightningModule):
         x, y = batch
         logits = self(x)
         if calibrated and self.temperature_scaling != "none":
-            logits = logits / self.member_temperature.view(-1, 1, 1)
+            logits = self._with_member_temperatures(logits)
             metrics.update(logits, y, temperature=self.ensemble_temperature)
         else:
             metrics.update(logits, y)
@@ -528,9 +518,11 @@ class EnsembleLightningModule(LightningModule):
     def calibrated_log_probs(self, logits: Tensor) -> Tensor:
         """The ensemble's log-probabilities ``(B, C)`` from member logits ``(M, B, C)``, at the fitted
         temperatures (the identity until :attr:`temperature_scaling` has fitted them)."""
-        logits = logits.float() / self.member_temperature.view(-1, 1, 1)
-        log_probs = cumulative_log_probs(logits, self.aggregation)[-1]
+        log_probs = cumulative_log_probs(self._with_member_temperatures(logits.float()), self.aggregation)[-1]
         return scale(log_probs, self.ensemble_temperature)
+
+    def _with_member_temperatures(self, logits: Tensor) -> Tensor:
+        return logits / self.member_temperature.view(-1, 1, 1)
 
     def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics
@@ -606,6 +598,7 @@ class EnsembleLightningModule(LightningModule):
 
         logits, target = self.val_logits.compute()
         self.val_logits.reset()
+        before = cumulative_log_probs(logits, self.aggregation)[-1]
         if self.temperature_scaling == "members":
             member = torch.tensor(
                 [fit_temperature(member_logits, target) for member_logits in logits], device=logits.device
@@ -614,9 +607,7 @@ class EnsembleLightningModule(LightningModule):
             self.ensemble_temperature.fill_(1.0)
         else:
             self.member_temperature.fill_(1.0)
-            raw = cumulative_log_probs(logits, self.aggregation)[-1]
-            self.ensemble_temperature.fill_(fit_temperature(raw, target))
-        before = cumulative_log_probs(logits, self.aggregation)[-1]
+            self.ensemble_temperature.fill_(fit_temperature(before, target))
         after = self.calibrated_log_probs(logits)
         values: dict[str, Tensor | float] = {}
         for name, log_probs in (("uncalibrated", before), ("calibrated", after)):
@@ -661,7 +652,7 @@ class EnsembleLightningModule(LightningModule):
             return None
         logits = self(x).detach()
         if self.temperature_scaling != "none":  # the member temperatures loader 0's logits carry
-            logits = logits / cast(Tensor, self.member_temperature).view(-1, 1, 1)
+            logits = self._with_member_temperatures(logits)
         self.test_ood_metrics.update(logits, is_ood=True, temperature=self._ood_temperature())
         return {"logits": logits}
 
@@ -689,8 +680,8 @@ class EnsembleLightningModule(LightningModule):
             returns.
         """
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        logits = self(x).float() / self.member_temperature.view(-1, 1, 1)
-        log_probs = scale(cumulative_log_probs(logits, self.aggregation)[-1], self.ensemble_temperature)
+        raw = self(x).float()
+        logits, log_probs = self._with_member_temperatures(raw), self.calibrated_log_probs(raw)
         output = {"probs": log_probs.exp().clamp(0.0, 1.0), **uncertainty_scores(logits, log_probs=log_probs)}
         if self.predict_members:
             output["member_probs"] = logits.softmax(dim=-1)

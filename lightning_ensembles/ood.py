@@ -53,7 +53,7 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, Bin
 
 from lightning_ensembles.aggregation import cumulative_log_probs, validate_aggregation
 from lightning_ensembles.calibration import scale
-from lightning_ensembles.uncertainty import uncertainty_scores
+from lightning_ensembles.uncertainty import entropy, mutual_information
 
 __all__ = ["OOD_CRITERIA", "OODMetrics", "fpr_at_tpr", "ood_scores", "resolve_ood_criteria"]
 
@@ -122,6 +122,7 @@ def ood_scores(
     criteria: Sequence[str] = OOD_CRITERIA,
     aggregation: str = "mean_probs",
     temperature: Tensor | float | None = None,
+    log_probs: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The OOD score of each sample under each criterion: in ``[0, 1]``, higher means more OOD.
 
@@ -131,6 +132,8 @@ def ood_scores(
         aggregation: how the ensemble combines its members (``msp`` and ``entropy`` are of that prediction).
         temperature: the ensemble's temperature (:mod:`lightning_ensembles.calibration`), applied to the
             aggregated prediction (``msp``, ``entropy``); ``None``: none.
+        log_probs: the aggregated log-probabilities ``(B, C)``, if already computed (then ``temperature`` is
+            not applied again).
 
     Returns:
         ``{criterion: (B,)}``: ``1 - msp``, ``entropy / log C``, ``mutual_information / log C``.
@@ -141,17 +144,20 @@ def ood_scores(
         >>> [round(float(ood_scores(x)["mutual_information"]), 4) for x in (confident, disputed)]
         [0.0, 1.0]
     """
-    log_probs = None
-    if temperature is not None:
-        log_probs = scale(cumulative_log_probs(logits.float(), aggregation)[-1], temperature)
-    scores = uncertainty_scores(logits, aggregation, log_probs=log_probs)
+    if log_probs is None and any(name in criteria for name in ("msp", "entropy")):
+        log_probs = cumulative_log_probs(logits.float(), aggregation)[-1]
+        if temperature is not None:
+            log_probs = scale(log_probs, temperature)
     log_c = math.log(logits.shape[-1]) if logits.shape[-1] > 1 else 1.0
-    normalised = {
-        "msp": 1.0 - scores["msp"],
-        "entropy": scores["entropy"] / log_c,
-        "mutual_information": scores["mutual_information"] / log_c,
-    }
-    return {name: normalised[name].clamp(0.0, 1.0) for name in criteria}
+    scores: dict[str, Tensor] = {}
+    for name in criteria:  # only what is asked: mutual information costs a pass over the members
+        if name == "msp":
+            scores[name] = 1.0 - cast(Tensor, log_probs).exp().max(dim=-1).values
+        elif name == "entropy":
+            scores[name] = entropy(cast(Tensor, log_probs)) / log_c
+        else:
+            scores[name] = mutual_information(logits) / log_c
+    return {name: score.clamp(0.0, 1.0) for name, score in scores.items()}
 
 
 def fpr_at_tpr(fpr: Tensor, tpr: Tensor, level: float = TPR_LEVEL) -> Tensor:

@@ -32,12 +32,12 @@ ENSEMBLE_KEYS = (
 )
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str | bytes) -> Path:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of one.
 
     Args:
         path: the destination; its folder is created if needed.
-        text: the content.
+        text: the content: a string (written as UTF-8) or bytes (a PNG, say).
 
     Returns:
         The destination path.
@@ -46,8 +46,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it the mode `open` would

@@ -17,6 +17,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from lightning_ensembles._validation import check_int
+
 __all__ = ["StepDecayWithWarmup", "step_decay_with_warmup"]
 
 
@@ -83,8 +85,7 @@ class StepDecayWithWarmup(LRScheduler):
             or not 0 < decay_rate <= 1
         ):
             raise ValueError(f"Expected `{flag}.decay_rate` to be in (0, 1], but got {decay_rate!r}.")
-        if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
-            raise ValueError(f"Expected `{flag}.warmup_epochs` to be an int >= 0, but got {warmup_epochs!r}.")
+        check_int(warmup_epochs, f"{flag}.warmup_epochs", 0)
         if not isinstance(warmup_lr, (int, float)) or isinstance(warmup_lr, bool) or warmup_lr < 0:
             raise ValueError(f"Expected `{flag}.warmup_lr` to be a number >= 0, but got {warmup_lr!r}.")
         self.decay_epochs = float(decay_epochs)

@@ -223,7 +223,9 @@ class EnsembleSizeAblation(Callback):
                     metric.update(nll_per_sample(log_probs, target))
                 elif name == "ood_auroc":
                     if self._ood_loader:
-                        score = ood_scores(logits[subset], [OOD_CRITERION], aggregation)[OOD_CRITERION]
+                        score = ood_scores(logits[subset], [OOD_CRITERION], log_probs=log_probs)[
+                            OOD_CRITERION
+                        ]
                         metric.update(score, torch.zeros_like(target))
                 else:
                     metric.update(probs, target)

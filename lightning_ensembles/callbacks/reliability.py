@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -327,7 +326,7 @@ class ReliabilityDiagram(Callback):
         if directory is not None:
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png")
-            _atomic_write_bytes(directory / f"reliability_{stage}.png", buffer.getvalue())
+            atomic_write_text(directory / f"reliability_{stage}.png", buffer.getvalue())
         import matplotlib.pyplot as plt
 
         plt.close(figure)
@@ -351,21 +350,6 @@ class ReliabilityDiagram(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (rank 0 only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def reliability_figure(curves: dict[str, dict[str, Any]], title: str = "") -> Any:
