@@ -20,6 +20,7 @@ import lightning_ensembles.export as export_module
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.export import ExportableEnsemble, export_ensemble, main
 from lightning_ensembles.models import WideResNet
+from lightning_ensembles.uncertainty import uncertainty_scores
 from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +218,10 @@ def test_onnx_member_probs_and_a_named_dynamic_batch_axis(tmp_path: Path) -> Non
         expected = _predict(module, x)
         assert_close(probs, expected["probs"], atol=1e-5, rtol=0)
         assert_close(member_probs, expected["member_probs"], atol=1e-5, rtol=0)
+        # The uncertainty scores predict_step returns, from the file's two outputs (softmax of log p is p).
+        scores = uncertainty_scores(member_probs.log(), log_probs=probs.log())
+        for name in ("msp", "entropy", "mutual_information", "variation_ratio"):
+            assert_close(scores[name], expected[name], atol=1e-5, rtol=0)
 
 
 def test_compiled_members_export_as_plain_members(tmp_path: Path) -> None:
