@@ -82,7 +82,8 @@ class ExportableEnsemble(nn.Module):
     Holds a copy of the module's members, in eval mode and without gradients (a snapshot: training the module
     later does not change it), its member temperatures ``(M,)``, its ensemble temperature and its
     aggregation. :meth:`forward` runs the members one after another (``execution="vmap"`` does not apply; a
-    member compiled with ``compile=True`` or ``torch.compile`` is copied uncompiled) and computes what
+    member compiled with ``compile=True`` or ``torch.compile`` is copied uncompiled, and weights kept
+    ``channels_last`` are copied contiguous) and computes what
     ``predict_step`` returns as ``probs`` (and, with ``member_probs``, as ``member_probs``): member logits in
     float32 divided by their temperatures, aggregated, divided by the ensemble temperature, as probabilities.
     It stays in eval mode: ``train()`` does not switch BatchNorm or dropout back to training.
@@ -123,6 +124,8 @@ class ExportableEnsemble(nn.Module):
         plain = [getattr(member, "_orig_mod", member) for member in module.members]
         self.members = copy.deepcopy(nn.ModuleList(plain))
         self.members.requires_grad_(False)
+        # `channels_last=True` is an eager speed layout; torch.export.save expects contiguous weights.
+        self.members.to(memory_format=torch.contiguous_format)
         self.register_buffer("member_temperature", module.member_temperature.detach().clone().float())
         self.register_buffer("ensemble_temperature", module.ensemble_temperature.detach().clone().float())
         self.train(False)

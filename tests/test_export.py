@@ -242,6 +242,19 @@ def test_compiled_members_export_as_plain_members(tmp_path: Path) -> None:
         assert "members.0.head.weight" in names and not any("_orig_mod" in name for name in names)
 
 
+def test_vmap_and_channels_last_ensembles_export_as_a_loop(tmp_path: Path) -> None:
+    module = EnsembleLightningModule(
+        member=WRN, num_members=2, num_classes=NUM_CLASSES, execution="vmap", channels_last=True
+    )
+    module = _with_statistics(module, IMAGE)
+    result = export_ensemble(module, tmp_path / "vmap.pt2", input_shape=IMAGE)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
+    run = _load_file(result.path, "pt2")
+    for x in _inputs(IMAGE, 1, 7):
+        (probs,) = run(x)
+        assert_close(probs, _predict(module, x)["probs"], atol=1e-5, rtol=0)  # eager runs them with vmap
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_untraceable_member_is_named_and_nothing_is_written(fmt: str, tmp_path: Path) -> None:
     if fmt == "onnx":
