@@ -273,6 +273,26 @@ def test_untraceable_member_is_named_and_nothing_is_written(fmt: str, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # and no temporary is left
 
 
+def test_missing_onnx_packages_are_named_and_the_random_state_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = mlp_ensemble()
+    state = torch.get_rng_state()
+    export_ensemble(module, tmp_path / "ensemble.pt2", input_shape=(IN_FEATURES,))
+    assert torch.equal(torch.get_rng_state(), state)  # exporting draws no number from the global generator
+    real = export_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        export_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxscript" else real(name, *a),
+    )
+    with pytest.raises(
+        ModuleNotFoundError, match=r"onnxscript is needed to write ONNX: pip install .*\[export\]"
+    ):
+        export_ensemble(module, tmp_path / "ensemble.onnx", input_shape=(IN_FEATURES,), format="onnx")
+    assert not (tmp_path / "ensemble.onnx").exists()
+
+
 def test_a_failed_check_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_module, "_verify", lambda *args: 0.25)  # as if the file were wrong
     path = tmp_path / "out" / "ensemble.pt2"
