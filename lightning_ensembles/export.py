@@ -35,6 +35,7 @@ import importlib.util
 import io
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -301,8 +302,11 @@ def _describe(index: int, member: nn.Module) -> str:
     return f"member {index} ({type(member).__name__})"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+def _first_line(err: BaseException, root: bool = False) -> str:
+    """``Type: first line`` of an error (with ``root``, of the error it was raised from, all the way down)."""
+    while root and err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # no terminal colours
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
@@ -384,10 +388,10 @@ def _onnx_bytes(wrapper: ExportableEnsemble, program: torch.export.ExportedProgr
             except Exception as member_err:  # noqa: BLE001 - this member is the cause
                 raise ValueError(
                     f"Cannot export `module` as 'onnx': {_describe(index, member)} traces with torch.export but "
-                    f"does not translate to ONNX ({_first_line(member_err)}). Allowed are members made of "
+                    f"does not translate to ONNX ({_first_line(member_err, root=True)}). Allowed are members made of "
                     "operators torch.onnx supports; export as 'pt2' instead."
                 ) from err
-        raise ValueError(f"Cannot export `module` as 'onnx': {_first_line(err)}") from err
+        raise ValueError(f"Cannot export `module` as 'onnx': {_first_line(err, root=True)}") from err
     assert onnx_program is not None  # f=None: the program is returned
     model = onnx_program.model_proto
     _rename_batch_axis(model)

@@ -293,6 +293,45 @@ def test_missing_onnx_packages_are_named_and_the_random_state_is_left_alone(
     assert not (tmp_path / "ensemble.onnx").exists()
 
 
+@torch.library.custom_op("lightning_ensembles_tests::twice", mutates_args=())
+def _twice(x: Tensor) -> Tensor:
+    return 2.0 * x
+
+
+@_twice.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+class CustomOp(nn.Module):
+    """A member that torch.export traces (its operator has a fake) but torch.onnx cannot translate."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.linear = nn.Linear(IN_FEATURES, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(_twice(x))
+
+
+def test_a_member_onnx_cannot_translate_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    module = EnsembleLightningModule(members=[TinyNet, CustomOp], num_classes=NUM_CLASSES).eval()
+    with pytest.raises(ValueError) as err:
+        export_ensemble(module, tmp_path / "ensemble.onnx", input_shape=(IN_FEATURES,), format="onnx")
+    message = str(err.value)
+    assert message.startswith(
+        "Cannot export `module` as 'onnx': member 1 (CustomOp) traces with torch.export but does not translate"
+    )
+    assert (
+        "lightning_ensembles_tests.twice" in message and "\x1b" not in message
+    )  # the root cause, no colours
+    assert list(tmp_path.iterdir()) == []
+    result = export_ensemble(module, tmp_path / "ensemble.pt2", input_shape=(IN_FEATURES,))  # pt2 holds it
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
+
+
 def test_a_failed_check_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_module, "_verify", lambda *args: 0.25)  # as if the file were wrong
     path = tmp_path / "out" / "ensemble.pt2"
