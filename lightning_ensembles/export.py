@@ -335,13 +335,21 @@ def _export(model: nn.Module, example: Tensor, batch: Any) -> torch.export.Expor
     return torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
 
 
+def _where(err: BaseException) -> str:
+    """``at FILE:LINE: `code``` of the last source line torch.export quotes in its error, if it quotes one."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n[ \t]+([^\n]+)', str(err))
+    if not frames:
+        return ""
+    file, line, code = frames[-1]
+    return f" at {file}:{line}: `{code.strip()}`"
+
+
 def _untraceable(index: int, member: nn.Module, format: str, err: BaseException) -> ValueError:
     return ValueError(
         f"Cannot export `module` as {format!r}: {_describe(index, member)} cannot be traced by torch.export with "
-        f"a dynamic batch axis ({_first_line(err)}). Allowed are members whose forward torch.export can trace: "
+        f"a dynamic batch axis ({_first_line(err)}{_where(err)}). Allowed are members whose forward torch.export can trace: "
         "tensor operations whose control flow does not depend on tensor values (no `if x.sum() > 0:`, "
-        "`.item()` or `.tolist()`; use torch.where or torch.cond) and whose shapes do not depend on the batch "
-        "size being fixed."
+        "`.item()` or `.tolist()`; use torch.where or torch.cond), and no reshape that fixes the batch size."
     )
 
 

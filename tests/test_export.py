@@ -268,6 +268,8 @@ def test_untraceable_member_is_named_and_nothing_is_written(fmt: str, tmp_path: 
     message = str(err.value)
     assert f"Cannot export `module` as {fmt!r}: member 1 (DataDependent) cannot be traced" in message
     assert "data-dependent" in message  # the tracer's own first line
+    line = DataDependent.forward.__code__.co_firstlineno + 1
+    assert f"test_export.py:{line}: `if x.sum() > 0:`" in message  # and the line it stopped at
     assert "Allowed are members whose forward torch.export can trace" in message
     assert path.read_bytes() == b"the previous export"  # atomic: the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # and no temporary is left
