@@ -4,18 +4,37 @@ Follows Kondratyuk et al., *When Ensembling Smaller Models is More Efficient tha
 (arXiv 2005.00570): M members trained independently, predictions averaged, and every ensemble size costed.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from lightning_ensembles.aggregation import aggregate, cumulative_probs
 from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.distributed import MemberParallelStrategy  # importing registers `member_parallel`
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
 
+if TYPE_CHECKING:
+    from lightning_ensembles.export import ExportableEnsemble, export_ensemble
+
 __version__ = "0.1.0.dev0"
 __all__ = [
     "CascadeEnsemble",
     "EnsembleLightningModule",
     "EnsembleMetrics",
+    "ExportableEnsemble",
     "MemberParallelStrategy",
     "aggregate",
     "cumulative_probs",
+    "export_ensemble",
 ]
+
+_LAZY = {"ExportableEnsemble": "lightning_ensembles.export", "export_ensemble": "lightning_ensembles.export"}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, not with the package: `python -m lightning_ensembles.export` would otherwise find
+    # the module imported already and warn that it runs twice.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
