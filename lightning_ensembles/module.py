@@ -595,7 +595,9 @@ class EnsembleLightningModule(LightningModule):
             closure_loss = loss / accumulate
             if scaler is not None:
                 closure_loss = scaler.scale(closure_loss)
-            with _autocast_disabled():  # Lightning's backward runs outside `train_step_context`
+            # Lightning's backward runs outside `train_step_context`: autocast does not reach autograd's own
+            # backward kernels, but Python code run by the backward (tensor hooks, custom Functions) it would
+            with _autocast_disabled():
                 closure_loss.backward()
             losses.append(loss.detach())
         return torch.stack(losses)

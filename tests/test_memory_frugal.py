@@ -27,6 +27,15 @@ from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, 
 Dropout = functools.partial(TinyNet, dropout=0.3)  # BatchNorm and dropout: RNG and statistics order matter
 
 
+class HookedNet(TinyNet):
+    """A member whose head weight has a gradient hook that computes (a matmul), as gradient-surgery code does:
+    run under autocast it would compute in bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.3)
+        self.head.weight.register_hook(lambda grad: grad @ torch.eye(grad.shape[1]))
+
+
 def _assert_identical(got: Any, expected: Any, where: str = "") -> None:
     """Exact equality of nested dicts/lists of tensors (NaN equal to NaN: a skipped AMP step has inf grads)."""
     if isinstance(expected, Tensor):
@@ -103,6 +112,7 @@ CASES: dict[str, dict[str, Any]] = {
     "clip_value": dict(gradient_clip_val=0.01, gradient_clip_algorithm="value"),
     "accumulate_2": dict(accumulate_grad_batches=2),  # 3 batches per epoch: windows [0, 1] and [2]
     "bf16_mixed": dict(precision="bf16-mixed"),
+    "bf16_mixed_gradient_hooks": dict(precision="bf16-mixed", module_kwargs=dict(member=HookedNet)),
     "fp16_gradscaler_clip_accumulate": dict(
         plugins=_fp16_scaler, gradient_clip_val=0.5, accumulate_grad_batches=2
     ),
