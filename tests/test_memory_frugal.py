@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
@@ -85,6 +85,7 @@ def _run(
     memory_frugal: bool,
     epochs: int = 2,
     plugins: Callable[[], list[Any]] | None = None,
+    callbacks: Callable[[], list[pl.Callback]] | None = None,
     module_kwargs: dict[str, Any] | None = None,
     **trainer_overrides: Any,
 ) -> tuple[EnsembleLightningModule, pl.Trainer, RecordSteps]:
@@ -98,7 +99,7 @@ def _run(
     record = RecordSteps()
     trainer = pl.Trainer(
         max_epochs=epochs,
-        callbacks=[record],
+        callbacks=[record, *(callbacks() if callbacks is not None else [])],
         plugins=plugins() if plugins is not None else None,
         **trainer_kwargs(**trainer_overrides),
     )
@@ -119,6 +120,10 @@ CASES: dict[str, dict[str, Any]] = {
     "frozen_member": dict(module_kwargs=dict(frozen_members=[1])),
     "mixed_architectures_smoothing_auto": dict(
         module_kwargs=dict(members=[TinyNet, TinyConvNet, Dropout], label_smoothing=0.1, execution="auto")
+    ),
+    # its last epoch only recomputes BatchNorm statistics, with Lightning's backward skipped
+    "stochastic_weight_averaging": dict(
+        epochs=3, callbacks=lambda: [StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)]
     ),
     "compiled": dict(module_kwargs=dict(compile=True, compile_backend="eager")),
 }
