@@ -225,9 +225,8 @@ class EnsembleLightningModule(LightningModule):
                 "`--model.memory_frugal false`."
             )
         self.memory_frugal = memory_frugal
-        self._zeroed_in_step = (
-            False  # memory_frugal: this step's gradients were zeroed (and computed) already
-        )
+        # memory_frugal: this step's gradients were zeroed (and computed) in `training_step` already
+        self._zeroed_in_step = False
         if compile and execution != "loop":
             raise ValueError(
                 f"`--model.compile true` compiles each member on its own and needs `--model.execution loop`, but got "
@@ -515,6 +514,12 @@ class EnsembleLightningModule(LightningModule):
         Forwards run in the same member order as by default, so dropout masks and BatchNorm statistics are
         the same. A non-finite loss is reported after the members' backward passes (one device sync, as by
         default), with the same member and message, before any optimizer step.
+
+        Why this way: Lightning's automatic optimization stays in charge, so ``--trainer.gradient_clip_val``,
+        ``accumulate_grad_batches``, precision plugins and every hook keep working (manual optimization would
+        forbid Trainer-level clipping and accumulation). A custom autograd Function that hands stashed
+        gradients to Lightning's backward would need the upstream gradient before Lightning computes it and a
+        second copy of every gradient; here each backward is the one Lightning would run, per member.
 
         Returns:
             The summed loss (detached, a leaf requiring grad, with ``memory_frugal``), or ``None`` when this
