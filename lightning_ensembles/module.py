@@ -10,6 +10,9 @@ Semantics that make the ensemble exactly M separate runs:
   would receive alone (peers that average the losses shrink each gradient by 1/M);
 - the optimizer has one parameter group per member and gradient clipping is applied per member;
 - a non-finite loss is reported with the member and the step it came from.
+
+With ``memory_frugal=True`` the same summed loss is differentiated one member at a time (each member's
+forward, then its backward), so only one member's activations are alive at once; gradients are bit-identical.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import copy
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, cast
 
 import torch
@@ -96,6 +100,13 @@ class EnsembleLightningModule(LightningModule):
             temperature for the aggregated prediction, or one per member before aggregation
             (:mod:`~lightning_ensembles.calibration`), fitted on the validation split at the end of every
             validation epoch and applied at test and predict; buffers, so checkpoints keep them.
+        memory_frugal: differentiate the summed loss one member at a time: member ``m``'s forward, loss and
+            backward run before member ``m + 1``'s forward, so only one member's activations are alive at once
+            (peak activation memory of one member instead of ``M``). Gradients, clipping, AMP loss scaling,
+            gradient accumulation, NaN reporting and checkpoints are bit-identical to the default; see
+            :meth:`training_step`. Needs ``execution`` ``"loop"`` or ``"auto"`` (training then uses the loop),
+            one device or ``member_parallel`` (data-parallel ``ddp``, FSDP and DeepSpeed are refused at setup),
+            and Lightning's automatic optimization.
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
@@ -133,6 +144,7 @@ class EnsembleLightningModule(LightningModule):
         compile_backend: str = "inductor",
         ood_criteria: Sequence[str] | None = None,
         temperature_scaling: Literal["none", "ensemble", "members"] = "none",
+        memory_frugal: bool = False,
     ) -> None:
         super().__init__()
         specs = self._member_specs(member, num_members, members)
@@ -201,6 +213,20 @@ class EnsembleLightningModule(LightningModule):
         self._make_metrics()
         if execution == "vmap":
             check_fusable(list(self.members))
+        if not isinstance(memory_frugal, bool):
+            raise ValueError(
+                f"Expected `--model.memory_frugal` to be true or false, but got {memory_frugal!r}."
+            )
+        if memory_frugal and execution == "vmap":
+            raise ValueError(
+                "`--model.memory_frugal true` runs each member's forward and backward on its own, which the fused "
+                "`--model.execution vmap` cannot (it runs all members as one computation), but got 'vmap'. Use "
+                "`--model.execution loop` (or `auto`, which trains with the loop when memory_frugal is on), or "
+                "`--model.memory_frugal false`."
+            )
+        self.memory_frugal = memory_frugal
+        # memory_frugal: this step's gradients were zeroed (and computed) in `training_step` already
+        self._zeroed_in_step = False
         if compile and execution != "loop":
             raise ValueError(
                 f"`--model.compile true` compiles each member on its own and needs `--model.execution loop`, but got "
@@ -431,6 +457,8 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._check_memory_frugal()
         if stage == "fit" and self.temperature_scaling != "none":
             self._check_validation_split()
         # Lightning logs `hparams_initial` to the loggers (TensorBoard's HParams dashboard) right after setup;
@@ -464,14 +492,59 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        """The sum of the local members' cross-entropy losses (see the module docstring).
+
+        With ``memory_frugal`` (and more than one member to train in this process) the gradients of that sum
+        are computed here, one member at a time, and the returned sum carries no graph:
+
+        1. on the first batch of an accumulation window (when Lightning would zero them, after this step)
+           the optimizer's gradients are zeroed with ``optimizer.zero_grad()``, and Lightning's own
+           ``optimizer_zero_grad`` of this step is skipped;
+        2. for each member ``m`` in order: its forward and loss ``loss_m``, then the backward of ``loss_m``
+           exactly as Lightning would transform the returned sum: divided by
+           ``trainer.accumulate_grad_batches``, multiplied by the precision plugin's ``GradScaler`` scale if
+           it has one, outside autocast. The upstream gradient reaching ``loss_m`` is therefore the same
+           number, computed by the same operations, as when Lightning back-propagates the sum (the other
+           terms of the sum contribute nothing to ``θ_m``), so every gradient is bit-identical; then the
+           member's graph and activations are freed before the next member's forward;
+        3. the detached sum is returned as a leaf that requires grad: Lightning's backward of it reaches no
+           parameter, and everything after it (``on_after_backward``, per-member clipping, the scaler's
+           unscale, inf check, step and update, the optimizer step) sees the same gradients as by default.
+
+        Forwards run in the same member order as by default, so dropout masks and BatchNorm statistics are
+        the same. A non-finite loss is reported after the members' backward passes (one device sync, as by
+        default), with the same member and message, before any optimizer step.
+
+        Why this way: Lightning's automatic optimization stays in charge, so ``--trainer.gradient_clip_val``,
+        ``accumulate_grad_batches``, precision plugins and every hook keep working (manual optimization would
+        forbid Trainer-level clipping and accumulation). A custom autograd Function that hands stashed
+        gradients to Lightning's backward would need the upstream gradient before Lightning computes it and a
+        second copy of every gradient; here each backward is the one Lightning would run, per member.
+
+        Returns:
+            The summed loss (detached, a leaf requiring grad, with ``memory_frugal``), or ``None`` when this
+            process has no member to train.
+
+        Raises:
+            FloatingPointError: if a member's loss is NaN/inf (with ``detect_nonfinite``), naming the member
+                and the step.
+        """
         x, y = batch
         indices = self.local_members
+        self._zeroed_in_step = False
         if not indices:  # member-parallel: every member of this process is frozen
             return None
-        logits = self.member_logits(x, indices)
-        losses = torch.stack(
-            [F.cross_entropy(logits[j], y, label_smoothing=self.label_smoothing) for j in range(len(indices))]
-        )
+        frugal = self._per_member_backward(indices)
+        if frugal:
+            losses = self._backward_per_member(x, y, indices, batch_idx)
+        else:
+            logits = self.member_logits(x, indices)
+            losses = torch.stack(
+                [
+                    F.cross_entropy(logits[j], y, label_smoothing=self.label_smoothing)
+                    for j in range(len(indices))
+                ]
+            )
         if self.detect_nonfinite and not bool(torch.isfinite(losses).all()):
             j = int((~torch.isfinite(losses)).nonzero()[0])
             raise FloatingPointError(
@@ -484,7 +557,55 @@ class EnsembleLightningModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/member_{i}/loss": losses[j] for j, i in enumerate(indices)})
         self.train_member_loss.update(losses, indices)
+        if frugal:  # the gradients are computed: a leaf, whose backward by Lightning reaches no parameter
+            return loss.requires_grad_()
         return loss
+
+    def _per_member_backward(self, indices: Sequence[int]) -> bool:
+        """Whether this step computes its gradients member by member (``memory_frugal``).
+
+        With one member to train the per-member backward is the backward of the sum, so Lightning's is kept
+        (this also keeps DDP inside a member group of ``member_parallel`` untouched); and when Lightning skips
+        the backward of this step (``trainer.fit_loop._skip_backward``, set by StochasticWeightAveraging)
+        so does this module.
+        """
+        if not self.memory_frugal or len(indices) < 2 or self._trainer is None:
+            return False
+        return not getattr(self.trainer.fit_loop, "_skip_backward", False)
+
+    def _backward_per_member(self, x: Tensor, y: Tensor, indices: Sequence[int], batch_idx: int) -> Tensor:
+        """Zero the gradients when Lightning would, then each member's forward, loss and backward in turn.
+
+        Args:
+            x: the inputs ``(B, ...)``.
+            y: the targets ``(B,)``.
+            indices: the members to train, in order.
+            batch_idx: the batch index Lightning's accumulation window is counted in.
+
+        Returns:
+            The members' detached losses ``(len(indices),)``.
+        """
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:  # Lightning's `_make_zero_grad_fn` condition
+            for optimizer in trainer.optimizers:
+                optimizer.zero_grad()
+            self._zeroed_in_step = True  # so Lightning's zero_grad after this step is skipped
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        losses = []
+        for i in indices:
+            loss = F.cross_entropy(self.member_logits(x, [i])[0], y, label_smoothing=self.label_smoothing)
+            # the transformations Lightning applies to the returned sum, in its order: the closure divides by
+            # the accumulation count, the precision plugin's `pre_backward` scales
+            closure_loss = loss / accumulate
+            if scaler is not None:
+                closure_loss = scaler.scale(closure_loss)
+            # Lightning's backward runs outside `train_step_context`: autocast does not reach autograd's own
+            # backward kernels, but Python code run by the backward (tensor hooks, custom Functions) it would
+            with _autocast_disabled():
+                closure_loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses)
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -728,6 +849,56 @@ class EnsembleLightningModule(LightningModule):
                         f"members. Set {key}=None and use `--trainer.gradient_clip_val`, which clips each "
                         "member separately."
                     )
+
+    @override
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning's ``optimizer.zero_grad()``, skipped when ``memory_frugal`` has zeroed the gradients at
+        the start of this step's ``training_step`` and computed them since."""
+        if self._zeroed_in_step:
+            self._zeroed_in_step = False
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def _check_memory_frugal(self) -> None:
+        """Refuse, before any step, the settings under which the per-member backward would not be exact."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        from lightning_ensembles.distributed import MemberParallelStrategy
+
+        if not self.memory_frugal:
+            return
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, MemberParallelStrategy)):
+            raise ValueError(
+                "`--model.memory_frugal true` back-propagates each member on its own inside `training_step`, "
+                f"which needs one device or `--trainer.strategy member_parallel`, but got `--trainer.strategy` "
+                f"{type(strategy).__name__}. Data-parallel DDP (`ddp`, `ddp_spawn`, ...) wraps all members in one "
+                "DistributedDataParallel that all-reduces one backward per forward, and sharded strategies (FSDP, "
+                "DeepSpeed) run their own backward. Use `--trainer.strategy member_parallel` (each process trains "
+                "its own members and no gradient crosses members), or `--model.memory_frugal false`."
+            )
+        plugin = type(strategy.precision_plugin)
+        if plugin.pre_backward not in (Precision.pre_backward, MixedPrecision.pre_backward) or (
+            plugin.backward is not Precision.backward
+        ):
+            raise ValueError(
+                "`--model.memory_frugal true` repeats the precision plugin's loss scaling for each member, which "
+                f"it knows for Lightning's own plugins only, but got {plugin.__name__}, whose backward differs. "
+                "Use `--trainer.precision` 32-true, 16-mixed, bf16-mixed, 16-true or bf16-true, or "
+                "`--model.memory_frugal false`."
+            )
+        if not self.automatic_optimization or type(self).backward is not LightningModule.backward:
+            raise ValueError(
+                "`--model.memory_frugal true` computes the gradients inside `training_step` under Lightning's "
+                "automatic optimization with its default `backward`, but this module "
+                + (
+                    "sets `automatic_optimization = False`."
+                    if not self.automatic_optimization
+                    else f"({type(self).__name__}) overrides `backward`."
+                )
+                + " Set `--model.memory_frugal false`."
+            )
 
     @override
     def configure_gradient_clipping(
@@ -989,3 +1160,13 @@ class _NameUnreadableCheckpoint(Callback):
 def _as_random_state(state: Any) -> tuple[Any, ...]:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+@contextmanager
+def _autocast_disabled() -> Iterator[None]:
+    """Leave every enabled ``torch.autocast`` region (as Lightning's backward, outside ``train_step_context``)."""
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda", "xpu", "hpu", "mps"):
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
