@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,29 @@ def _quiet_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def quiet_optuna_one_thread() -> Iterator[None]:
-    """For NAS tests: Optuna's logging at WARNING and one intra-op thread. Tiny proxies gain nothing from
-    more threads, and on a busy 2-core machine OpenMP's spinning threads make them several times slower."""
-    optuna = pytest.importorskip("optuna")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the test. Tiny networks gain nothing from more threads, and on a busy 2-core
+    machine OpenMP's spinning threads make them several times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quiet_optuna_one_thread(one_torch_thread: None) -> None:
+    """For NAS tests: Optuna's logging at WARNING and one intra-op thread."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def in_process_group() -> Iterator[None]:
+    """For a strategy run in this process (one device): leave no process group, port or environment variable
+    behind, so the spawned tests that follow can bind their own."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

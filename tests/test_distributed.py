@@ -106,18 +106,6 @@ def _fit(
     return trainer
 
 
-@pytest.fixture
-def in_process_group() -> Any:
-    """For a strategy run in this process (one device): leave no process group or port behind, so the
-    spawned tests that follow can bind their own."""
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _checkpointer(directory: Path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0)
 

@@ -6,7 +6,7 @@ import functools
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +22,8 @@ from lightning_ensembles.export import ExportableEnsemble, export_ensemble, main
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.uncertainty import uncertainty_scores
 from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, trainer_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = (1, 8, 8)
@@ -111,15 +113,6 @@ def _load_file(path: Path, fmt: str) -> Callable[[Tensor], list[Tensor]]:
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: [torch.from_numpy(o) for o in session.run(None, {"x": x.numpy()})]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these graphs are tiny, and the CI machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- the wrapper

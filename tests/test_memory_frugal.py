@@ -8,7 +8,6 @@ optimizer state, NaN reports and checkpoints.
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -272,17 +271,6 @@ def test_vmap_is_refused_and_auto_trains_with_the_loop() -> None:
         ValueError, match=r"Expected `--model.memory_frugal` to be true or false, but got 'yes'"
     ):
         EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES, memory_frugal="yes")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def in_process_group() -> Any:
-    """Leave no process group or environment variables behind for the spawned tests that follow."""
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_data_parallel_ddp_is_refused_with_what_to_use(in_process_group: None) -> None:

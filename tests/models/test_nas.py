@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import optuna
 import pytest
@@ -17,14 +16,7 @@ from lightning_ensembles.cost import count_macs
 from lightning_ensembles.models import NASArchitecture, NASNet, NASSearchSpace, StageArch, StageSpace
 from tests.conftest import trainer_kwargs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny networks gain nothing from more threads; on a busy 2-core machine OpenMP's spinning costs seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPACE = NASSearchSpace(
