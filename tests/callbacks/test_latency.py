@@ -197,7 +197,28 @@ def test_stats_are_json_serialisable():
         ({"sizes": [1, 5]}, "Expected every entry of `sizes` to be in [1, M=4], but got 5."),
         ({"sizes": [1.5]}, "Expected every entry of `sizes` to be an int, but got 1.5."),
         ({"sizes": []}, "Expected `sizes` to hold at least one ensemble size, but got none."),
-        ({"mode": "parallel"}, "Expected `mode` to be one of ['sequential'], but got 'parallel'."),
+        (
+            {"mode": "vmap"},
+            "Expected `mode` to be one of ['sequential', 'fused', 'parallel'], but got 'vmap'.",
+        ),
+        (
+            {"mode": "parallel", "workers": 5},
+            "Expected `workers` to be None or an int in [1, M=4] (at most one worker per member), but got 5.",
+        ),
+        ({"mode": "parallel", "threads_per_worker": 0}, "Expected `threads_per_worker` to be an int >= 1"),
+        (
+            {"mode": "parallel", "devices": ["cuda:99"]},
+            "Expected every entry of `devices` to be 'cpu' or a CUDA device that exists",
+        ),
+        (
+            {"mode": "parallel", "devices": ["cpu"] * 5},
+            "Expected `devices` to hold at most M=4 entries (at most one worker per member), but got 5",
+        ),
+        (
+            {"mode": "parallel", "devices": ["cpu"] * 2, "workers": 3},
+            "Expected `workers` to be None or len(devices)=2 (one worker per entry of `devices`), but got 3.",
+        ),
+        ({"scope": "a string"}, "Expected `scope` to be None or an object that can be weakly referenced"),
         ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
         ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
         ({"batch_size": 0}, "Expected `batch_size` to be an int >= 1, but got 0."),
@@ -213,7 +234,7 @@ def test_invalid_arguments_are_named(kwargs: dict[str, Any], message: str):
 
 
 def test_modes():
-    assert MODES == ("sequential",)
+    assert MODES == ("sequential", "fused", "parallel")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -435,9 +456,20 @@ def test_state_dict_round_trip_and_checkpoint(tmp_path: Any):
         ({"sizes": (1, 0)}, "Expected every entry of `sizes` to be an int >= 1, but got 0."),
         ({"sizes": ()}, "Expected `sizes` to be a non-empty sequence of ints >= 1, but got ()."),
         (
-            {"modes": ("sequential", "parallel")},
-            "Expected `modes` to be one of ['sequential'], but got 'parallel'.",
+            {"modes": ("sequential", "vmap")},
+            "Expected `modes` to be one of ['sequential', 'fused', 'parallel', 'cascade'], but got 'vmap'.",
         ),
+        (
+            {"modes": ("cascade",)},
+            "Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None.",
+        ),
+        (
+            {"modes": ("cascade",), "cascade_thresholds": 1.5},
+            "Expected `cascade_thresholds` to be None, a float in [0, 1] or NEVER_EXIT",
+        ),
+        ({"cascade_batches": 0}, "Expected `cascade_batches` to be an int >= 1, but got 0."),
+        ({"workers": 0}, "Expected `workers` to be an int >= 1, but got 0."),
+        ({"devices": ["gpu:0"]}, "Expected every entry of `devices` to be 'cpu' or a CUDA device"),
         ({"modes": "sequential"}, "Expected `modes` to be a non-empty sequence of mode names"),
         ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
         ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
