@@ -9,6 +9,7 @@ from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.distributed import MemberParallelStrategy  # importing registers `member_parallel`
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.parallel import ParallelEnsemble
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "EnsembleLightningModule",
     "EnsembleMetrics",
     "MemberParallelStrategy",
+    "ParallelEnsemble",
     "aggregate",
     "cumulative_probs",
 ]

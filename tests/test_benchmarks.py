@@ -14,7 +14,13 @@ SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswit
 
 
 def test_every_benchmark_is_covered() -> None:
-    assert {"data_pipeline", "ensemble_overhead", "fused_vs_loop", "member_parallel"} <= set(SCRIPTS)
+    assert {
+        "data_pipeline",
+        "ensemble_overhead",
+        "fused_vs_loop",
+        "member_parallel",
+        "parallel_latency",
+    } <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
