@@ -107,20 +107,23 @@ def check_devices(devices: Sequence[str | torch.device], flag: str = "devices") 
 
 @dataclass(frozen=True)
 class _CallerState:
-    """The thread-local autograd and autocast state of the caller, replayed in every worker."""
+    """The thread-local autograd and autocast state of the caller, replayed in every worker, and the caller's
+    current CUDA streams where the input is produced and where the output is used."""
 
     inference_mode: bool
     grad_enabled: bool
     autocast: dict[str, torch.dtype]  # device type -> autocast dtype, for the device types where it is on
+    input_stream: torch.cuda.Stream | None  # the caller's current stream on the input's device, on CUDA
     stream: torch.cuda.Stream | None  # the caller's current stream on the output device, on CUDA
 
     @classmethod
-    def capture(cls, device_types: set[str], output_device: torch.device) -> _CallerState:
+    def capture(cls, device_types: set[str], x: Tensor, output_device: torch.device) -> _CallerState:
         autocast = {
             t: torch.get_autocast_dtype(t) for t in sorted(device_types) if torch.is_autocast_enabled(t)
         }
+        input_stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         stream = torch.cuda.current_stream(output_device) if output_device.type == "cuda" else None
-        return cls(torch.is_inference_mode_enabled(), torch.is_grad_enabled(), autocast, stream)
+        return cls(torch.is_inference_mode_enabled(), torch.is_grad_enabled(), autocast, input_stream, stream)
 
 
 class _Worker:
@@ -174,8 +177,8 @@ class _Worker:
             caller_stream = state.stream
             stack.enter_context(torch.cuda.device(self.device))
             stack.enter_context(torch.cuda.stream(self.stream))
-            if caller_stream is not None:
-                self.stream.wait_stream(caller_stream)  # the input is ready on the caller's stream
+            if state.input_stream is not None:
+                self.stream.wait_stream(state.input_stream)  # the input is ready on the caller's stream
             inputs = x.to(self.device, non_blocking=True)
             if inputs.data_ptr() == x.data_ptr() and x.is_cuda:
                 x.record_stream(self.stream)  # the caller's tensor is read on this stream
@@ -212,6 +215,9 @@ class ParallelEnsemble:
             ``devices[i % len(devices)]``; a device may repeat, for several streams on it), at most ``M``
             entries. Members not on their worker's device are deep-copied there for this object; the
             caller's members stay where they are. Default: each worker on the device of its first member.
+
+    Several threads may call the same object at once: every worker serves its calls in the order they
+    arrive, and every call waits for its own results.
 
     Raises:
         ValueError: if there are no members, ``workers`` is not in ``[1, M]`` or disagrees with
@@ -327,7 +333,7 @@ class ParallelEnsemble:
         if self._closed:
             raise RuntimeError("This ParallelEnsemble was closed; create a new one.")
         device_types = {worker.device.type for worker in self._workers}
-        state = _CallerState.capture(device_types, self.output_device)
+        state = _CallerState.capture(device_types, x, self.output_device)
         futures = [worker.submit(x, self.output_device, state) for worker in self._workers]
         per_worker = [future.result() for future in futures]
         if len(per_worker) == 1:

@@ -250,3 +250,22 @@ def test_torch_initialises_a_thread_lazily_from_the_process_wide_count(two_threa
     # the process-wide value, which every set_num_threads call overwrites, over a count set before it.
     assert _count_after_another_thread_sets_two(prime=True) == 1
     assert _count_after_another_thread_sets_two(prime=False) == 2
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_results():
+    members = mixed_members(3)
+    inputs = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    results: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), ParallelEnsemble(members, workers=2) as parallel:
+
+        def call(i: int) -> None:
+            with torch.no_grad():
+                results[i] = parallel(inputs[i])
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        for i, x in enumerate(inputs):
+            torch.testing.assert_close(results[i], sequential(members, x))
