@@ -11,6 +11,7 @@ from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.distributed import MemberParallelStrategy  # importing registers `member_parallel`
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.parallel import ParallelEnsemble
 
 if TYPE_CHECKING:
     from lightning_ensembles.export import ExportableEnsemble, export_ensemble
@@ -22,6 +23,7 @@ __all__ = [
     "EnsembleMetrics",
     "ExportableEnsemble",
     "MemberParallelStrategy",
+    "ParallelEnsemble",
     "aggregate",
     "cumulative_probs",
     "export_ensemble",

@@ -15,7 +15,9 @@ within ``--pair_tolerance`` (or the pairs given with ``--pairs``), are compared 
 (:func:`~lightning_ensembles.stats.paired_difference`): mean difference, 95% confidence interval, t and
 wins/ties/losses, for top-1, NLL and ECE.
 
-It writes ``comparison.png`` (the metric vs GMACs), ``comparison_latency.png`` (when latency was logged),
+It writes ``comparison.png`` (the metric vs GMACs), ``comparison_latency.png`` (when latency was logged; one
+line per run group and latency mode, ``sequential``, ``fused``, ``parallel``, where the ablation logged
+``latency_ms/{mode}``, else one line per run group from the older ``latency_ms``),
 ``comparison.csv``, ``comparison.md`` and ``comparison.json`` (every run's per-seed points and the pairs),
 and a TensorBoard run ``<out>/tensorboard`` with the figure, the tables and one HParams session per run.
 """
@@ -204,7 +206,7 @@ def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
     accumulator.Reload()
     name = path.relative_to(root).as_posix() if path != root else path.name
     run = Run(path=path, name=name or path.name, hparams=_hparams(accumulator), seed=run_seed(path))
-    pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+)$")
+    pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+|latency_ms/\w+)$")
     fallback: dict[int, dict[str, float]] = {}
     for tag in accumulator.Tags().get("scalars", []):
         match = pattern.match(tag)
@@ -360,8 +362,35 @@ def _log_axis(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def latency_modes(lines: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The latency modes with a ``latency_ms/{mode}`` column in any row, sorted.
+
+    Args:
+        lines: the output of :func:`collect`.
+
+    Returns:
+        The modes, e.g. ``["parallel", "sequential"]``; empty for runs that logged only ``latency_ms``.
+
+    Example:
+        >>> latency_modes({"wrn": [{"k": 1, "latency_ms/sequential": 1.0, "latency_ms/sequential_std": 0.0}]})
+        ['sequential']
+    """
+    return sorted(
+        {
+            column.removeprefix("latency_ms/")
+            for rows in lines.values()
+            for row in rows
+            for column in row
+            if column.startswith("latency_ms/") and not column.endswith("_std")
+        }
+    )
+
+
 def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metric: str, title: str) -> Any:
     """The paper's figure: one line per architecture, one point per ensemble size, error bars over seeds.
+
+    On the latency axis there is one line per architecture and latency mode (``latency_ms/{mode}``); an
+    architecture whose runs logged only ``latency_ms`` (before the modes) gets one line, as before.
 
     Args:
         lines: the output of :func:`collect`.
@@ -379,13 +408,25 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
 
     scale = 100.0 if metric == "top1" else 1.0
     figure, ax = plt.subplots(figsize=(6.5, 4.7), dpi=110)
+    modes = latency_modes(lines) if axis == "latency_ms" else []
+    series = []
     for architecture, rows in lines.items():
-        points = [r for r in rows if axis in r and metric in r]
-        xs = [r[axis] for r in points]
+        own = latency_modes({architecture: rows}) if modes else []
+        series += [(architecture, rows, f"{axis}/{mode}", mode) for mode in own] or [
+            (architecture, rows, axis, "")
+        ]
+    styles = ["o-", "s--", "^:", "d-."]
+    for architecture, rows, column, mode in series:
+        points = [r for r in rows if column in r and metric in r]
+        if not points:
+            continue
+        xs = [r[column] for r in points]
         ys = [scale * r[metric] for r in points]
         errors = [scale * r.get(f"{metric}_std", 0.0) for r in points]
         runs = max((int(r["runs"]) for r in points), default=0)
-        ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=3, label=f"{architecture} (up to {runs} runs)")
+        label = f"{architecture}{f', {mode}' if mode else ''} (up to {runs} runs)"
+        style = styles[modes.index(mode) % len(styles)] if mode else "o-"
+        ax.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=label)
         for r, x, y in zip(points, xs, ys):
             ax.annotate(f"k={int(r['k'])}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
     _log_axis(ax)
@@ -415,6 +456,9 @@ def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
     for column in COLUMNS:
         if any(column in row for rows in lines.values() for row in rows):
             columns += [column, f"{column}_std"]
+        if column == "latency_ms":
+            for mode in latency_modes(lines):
+                columns += [f"latency_ms/{mode}", f"latency_ms/{mode}_std"]
     rows: list[dict[str, Any]] = [
         {"architecture": arch, **row} for arch, arch_rows in lines.items() for row in arch_rows
     ]

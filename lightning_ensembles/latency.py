@@ -11,6 +11,16 @@ Timing follows the usual practice for small, fast kernels: untimed warm-up runs 
 autotuning, lazy initialisation), then ``repeats`` timed runs, each one synchronised so that it measures the
 latency of one request rather than the throughput of a queue. On CUDA the runs are timed with CUDA events;
 elsewhere with a host clock (``time.perf_counter`` by default, injectable so tests are deterministic).
+
+The members of one run execute in one of :data:`MODES`: one after another (``"sequential"``), as one
+vectorised computation of identical members (``"fused"``, :func:`~lightning_ensembles.fused.vmap_forward`),
+or concurrently, each on its own worker (``"parallel"``, :class:`~lightning_ensembles.parallel.ParallelEnsemble`:
+threads with their own intra-op thread counts on a CPU, CUDA streams or devices on GPUs), the ensemble's
+outputs aggregated at the end in every mode.
+
+Measurements can be *shared* within a scope (``scope=trainer`` in the callbacks): a configuration measured
+once on a module in that scope is reused by every later request for it, so that two callbacks of one run log
+the same numbers instead of two noisy draws of them.
 """
 
 from __future__ import annotations
@@ -18,22 +28,68 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import aggregate
+from lightning_ensembles.fused import check_fusable, vmap_forward
+from lightning_ensembles.parallel import ParallelEnsemble, check_devices
 
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
 
-__all__ = ["MODES", "LatencyStats", "measure_ensemble_latency"]
+__all__ = [
+    "DEFAULT_REPEATS",
+    "DEFAULT_WARMUP",
+    "MODES",
+    "LatencyStats",
+    "check_fused_members",
+    "check_mode",
+    "check_shape",
+    "check_sizes",
+    "device_and_dtype",
+    "latency_metric_name",
+    "measure_ensemble_latency",
+    "time_runs",
+]
 
-MODES: tuple[str, ...] = ("sequential",)
-"""How the members of an ensemble are run: ``"sequential"`` runs them one after another on one device."""
+MODES: tuple[str, ...] = ("sequential", "fused", "parallel")
+"""How the members of an ensemble are run: ``"sequential"`` one after another (the module's
+``member_logits``), ``"fused"`` as one ``vmap`` computation (identical members only), ``"parallel"``
+concurrently, each member on its own worker (:class:`~lightning_ensembles.parallel.ParallelEnsemble`)."""
+
+DEFAULT_WARMUP = 5
+"""Untimed runs before the timed ones, for every configuration, unless told otherwise."""
+DEFAULT_REPEATS = 20
+"""Timed runs of every configuration, unless told otherwise."""
+
+# scope -> module -> configuration -> (warmup, stats): measurements shared within a scope (e.g. a Trainer).
+_SHARED: weakref.WeakKeyDictionary[object, weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, Any]]]
+_SHARED = weakref.WeakKeyDictionary()
+
+
+def latency_metric_name(mode: str, size: int, batch_size: int, statistic: str) -> str:
+    """The logged key of one statistic, e.g. ``latency/sequential/size_2/batch1_ms_p50``.
+
+    Args:
+        mode: how members are run, e.g. ``"sequential"``.
+        size: ensemble size ``k``.
+        batch_size: samples per run.
+        statistic: ``"ms_p50"``, ``"ms_p10"``, ``"ms_p90"`` or ``"samples_per_s"``.
+
+    Returns:
+        The key.
+
+    Example:
+        >>> latency_metric_name("parallel", 2, 256, "samples_per_s")
+        'latency/parallel/size_2/batch256_samples_per_s'
+    """
+    return f"latency/{mode}/size_{size}/batch{batch_size}_{statistic}"
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -116,8 +172,23 @@ class LatencyStats:
         return dataclasses.asdict(self)
 
 
-def _check_sizes(sizes: Iterable[int] | None, num_members: int) -> list[int]:
-    """Validate ensemble sizes against ``M`` (default: all of ``1..M``), keeping their order, once each."""
+def check_sizes(sizes: Iterable[int] | None, num_members: int) -> list[int]:
+    """Validate ensemble sizes against ``M`` (default: all of ``1..M``), keeping their order, once each.
+
+    Args:
+        sizes: ensemble sizes, each an int in ``[1, M]``, or ``None`` for all of them.
+        num_members: ``M``.
+
+    Returns:
+        The sizes, in their order, without repeats.
+
+    Raises:
+        ValueError: if ``sizes`` is not a non-empty sequence of ints in ``[1, M]``.
+
+    Example:
+        >>> check_sizes([3, 1, 3], 4), check_sizes(None, 2)
+        ([3, 1], [1, 2])
+    """
     if sizes is None:
         return list(range(1, num_members + 1))
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
@@ -135,8 +206,19 @@ def _check_sizes(sizes: Iterable[int] | None, num_members: int) -> list[int]:
     return checked
 
 
-def _check_shape(input_shape: Sequence[int], flag: str = "input_shape") -> tuple[int, ...]:
-    """Validate one sample's shape (without the batch axis)."""
+def check_shape(input_shape: Sequence[int], flag: str = "input_shape") -> tuple[int, ...]:
+    """Validate one sample's shape (without the batch axis).
+
+    Args:
+        input_shape: the shape, e.g. ``(3, 32, 32)``.
+        flag: the argument or CLI flag named in the error.
+
+    Returns:
+        The shape as a tuple.
+
+    Raises:
+        ValueError: unless it is a non-empty sequence of ints >= 1.
+    """
     shape = (
         tuple(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else ()
     )
@@ -148,14 +230,61 @@ def _check_shape(input_shape: Sequence[int], flag: str = "input_shape") -> tuple
     return shape
 
 
-def _check_mode(mode: str, flag: str = "mode") -> str:
-    if mode not in MODES:
-        raise ValueError(f"Expected `{flag}` to be one of {list(MODES)}, but got {mode!r}.")
+def check_mode(mode: str, flag: str = "mode", allowed: Sequence[str] = MODES) -> str:
+    """Validate a latency mode.
+
+    Args:
+        mode: the mode.
+        flag: the argument or CLI flag named in the error.
+        allowed: the modes allowed (default :data:`MODES`).
+
+    Returns:
+        ``mode``, unchanged.
+
+    Raises:
+        ValueError: if ``mode`` is not one of ``allowed``.
+
+    Example:
+        >>> check_mode("vmap")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `mode` to be one of ['sequential', 'fused', 'parallel'], but got 'vmap'.
+    """
+    if mode not in allowed:
+        raise ValueError(f"Expected `{flag}` to be one of {list(allowed)}, but got {mode!r}.")
     return mode
 
 
-def _device_and_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device of the first parameter or buffer and dtype of the first floating one."""
+def check_fused_members(members: Sequence[torch.nn.Module], flag: str = "mode") -> None:
+    """Raise unless the members can be measured in the ``"fused"`` mode (identical members).
+
+    Args:
+        members: the members of the largest ensemble measured.
+        flag: the argument or CLI flag that asked for ``"fused"``.
+
+    Raises:
+        ValueError: naming ``flag``, the first difference between the members and the modes allowed instead.
+    """
+    try:
+        check_fusable(members, flag=flag)
+    except ValueError as err:
+        difference = str(err).split("; use")[0].removeprefix(f"`{flag}` fuses identical members, but ")
+        raise ValueError(
+            f"Expected `{flag}` to ask for 'fused' only with identical members (same class, parameter and buffer "
+            f"shapes, dtypes and devices), but {difference}; allowed for these members: 'sequential' or "
+            "'parallel'."
+        ) from None
+
+
+def device_and_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the first parameter or buffer and dtype of the first floating one.
+
+    Args:
+        module: the module.
+
+    Returns:
+        ``(device, dtype)``; the CPU and the default dtype for a module without tensors.
+    """
     tensors = [*module.parameters(), *module.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     floating = [t.dtype for t in tensors if t.is_floating_point()]
@@ -169,14 +298,28 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _time_runs(
+def time_runs(
     run: Callable[[], object],
     device: torch.device,
     warmup: int,
     repeats: int,
     clock: Callable[[], float],
 ) -> list[float]:
-    """Durations in seconds of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones."""
+    """Durations in seconds of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones.
+
+    Every timed call is synchronised: on CUDA it is timed with CUDA events on ``device``'s current stream,
+    elsewhere with ``clock``.
+
+    Args:
+        run: what one run does.
+        device: where it runs.
+        warmup: untimed calls first.
+        repeats: timed calls.
+        clock: host clock in seconds, used off CUDA.
+
+    Returns:
+        The ``repeats`` durations, in seconds.
+    """
     for _ in range(warmup):
         run()
     _synchronize(device)
@@ -200,25 +343,89 @@ def _time_runs(
     return durations
 
 
+def _shared_store(scope: object | None, module: torch.nn.Module) -> dict[Hashable, Any] | None:
+    """The measurements shared in ``scope`` for ``module`` (created empty), or ``None`` without a scope."""
+    if scope is None:
+        return None
+    try:
+        per_module = _SHARED.setdefault(scope, weakref.WeakKeyDictionary())
+    except TypeError:
+        raise ValueError(
+            f"Expected `scope` to be None or an object that can be weakly referenced (e.g. the Trainer), but got "
+            f"{type(scope).__name__}."
+        ) from None
+    return per_module.setdefault(module, {})
+
+
+def _check_parallel(
+    num_members: int,
+    workers: int | None,
+    threads_per_worker: int | None,
+    devices: Sequence[str | torch.device] | None,
+) -> list[torch.device] | None:
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= num_members
+    ):
+        raise ValueError(
+            f"Expected `workers` to be None or an int in [1, M={num_members}] (at most one worker per member), "
+            f"but got {workers!r}."
+        )
+    if threads_per_worker is not None:
+        check_int(threads_per_worker, "threads_per_worker", 1)
+    if devices is None:
+        return None
+    checked = check_devices(devices)
+    if len(checked) > num_members:
+        raise ValueError(
+            f"Expected `devices` to hold at most M={num_members} entries (at most one worker per member), but "
+            f"got {len(checked)}: {list(devices)!r}."
+        )
+    if workers is not None and workers != len(checked):
+        raise ValueError(
+            f"Expected `workers` to be None or len(devices)={len(checked)} (one worker per entry of `devices`), "
+            f"but got {workers!r}."
+        )
+    return checked
+
+
 def measure_ensemble_latency(
     module: EnsembleLightningModule,
     input_shape: Sequence[int],
     *,
     sizes: Iterable[int] | None = None,
     batch_size: int = 1,
-    warmup: int = 5,
-    repeats: int = 20,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
     mode: str = "sequential",
     clock: Callable[[], float] | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    devices: Sequence[str | torch.device] | None = None,
+    scope: object | None = None,
 ) -> dict[int, LatencyStats]:
     """Measure the inference latency of the ensembles of the first ``k`` members, for every size ``k``.
 
-    One run of size ``k`` is ``aggregate(module.member_logits(x, range(k)), module.aggregation)`` on a random
-    input ``x`` of shape ``(batch_size, *input_shape)`` on the module's device and in its dtype: the members
-    one after another (``mode="sequential"``), then the aggregation to ``(B, C)`` probabilities. Runs happen
-    under :func:`torch.inference_mode` with the module in eval mode; every submodule's training flag is
-    restored afterwards. The input is drawn from a private generator, so the global random state is left
-    untouched.
+    One run of size ``k`` computes the logits of the first ``k`` members on a random input ``x`` of shape
+    ``(batch_size, *input_shape)`` on the module's device and in its dtype, then aggregates them to ``(B, C)``
+    probabilities (the module's ``aggregation``). The members run
+
+    * ``mode="sequential"``: one after another, as ``module.member_logits(x, range(k))`` (which fuses them
+      only if the module's own ``execution`` says so);
+    * ``mode="fused"``: as one :func:`~lightning_ensembles.fused.vmap_forward` call (identical members only);
+    * ``mode="parallel"``: concurrently, on a :class:`~lightning_ensembles.parallel.ParallelEnsemble` of
+      ``min(workers, k)`` workers (``devices[:k]`` with ``devices``), created once per size, before the
+      warm-up, and closed afterwards. With ``devices``, members are deep-copied onto the workers' devices
+      for the measurement; the module itself is never moved.
+
+    Runs happen under :func:`torch.inference_mode` with the module in eval mode; every submodule's training
+    flag is restored afterwards. The input is drawn from a private generator, so the global random state is
+    left untouched.
+
+    With a ``scope`` (any object that can be weakly referenced; the callbacks pass the Trainer), a
+    configuration already measured on this module in this scope, with at least as many warm-up and timed runs,
+    is returned as it was measured instead of being measured again; new measurements are stored there. The
+    configuration is the mode and its workers, the size, batch size, input shape, the module's device and
+    dtype, the autocast state and ``torch.get_num_threads()``. What is stored lives as long as the scope.
 
     Args:
         module: the ensemble (``.members``, ``.member_logits``, ``.aggregation``).
@@ -230,12 +437,19 @@ def measure_ensemble_latency(
         mode: how members are run; one of :data:`MODES`.
         clock: host clock in seconds used off CUDA (default :func:`time.perf_counter`); on CUDA the runs are
             timed with CUDA events and ``clock`` is not used.
+        workers: ``"parallel"`` only: the most workers, in ``[1, M]`` (size ``k`` uses ``min(workers, k)``);
+            default as :class:`~lightning_ensembles.parallel.ParallelEnsemble` chooses.
+        threads_per_worker: ``"parallel"`` only: intra-op threads of every worker; default the caller's
+            threads split between the workers.
+        devices: ``"parallel"`` only: the workers' devices (at most ``M``), e.g. ``["cuda:0", "cuda:1"]``.
+        scope: share measurements within this object's lifetime (see above), or ``None`` to always measure.
 
     Returns:
         ``{k: LatencyStats}`` in the order of ``sizes``.
 
     Raises:
-        ValueError: for an invalid argument, naming it and the value given.
+        ValueError: for an invalid argument, naming it and the value given: among others ``mode="fused"``
+            with members that are not identical, ``workers`` above ``M``, ``devices`` that do not exist.
 
     Example:
         >>> from torch import nn
@@ -244,32 +458,113 @@ def measure_ensemble_latency(
         >>> stats = measure_ensemble_latency(module, (4,), repeats=3)
         >>> sorted(stats), stats[2].repeats, stats[2].batch_size
         ([1, 2], 3, 1)
+        >>> parallel = measure_ensemble_latency(module, (4,), repeats=3, mode="parallel", workers=2)
+        >>> sorted(parallel)
+        [1, 2]
     """
-    shape = _check_shape(input_shape)
-    checked_sizes = _check_sizes(sizes, len(module.members))
+    shape = check_shape(input_shape)
+    num_members = len(module.members)
+    checked_sizes = check_sizes(sizes, num_members)
     check_int(batch_size, "batch_size", 1)
     check_int(warmup, "warmup", 0)
     check_int(repeats, "repeats", 1)
-    _check_mode(mode)
+    check_mode(mode)
+    worker_devices = _check_parallel(num_members, workers, threads_per_worker, devices)
+    if mode == "fused":
+        check_fused_members(list(module.members[: max(checked_sizes)]), "mode")
     clock = time.perf_counter if clock is None else clock
+    store = _shared_store(scope, module)
 
-    device, dtype = _device_and_dtype(module)
+    device, dtype = device_and_dtype(module)
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    parallel_config = (
+        (workers, threads_per_worker, tuple(str(d) for d in worker_devices or ()))
+        if mode == "parallel"
+        else ()
+    )
+
+    def config(k: int) -> Hashable:
+        return (
+            mode,
+            k,
+            batch_size,
+            shape,
+            str(device),
+            dtype,
+            autocast,
+            torch.get_num_threads(),
+            parallel_config,
+        )
+
+    results: dict[int, LatencyStats] = {}
+    to_measure = []
+    for k in checked_sizes:
+        cached = store.get(config(k)) if store is not None else None
+        if cached is not None and cached[0] >= warmup and cached[1].repeats >= repeats:
+            results[k] = cached[1]
+        else:
+            to_measure.append(k)
+    if not to_measure:
+        return results
+
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size, *shape), generator=generator).to(device=device, dtype=dtype)
+    if getattr(module, "channels_last", False) and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     training = {submodule: submodule.training for submodule in module.modules()}
-    results: dict[int, LatencyStats] = {}
     try:
         module.eval()
         with torch.inference_mode():
-            for k in checked_sizes:
-                indices = range(k)
-
-                def run(indices: Sequence[int] = indices) -> Tensor:
-                    return aggregate(module.member_logits(x, indices), module.aggregation)
-
-                durations = _time_runs(run, device, warmup, repeats, clock)
-                results[k] = LatencyStats.from_seconds(durations, batch_size)
+            for k in to_measure:
+                results[k] = _measure_size(
+                    module, x, k, mode, warmup, repeats, clock, workers, threads_per_worker, worker_devices
+                )
+                if store is not None:
+                    store[config(k)] = (warmup, results[k])
     finally:
         for submodule, was_training in training.items():
             submodule.training = was_training
-    return results
+    return {k: results[k] for k in checked_sizes}
+
+
+def _measure_size(
+    module: EnsembleLightningModule,
+    x: Tensor,
+    k: int,
+    mode: str,
+    warmup: int,
+    repeats: int,
+    clock: Callable[[], float],
+    workers: int | None,
+    threads_per_worker: int | None,
+    devices: list[torch.device] | None,
+) -> LatencyStats:
+    """Time the runs of one ensemble size in one mode."""
+    device = x.device
+    members = list(module.members[:k])
+    if mode == "sequential":
+        indices = range(k)
+
+        def run() -> Tensor:
+            return aggregate(module.member_logits(x, indices), module.aggregation)
+
+    elif mode == "fused":
+
+        def run() -> Tensor:
+            return aggregate(vmap_forward(members, x), module.aggregation)
+
+    else:
+        parallel = ParallelEnsemble(
+            members,
+            workers=None if workers is None or devices is not None else min(workers, k),
+            threads_per_worker=threads_per_worker,
+            devices=None if devices is None else devices[:k],
+        )
+        with parallel:
+
+            def run() -> Tensor:
+                return aggregate(parallel(x), module.aggregation)
+
+            durations = time_runs(run, parallel.output_device, warmup, repeats, clock)
+            return LatencyStats.from_seconds(durations, x.shape[0])
+    return LatencyStats.from_seconds(time_runs(run, device, warmup, repeats, clock), x.shape[0])

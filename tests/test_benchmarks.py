@@ -20,6 +20,9 @@ def test_every_benchmark_is_covered() -> None:
         "fused_vs_loop",
         "member_parallel",
         "training_memory",
+        "parallel_latency",
+        "export_latency",
+        "cascade_inference",
     } <= set(SCRIPTS)
 
 

@@ -305,3 +305,51 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pyt
         err = capsys.readouterr().err
         assert err.startswith(f"python -m lightning_ensembles.compare: error: {message}")
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _latency(directory: Path, latency: dict[int, dict[str, float]]) -> None:
+    """Add the ablation's latency tags: ``latency_ms`` and, for keys other than it, ``latency_ms/{mode}``."""
+    with SummaryWriter(str(directory)) as writer:
+        for k, columns in latency.items():
+            for column, value in columns.items():
+                writer.add_scalar(f"ablation/test/size_{k}/{column}", value, 0)
+
+
+def test_latency_figure_has_one_line_per_architecture_and_mode_and_reads_old_runs(tmp_path: Path) -> None:
+    from lightning_ensembles.compare import collect, comparison_figure, find_runs, read_run
+
+    root = tmp_path / "runs"
+    points = {1: {"gmacs": 0.1, "top1": 0.9}, 2: {"gmacs": 0.2, "top1": 0.92}}
+    for seed in range(2):
+        new = _fake_run(root, f"new/seed_{seed}", "WRN-16-2", seed, points)
+        _latency(
+            new,
+            {
+                k: {"latency_ms": 2.0 * k, "latency_ms/sequential": 2.0 * k, "latency_ms/parallel": 1.0 + k}
+                for k in (1, 2)
+            },
+        )
+        old = _fake_run(root, f"old/seed_{seed}", "WRN-16-4", seed, points)
+        _latency(old, {k: {"latency_ms": 3.0 * k} for k in (1, 2)})  # a result file from before the modes
+
+    results = compare(str(root), out=str(tmp_path / "out"))
+    new_rows = results["lines"]["WRN-16-2"]
+    assert [r["latency_ms/parallel"] for r in new_rows] == [2.0, 3.0]
+    assert [r["latency_ms/sequential"] for r in new_rows] == [2.0, 4.0]
+    assert [r["latency_ms"] for r in results["lines"]["WRN-16-4"]] == [3.0, 6.0]
+    assert (tmp_path / "out" / "comparison_latency.png").stat().st_size > 0
+    header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0].split(",")
+    assert {"latency_ms", "latency_ms/parallel", "latency_ms/sequential"} <= set(header)
+
+    runs = [read_run(p, root, "test", "random") for p in find_runs(root)]
+    lines = collect(runs)
+    figure = comparison_figure(lines, "latency_ms", "top1", "t")
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert sorted(labels) == [
+        "WRN-16-2, parallel (up to 2 runs)",
+        "WRN-16-2, sequential (up to 2 runs)",
+        "WRN-16-4 (up to 2 runs)",  # only `latency_ms`: one line, next to the others
+    ]
+    old_only = {"WRN-16-4": lines["WRN-16-4"]}
+    labels = comparison_figure(old_only, "latency_ms", "top1", "t").axes[0].get_legend_handles_labels()[1]
+    assert labels == ["WRN-16-4 (up to 2 runs)"]

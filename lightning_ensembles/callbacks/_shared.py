@@ -1,11 +1,13 @@
-"""What the cost callbacks share: finding the shape of one sample to count multiply-adds at."""
+"""What the cost callbacks share: finding the shape of one sample to count multiply-adds at, and the setting
+a latency is measured in."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 FLAG = "--trainer.callbacks.init_args"
 
@@ -115,3 +117,26 @@ def evaluation_outputs(outputs: Any, owner: str) -> tuple[Tensor, Tensor]:
             f"EnsembleLightningModule does, but got {type(outputs).__name__}."
         )
     return outputs["logits"].detach(), outputs["target"].detach()
+
+
+@contextlib.contextmanager
+def measuring_on_trainer(trainer: Any, module: nn.Module) -> Iterator[None]:
+    """The module on the Trainer's root device, under its precision's evaluation context, for a latency
+    measurement; the module goes back to the device it was found on afterwards.
+
+    Every callback that measures latency does it in this setting, so that measurements shared within the
+    Trainer (``measure_ensemble_latency(scope=trainer)``) find each other.
+
+    Args:
+        trainer: the Trainer (``strategy.root_device``, ``precision_plugin``).
+        module: the ensemble.
+    """
+    from lightning_ensembles.latency import device_and_dtype
+
+    found_on, _ = device_and_dtype(module)
+    try:
+        module.to(trainer.strategy.root_device)
+        with trainer.precision_plugin.test_step_context():
+            yield
+    finally:
+        module.to(found_on)

@@ -4,7 +4,10 @@ Kondratyuk et al. 2020 draw one point per ensemble size, accuracy against multip
 callback computes those points from one run: for every k, the metrics of the first k members, and their
 average over random subsets of size k, which removes the luck of which members happen to come first (all
 subsets are used when there are at most ``num_subsets`` of them). Each point carries its multiply-adds
-(counted on the meta device) and, optionally, its measured latency. Results go to the loggers as scalars,
+(counted on the meta device) and, optionally, its measured latency in every requested mode (sequential,
+fused, parallel; :mod:`lightning_ensembles.latency`), measured once per Trainer and shared with
+:class:`~lightning_ensembles.callbacks.LatencyMonitor` through the latency layer, so that both log the same
+numbers. Results go to the loggers as scalars,
 to TensorBoard as figures (accuracy vs GMACs, accuracy vs latency), and to ``ablation_{stage}.csv`` /
 ``.json`` in the run directory.
 """
@@ -17,7 +20,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,8 +34,20 @@ from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import cumulative_log_probs
-from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
+from lightning_ensembles.callbacks._shared import (
+    evaluation_outputs,
+    measuring_on_trainer,
+    resolve_input_shape,
+)
 from lightning_ensembles.cost import count_macs
+from lightning_ensembles.latency import (
+    DEFAULT_REPEATS,
+    DEFAULT_WARMUP,
+    check_fused_members,
+    check_mode,
+    latency_metric_name,
+    measure_ensemble_latency,
+)
 from lightning_ensembles.metrics import (
     AURC,
     COVERAGE,
@@ -114,14 +129,21 @@ class EnsembleSizeAblation(Callback):
         stages: ``"val"`` and/or ``"test"``.
         input_shape: one sample's shape for counting multiply-adds; defaults to the datamodule's
             ``input_shape``. With neither, points carry no cost.
-        latency_batch_size: batch size of the latency measured once per run for every size (first-k members,
-            sequential), or ``None`` not to measure.
+        latency_batch_size: batch size of the latency measured once per run for every size (first-k members),
+            or ``None`` not to measure.
+        latency_modes: the modes to measure latency in, each one of
+            :data:`~lightning_ensembles.latency.MODES` (``"parallel"`` with its default workers). The first one
+            is the row's ``latency_ms`` (drawn against accuracy); every mode has its ``latency_ms/{mode}`` column.
+            Measured with :data:`~lightning_ensembles.latency.DEFAULT_WARMUP` and
+            :data:`~lightning_ensembles.latency.DEFAULT_REPEATS` runs, as ``LatencyMonitor``'s defaults, under
+            the Trainer's precision, shared within the Trainer: where ``LatencyMonitor`` measures the same
+            configuration, one measurement serves both.
         figures: draw the accuracy-vs-cost figures into TensorBoard.
         verbose: log the table of every ensemble size (k, GMACs, metrics) at the end of each evaluation, on
             rank 0, as the recipes' results table does.
 
     Raises:
-        ValueError: for an unknown metric or stage, or ``num_subsets < 1``.
+        ValueError: for an unknown metric, stage or latency mode, or ``num_subsets < 1``.
     """
 
     def __init__(
@@ -132,6 +154,7 @@ class EnsembleSizeAblation(Callback):
         stages: Sequence[str] = STAGES,
         input_shape: Sequence[int] | None = None,
         latency_batch_size: int | None = 1,
+        latency_modes: Sequence[str] = ("sequential",),
         figures: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -155,15 +178,23 @@ class EnsembleSizeAblation(Callback):
         self.latency_batch_size = (
             None if latency_batch_size is None else check_int(latency_batch_size, "latency_batch_size", 1)
         )
+        if isinstance(latency_modes, str) or not isinstance(latency_modes, Sequence) or not latency_modes:
+            raise ValueError(
+                f"Expected `latency_modes` to be a non-empty sequence of mode names, but got {latency_modes!r}."
+            )
+        self.latency_modes = tuple(dict.fromkeys(check_mode(m, "latency_modes") for m in latency_modes))
         self.figures = figures
         self.verbose = verbose
         self.subsets: dict[int, list[tuple[int, ...]]] = {}
         self.macs: list[int] = []
         self.latency_ms: dict[int, float] = {}
+        self.latency_ms_by_mode: dict[str, dict[int, float]] = {}
         self.history: list[dict[str, Any]] = []
         self._metrics: nn.ModuleDict | None = None
         self._device = torch.device("cpu")
         self._ood_loader = False  # whether this test has an OOD loader (index 1)
+        # Host clock of the latency measurement off CUDA; None means `time.perf_counter`. Tests fake it.
+        self._clock: Callable[[], float] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -175,6 +206,8 @@ class EnsembleSizeAblation(Callback):
                 f"but got {type(pl_module).__name__}."
             )
         num_members = len(members)
+        if "fused" in self.latency_modes and self.latency_batch_size is not None:
+            check_fused_members(list(members), "latency_modes")
         if len({m for s in self.subsets.values() for subset in s for m in subset}) != num_members:
             self.subsets = choose_subsets(num_members, self.num_subsets, self.seed)
         unique = sorted(
@@ -313,32 +346,51 @@ class EnsembleSizeAblation(Callback):
                 row["random_gmacs"] = sum(sum(self.macs[i] for i in s) for s in subsets) / len(subsets) / 1e9
             if k in self.latency_ms:
                 row["latency_ms"] = self.latency_ms[k]
+            for mode, latency in self.latency_ms_by_mode.items():
+                if k in latency:
+                    row[f"latency_ms/{mode}"] = latency[k]
             rows.append(row)
         return rows
 
-    def _measure_latency(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _measure_latency(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Measure every latency mode once per run; return the ``latency/...`` scalars of a new measurement."""
         if self.latency_batch_size is None or self.latency_ms:
-            return
+            return {}
         shape = resolve_input_shape(trainer, self.input_shape, "EnsembleSizeAblation", required=False)
         if shape is None:
-            return
-        from lightning_ensembles.latency import measure_ensemble_latency
-
+            return {}
         module = cast("EnsembleLightningModule", pl_module)
-        stats = measure_ensemble_latency(
-            module, shape, batch_size=self.latency_batch_size, warmup=2, repeats=7
-        )
-        self.latency_ms = {int(k): float(s.p50_ms) for k, s in stats.items()}
+        scalars: dict[str, float] = {}
+        with measuring_on_trainer(trainer, module):
+            for mode in self.latency_modes:
+                stats = measure_ensemble_latency(
+                    module,
+                    shape,
+                    batch_size=self.latency_batch_size,
+                    warmup=DEFAULT_WARMUP,
+                    repeats=DEFAULT_REPEATS,
+                    mode=mode,
+                    clock=self._clock,
+                    scope=trainer,
+                )
+                self.latency_ms_by_mode[mode] = {int(k): float(s.p50_ms) for k, s in stats.items()}
+                for k, s in stats.items():
+                    b = s.batch_size
+                    scalars[latency_metric_name(mode, k, b, "ms_p50")] = s.p50_ms
+                    scalars[latency_metric_name(mode, k, b, "ms_p10")] = s.p10_ms
+                    scalars[latency_metric_name(mode, k, b, "ms_p90")] = s.p90_ms
+                    scalars[latency_metric_name(mode, k, b, "samples_per_s")] = s.throughput
+        self.latency_ms = dict(self.latency_ms_by_mode[self.latency_modes[0]])
+        return scalars
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         values = self._compute()  # every rank: torchmetrics synchronises the states
         directory = run_directory(trainer)  # every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
-        self._measure_latency(trainer, pl_module)
+        scalars = self._measure_latency(trainer, pl_module)
         rows = self._rows(stage, trainer, values)
         self.history.extend(rows)
-        scalars: dict[str, float] = {}
         for row in rows:
             prefix = f"ablation/{stage}"
             for name in self.metric_names:
@@ -352,6 +404,9 @@ class EnsembleSizeAblation(Callback):
                 scalars[f"{prefix}/random/size_{row['k']}/gmacs"] = row["random_gmacs"]
             if "latency_ms" in row:
                 scalars[f"{prefix}/size_{row['k']}/latency_ms"] = row["latency_ms"]
+            for mode in self.latency_modes:
+                if f"latency_ms/{mode}" in row:
+                    scalars[f"{prefix}/size_{row['k']}/latency_ms/{mode}"] = row[f"latency_ms/{mode}"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
         if self.figures:
@@ -416,6 +471,7 @@ class EnsembleSizeAblation(Callback):
             "subsets": {k: [list(s) for s in v] for k, v in self.subsets.items()},
             "macs": list(self.macs),
             "latency_ms": dict(self.latency_ms),
+            "latency_ms_by_mode": {mode: dict(v) for mode, v in self.latency_ms_by_mode.items()},
             "history": list(self.history),
         }
 
@@ -424,6 +480,10 @@ class EnsembleSizeAblation(Callback):
         self.subsets = {int(k): [tuple(s) for s in v] for k, v in state_dict.get("subsets", {}).items()}
         self.macs = list(state_dict.get("macs", []))
         self.latency_ms = {int(k): float(v) for k, v in state_dict.get("latency_ms", {}).items()}
+        self.latency_ms_by_mode = {
+            str(mode): {int(k): float(v) for k, v in values.items()}
+            for mode, values in state_dict.get("latency_ms_by_mode", {}).items()
+        }
         self.history = list(state_dict.get("history", []))
 
 

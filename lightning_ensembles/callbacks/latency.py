@@ -4,10 +4,21 @@ Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single
 (arXiv 2005.00570), compare ensembles with single models on a measured-latency axis (their figure 3, in
 milliseconds), one point per ensemble size. This callback measures those points with
 :func:`~lightning_ensembles.latency.measure_ensemble_latency` once training has finished (or when testing
-starts), outside every timed loop, and logs them with their unit in the key::
+starts), outside every timed loop, for every mode the members can run in (one after another, fused, in
+parallel; :data:`~lightning_ensembles.latency.MODES`), and logs them with their unit in the key::
 
     latency/{mode}/size_{k}/batch{b}_ms_p50     (also _ms_p10, _ms_p90)
     latency/{mode}/size_{k}/batch{b}_samples_per_s
+
+Its ``cascade`` mode times a cascade (Wang, Kondratyuk et al., *Wisdom of Committees*, ICLR 2022;
+:class:`~lightning_ensembles.cascade_inference.CascadeEnsemble`) on real evaluation batches next to the full
+ensemble on the same batches::
+
+    latency/cascade/batch{b}_ms_p50              (also _ms_p10, _ms_p90, and ms_per_sample)
+    latency/full_on_batches/batch{b}_ms_p50      (also _ms_p10, _ms_p90, and ms_per_sample)
+    latency/cascade/time_ratio                   cascade time / full-ensemble time, summed over the batches
+    latency/cascade/mean_exit_stage              members run per sample, on average
+    latency/cascade/expected_cost_ratio          multiply-adds run per sample / those of the full ensemble
 
 The results, with the hardware and versions they were measured on, are kept in :attr:`LatencyMonitor.results`
 and in the callback's ``state_dict``.
@@ -16,30 +27,46 @@ and in the callback's ``state_dict``.
 from __future__ import annotations
 
 import copy
+import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
+from lightning_ensembles.aggregation import aggregate
+from lightning_ensembles.callbacks._shared import measuring_on_trainer
+from lightning_ensembles.cascade import NEVER_EXIT, Thresholds
 from lightning_ensembles.latency import (
+    DEFAULT_REPEATS,
+    DEFAULT_WARMUP,
+    MODES,
     LatencyStats,
-    _check_mode,
-    _check_shape,
-    _check_sizes,
-    _device_and_dtype,
+    check_fused_members,
+    check_mode,
+    check_shape,
+    check_sizes,
+    device_and_dtype,
+    latency_metric_name,
     measure_ensemble_latency,
+    time_runs,
 )
 from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.parallel import check_devices
 
-__all__ = ["LatencyMonitor"]
+__all__ = ["CALLBACK_MODES", "LatencyMonitor"]
 
 When = Literal["fit_end", "test_start"]
 _WHEN: tuple[str, ...] = get_args(When)
 _STAGE = {"fit_end": "fit", "test_start": "test"}
+CALLBACK_MODES: tuple[str, ...] = (*MODES, "cascade")
+"""The modes :class:`LatencyMonitor` measures: those of :data:`~lightning_ensembles.latency.MODES` on random
+inputs, and ``"cascade"`` on real evaluation batches."""
 
 
 def _int_entries(values: Any, flag: str, minimum: int) -> tuple[int, ...]:
@@ -56,6 +83,26 @@ def _int_entries(values: Any, flag: str, minimum: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def _check_cascade_thresholds(value: Any) -> float | tuple[float, ...] | None:
+    """Each threshold in ``[0, 1]`` or ``NEVER_EXIT``; their number is checked against ``M`` at setup."""
+    allowed = (
+        "None, a float in [0, 1] or NEVER_EXIT (math.inf) for every stage, or a sequence of M - 1 such floats"
+    )
+
+    def ok(v: Any) -> bool:
+        return (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and (0.0 <= v <= 1.0 or v == NEVER_EXIT)
+        )
+
+    if value is None:
+        return None
+    if ok(value):
+        return float(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and value and all(ok(v) for v in value):
+        return tuple(float(v) for v in value)
+    raise ValueError(f"Expected `cascade_thresholds` to be {allowed}, but got {value!r}.")
+
+
 def metric_name(mode: str, size: int, batch_size: int, statistic: str) -> str:
     """The logged key of one statistic, e.g. ``latency/sequential/size_2/batch1_ms_p50``.
 
@@ -66,13 +113,13 @@ def metric_name(mode: str, size: int, batch_size: int, statistic: str) -> str:
         statistic: ``"ms_p50"``, ``"ms_p10"``, ``"ms_p90"`` or ``"samples_per_s"``.
 
     Returns:
-        The key.
+        The key (:func:`~lightning_ensembles.latency.latency_metric_name`).
 
     Example:
         >>> metric_name("sequential", 2, 256, "samples_per_s")
         'latency/sequential/size_2/batch256_samples_per_s'
     """
-    return f"latency/{mode}/size_{size}/batch{batch_size}_{statistic}"
+    return latency_metric_name(mode, size, batch_size, statistic)
 
 
 def _metrics(mode: str, size: int, stats: LatencyStats) -> dict[str, float]:
@@ -95,22 +142,47 @@ class LatencyMonitor(Callback):
     Lightning moves the model to the CPU before ``on_fit_end``; the monitor moves it back to the Trainer's
     device for the measurement and returns it where it found it.
 
-    Each configuration is logged through every logger in ``trainer.loggers`` at ``trainer.global_step`` as
-    ``latency/{mode}/size_{k}/batch{b}_ms_p50``, ``..._ms_p10``, ``..._ms_p90`` and
+    Measurements are shared within the Trainer (``scope=trainer``): a configuration that another callback
+    (:class:`~lightning_ensembles.callbacks.EnsembleSizeAblation`) or an earlier ``trainer.test`` already
+    measured with at least as many runs is logged as measured then, so every figure of a run shows the same
+    numbers. Each configuration is logged through every logger in ``trainer.loggers`` at
+    ``trainer.global_step`` as ``latency/{mode}/size_{k}/batch{b}_ms_p50``, ``..._ms_p10``, ``..._ms_p90`` and
     ``latency/{mode}/size_{k}/batch{b}_samples_per_s``.
+
+    The ``"cascade"`` mode runs a :class:`~lightning_ensembles.cascade_inference.CascadeEnsemble` with
+    ``cascade_thresholds`` (members cheapest first, by multiply-adds on ``input_shape``) on the first
+    ``cascade_batches`` batches of the evaluation data (the validation loader at ``fit_end``, the test loader
+    at ``test_start``; the first loader where there are several), and the full ensemble on the same batches,
+    alternating the two on each batch after ``warmup`` untimed runs of both on the first batch. It logs the
+    per-batch percentiles of both (``latency/cascade/batch{b}_...`` and ``latency/full_on_batches/batch{b}_...``,
+    ``b`` the first batch's size), their time per sample, the ratio of their total times, the mean exit stage
+    and the expected multiply-adds as a fraction of the full ensemble's.
 
     Args:
         when: ``"fit_end"`` (after ``trainer.fit``) or ``"test_start"`` (at every ``trainer.test``).
-        batch_sizes: batch sizes to measure (1 is the latency of one request).
+        batch_sizes: batch sizes to measure (1 is the latency of one request); not used by ``"cascade"``.
         warmup: untimed runs before the timed ones, for every configuration.
         repeats: timed runs for every configuration.
         sizes: ensemble sizes, each in ``[1, M]`` (checked when the run starts); default all of ``1..M``.
-        modes: how members are run; each one of :data:`~lightning_ensembles.latency.MODES`.
+        modes: how members are run; each one of :data:`CALLBACK_MODES`: ``"sequential"``, ``"fused"``
+            (identical members only), ``"parallel"``, ``"cascade"``.
         input_shape: one sample's shape without the batch axis; default ``trainer.datamodule.input_shape``.
+        workers: ``"parallel"``: the most workers (size ``k`` uses ``min(workers, k)``), at most ``M``;
+            default as :class:`~lightning_ensembles.parallel.ParallelEnsemble` chooses (on a CPU
+            ``min(k, torch.get_num_threads())``).
+        threads_per_worker: ``"parallel"``: intra-op threads of every worker; default the process's threads
+            split between the workers.
+        devices: ``"parallel"``: the workers' devices, e.g. ``["cuda:0", "cuda:1"]`` (members are deep-copied
+            onto them for the measurement; the model stays where it is); default the model's device.
+        cascade_thresholds: ``"cascade"`` (required there): one threshold in ``[0, 1]`` (or ``NEVER_EXIT``)
+            for every stage, or ``M - 1`` of them.
+        cascade_batches: ``"cascade"``: how many evaluation batches to time.
 
     Raises:
         ValueError: for an invalid argument, naming it and the value given; when the run starts, for an
-            ensemble size above ``M`` or no ``input_shape`` to be found.
+            ensemble size above ``M``, no ``input_shape`` to be found, a mode that does not fit the model
+            (``"fused"`` for mixed members, ``workers`` or ``devices`` above ``M``, the wrong number of
+            ``cascade_thresholds``).
         TypeError: when the run starts, if the model is not an ``EnsembleLightningModule``.
 
     Example:
@@ -118,17 +190,26 @@ class LatencyMonitor(Callback):
         Traceback (most recent call last):
         ...
         ValueError: Expected `when` to be one of ['fit_end', 'test_start'], but got 'fit_start'.
+        >>> LatencyMonitor(modes=["cascade"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None.
     """
 
     def __init__(
         self,
         when: When = "fit_end",
         batch_sizes: Sequence[int] = (1, 256),
-        warmup: int = 5,
-        repeats: int = 20,
+        warmup: int = DEFAULT_WARMUP,
+        repeats: int = DEFAULT_REPEATS,
         sizes: Sequence[int] | None = None,
         modes: Sequence[str] = ("sequential",),
         input_shape: Sequence[int] | None = None,
+        workers: int | None = None,
+        threads_per_worker: int | None = None,
+        devices: Sequence[str] | None = None,
+        cascade_thresholds: Thresholds | None = None,
+        cascade_batches: int = 10,
     ) -> None:
         if when not in _WHEN:
             raise ValueError(f"Expected `when` to be one of {list(_WHEN)}, but got {when!r}.")
@@ -139,8 +220,19 @@ class LatencyMonitor(Callback):
         self.sizes = None if sizes is None else _int_entries(sizes, "sizes", 1)
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
             raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}.")
-        self.modes = tuple(dict.fromkeys(_check_mode(mode, "modes") for mode in modes))
-        self.input_shape = None if input_shape is None else _check_shape(input_shape)
+        self.modes = tuple(dict.fromkeys(check_mode(mode, "modes", CALLBACK_MODES) for mode in modes))
+        self.input_shape = None if input_shape is None else check_shape(input_shape)
+        self.workers = None if workers is None else check_int(workers, "workers", 1)
+        self.threads_per_worker = (
+            None if threads_per_worker is None else check_int(threads_per_worker, "threads_per_worker", 1)
+        )
+        self.devices = None if devices is None else tuple(str(d) for d in check_devices(devices))
+        self.cascade_thresholds = _check_cascade_thresholds(cascade_thresholds)
+        if "cascade" in self.modes and self.cascade_thresholds is None:
+            raise ValueError(
+                "Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None."
+            )
+        self.cascade_batches = check_int(cascade_batches, "cascade_batches", 1)
         self.results: dict[str, Any] = {}
         # Host clock used off CUDA; None means `time.perf_counter`. Tests replace it with a fake clock.
         self._clock: Callable[[], float] | None = None
@@ -174,7 +266,16 @@ class LatencyMonitor(Callback):
                 "`input_shape` attribute, but got neither: pass `LatencyMonitor(input_shape=(3, 32, 32))` "
                 "(one sample's shape without the batch axis)."
             )
-        return _check_shape(shape, "trainer.datamodule.input_shape")
+        return check_shape(shape, "trainer.datamodule.input_shape")
+
+    def _cascade(self, module: EnsembleLightningModule, input_shape: tuple[int, ...]) -> Any:
+        from lightning_ensembles.cascade_inference import CascadeEnsemble
+
+        assert self.cascade_thresholds is not None
+        try:
+            return CascadeEnsemble(module, self.cascade_thresholds, input_shape=input_shape)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`thresholds`", "`cascade_thresholds`")) from None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -182,8 +283,24 @@ class LatencyMonitor(Callback):
         if stage != _STAGE[self.when]:
             return
         module = self._ensemble(pl_module)
-        _check_sizes(self.sizes, len(module.members))
-        self._resolve_input_shape(trainer)
+        num_members = len(module.members)
+        check_sizes(self.sizes, num_members)
+        input_shape = self._resolve_input_shape(trainer)
+        if "parallel" in self.modes:
+            if self.workers is not None and self.workers > num_members:
+                raise ValueError(
+                    f"Expected `workers` to be None or an int in [1, M={num_members}] (at most one worker per "
+                    f"member), but got {self.workers}."
+                )
+            if self.devices is not None and len(self.devices) > num_members:
+                raise ValueError(
+                    f"Expected `devices` to hold at most M={num_members} entries (at most one worker per "
+                    f"member), but got {len(self.devices)}: {list(self.devices)!r}."
+                )
+        if "fused" in self.modes:
+            check_fused_members(list(module.members), "modes")
+        if "cascade" in self.modes:
+            self._cascade(module, input_shape)
 
     # ------------------------------------------------------------------ hooks
 
@@ -202,30 +319,34 @@ class LatencyMonitor(Callback):
             return
         module = self._ensemble(pl_module)
         input_shape = self._resolve_input_shape(trainer)
-        found_on, _ = _device_and_dtype(module)
         device = trainer.strategy.root_device
         metrics: dict[str, float] = {}
         measurements: list[dict[str, Any]] = []
-        try:
-            module.to(device)
-            with trainer.precision_plugin.test_step_context():
-                for mode in self.modes:
-                    for batch_size in self.batch_sizes:
-                        stats = measure_ensemble_latency(
-                            module,
-                            input_shape,
-                            sizes=self.sizes,
-                            batch_size=batch_size,
-                            warmup=self.warmup,
-                            repeats=self.repeats,
-                            mode=mode,
-                            clock=self._clock,
-                        )
-                        for k, s in stats.items():
-                            metrics.update(_metrics(mode, k, s))
-                            measurements.append({"mode": mode, "size": k, **s.as_dict()})
-        finally:
-            module.to(found_on)
+        cascade: dict[str, Any] = {}
+        with measuring_on_trainer(trainer, module):
+            for mode in self.modes:
+                if mode == "cascade":
+                    cascade = self._measure_cascade(trainer, module, input_shape)
+                    metrics.update(cascade.pop("metrics", {}))
+                    continue
+                for batch_size in self.batch_sizes:
+                    stats = measure_ensemble_latency(
+                        module,
+                        input_shape,
+                        sizes=self.sizes,
+                        batch_size=batch_size,
+                        warmup=self.warmup,
+                        repeats=self.repeats,
+                        mode=mode,
+                        clock=self._clock,
+                        workers=self.workers if mode == "parallel" else None,
+                        threads_per_worker=self.threads_per_worker if mode == "parallel" else None,
+                        devices=self.devices if mode == "parallel" else None,
+                        scope=trainer,
+                    )
+                    for k, s in stats.items():
+                        metrics.update(_metrics(mode, k, s))
+                        measurements.append({"mode": mode, "size": k, **s.as_dict()})
         self.results = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "torch_version": str(torch.__version__),
@@ -239,12 +360,99 @@ class LatencyMonitor(Callback):
             "metrics": metrics,
             "measurements": measurements,
         }
+        if cascade:
+            self.results["cascade"] = cascade
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(
             f"LatencyMonitor: measured {len(measurements)} configurations on {self.results['device']} "
             f"(modes {list(self.modes)}, batch sizes {list(self.batch_sizes)})."
         )
+
+    # ------------------------------------------------------------------ cascade
+
+    def _evaluation_inputs(self, trainer: Trainer) -> list[Tensor]:
+        """The inputs of the first ``cascade_batches`` batches of the evaluation loader, on the device."""
+        loaders = trainer.val_dataloaders if self.when == "fit_end" else trainer.test_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            return []
+        inputs: list[Tensor] = []
+        for batch in loaders:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if not isinstance(x, Tensor):
+                raise ValueError(
+                    "Expected the evaluation batches to be tensors or (inputs, targets) pairs for the 'cascade' "
+                    f"mode of LatencyMonitor, but got a batch of {type(x).__name__}."
+                )
+            x = trainer.precision_plugin.convert_input(x.to(trainer.strategy.root_device))
+            if x.shape[0] > 0:
+                inputs.append(x)
+            if len(inputs) == self.cascade_batches:
+                break
+        return inputs
+
+    def _measure_cascade(
+        self, trainer: Trainer, module: EnsembleLightningModule, input_shape: tuple[int, ...]
+    ) -> dict[str, Any]:
+        inputs = self._evaluation_inputs(trainer)
+        if not inputs:
+            loader = "validation" if self.when == "fit_end" else "test"
+            rank_zero_warn(f"LatencyMonitor: no {loader} batches to time the 'cascade' mode on; skipped.")
+            return {}
+        cascade = self._cascade(module, input_shape)
+        clock = self._clock if self._clock is not None else time.perf_counter
+        device, _ = device_and_dtype(module)
+        timings: dict[str, list[float]] = {"cascade": [], "full_on_batches": []}
+        exit_stages: list[Tensor] = []
+        training = {submodule: submodule.training for submodule in module.modules()}
+        try:
+            module.eval()
+            with torch.inference_mode():
+
+                def full(x: Tensor) -> Callable[[], Tensor]:
+                    return lambda: aggregate(module.member_logits(x), module.aggregation)
+
+                def cascaded(x: Tensor) -> Callable[[], Tensor]:
+                    return lambda: cascade.forward_with_exits(x).probs
+
+                for _ in range(self.warmup):
+                    cascaded(inputs[0])()
+                    full(inputs[0])()
+                for x in inputs:
+                    timings["cascade"] += time_runs(cascaded(x), device, 0, 1, clock)
+                    timings["full_on_batches"] += time_runs(full(x), device, 0, 1, clock)
+                    exit_stages.append(cascade.forward_with_exits(x).exit_stage.cpu())
+        finally:
+            for submodule, was_training in training.items():
+                submodule.training = was_training
+        stages = torch.cat(exit_stages)
+        num_samples = int(stages.numel())
+        batch_size = int(inputs[0].shape[0])
+        metrics: dict[str, float] = {}
+        for name, durations in timings.items():
+            stats = LatencyStats.from_seconds(durations, batch_size)
+            metrics[f"latency/{name}/batch{batch_size}_ms_p50"] = stats.p50_ms
+            metrics[f"latency/{name}/batch{batch_size}_ms_p10"] = stats.p10_ms
+            metrics[f"latency/{name}/batch{batch_size}_ms_p90"] = stats.p90_ms
+            metrics[f"latency/{name}/ms_per_sample"] = math.fsum(durations) * 1e3 / num_samples
+        full_total = math.fsum(timings["full_on_batches"])
+        metrics["latency/cascade/time_ratio"] = (
+            math.fsum(timings["cascade"]) / full_total if full_total > 0 else math.nan
+        )
+        metrics["latency/cascade/mean_exit_stage"] = float(stages.double().mean())
+        metrics["latency/cascade/expected_cost_ratio"] = (
+            cascade.expected_cost(stages) / cascade.stage_costs[-1]
+        )
+        return {
+            "thresholds": list(cascade.thresholds),
+            "order": list(cascade.order),
+            "batches": len(inputs),
+            "samples": num_samples,
+            "metrics": metrics,
+            "batch_ms": {name: [d * 1e3 for d in durations] for name, durations in timings.items()},
+        }
 
     # ------------------------------------------------------------------ state
 

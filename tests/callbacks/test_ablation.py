@@ -230,3 +230,35 @@ def test_prints_its_table_after_each_evaluation_unless_quiet(
     with caplog.at_level(logging.INFO):
         module, _, trainer = _run(tmp_path / "quiet", latency_batch_size=None, verbose=False)
     assert not [r for r in caplog.records if r.getMessage().startswith("EnsembleSizeAblation,")]
+
+
+def test_latency_modes_are_columns_and_an_old_state_without_them_still_loads() -> None:
+    ablation = EnsembleSizeAblation(latency_modes=("parallel", "sequential"))
+    ablation.subsets = choose_subsets(2, 10, seed=0)
+    ablation.latency_ms_by_mode = {"parallel": {1: 1.0, 2: 1.5}, "sequential": {1: 1.0, 2: 2.0}}
+    ablation.latency_ms = dict(ablation.latency_ms_by_mode["parallel"])  # the first mode's
+    restored = EnsembleSizeAblation(latency_modes=("parallel", "sequential"))
+    restored.load_state_dict(ablation.state_dict())
+    assert restored.latency_ms_by_mode == ablation.latency_ms_by_mode
+
+    old = {"subsets": {"1": [[0], [1]], "2": [[0, 1]]}, "macs": [], "latency_ms": {"1": 3.0, "2": 6.0}}
+    restored = EnsembleSizeAblation()
+    restored.load_state_dict(old)  # a state saved before the latency modes
+    assert restored.latency_ms == {1: 3.0, 2: 6.0} and restored.latency_ms_by_mode == {}
+    values = {key: {} for key in ("0", "1", "0_1")}
+
+    class Step:
+        current_epoch, global_step = 0, 1
+
+    rows = restored._rows("val", Step(), values)  # type: ignore[arg-type]
+    assert [row["latency_ms"] for row in rows] == [3.0, 6.0]
+    assert not any(key.startswith("latency_ms/") for row in rows for key in row)
+
+
+def test_unknown_latency_modes_are_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"Expected `latency_modes` to be one of \['sequential', 'fused', 'parallel'\]"
+    ):
+        EnsembleSizeAblation(latency_modes=("vmap",))
+    with pytest.raises(ValueError, match="Expected `latency_modes` to be a non-empty sequence of mode names"):
+        EnsembleSizeAblation(latency_modes="sequential")

@@ -197,7 +197,28 @@ def test_stats_are_json_serialisable():
         ({"sizes": [1, 5]}, "Expected every entry of `sizes` to be in [1, M=4], but got 5."),
         ({"sizes": [1.5]}, "Expected every entry of `sizes` to be an int, but got 1.5."),
         ({"sizes": []}, "Expected `sizes` to hold at least one ensemble size, but got none."),
-        ({"mode": "parallel"}, "Expected `mode` to be one of ['sequential'], but got 'parallel'."),
+        (
+            {"mode": "vmap"},
+            "Expected `mode` to be one of ['sequential', 'fused', 'parallel'], but got 'vmap'.",
+        ),
+        (
+            {"mode": "parallel", "workers": 5},
+            "Expected `workers` to be None or an int in [1, M=4] (at most one worker per member), but got 5.",
+        ),
+        ({"mode": "parallel", "threads_per_worker": 0}, "Expected `threads_per_worker` to be an int >= 1"),
+        (
+            {"mode": "parallel", "devices": ["cuda:99"]},
+            "Expected every entry of `devices` to be 'cpu' or a CUDA device that exists",
+        ),
+        (
+            {"mode": "parallel", "devices": ["cpu"] * 5},
+            "Expected `devices` to hold at most M=4 entries (at most one worker per member), but got 5",
+        ),
+        (
+            {"mode": "parallel", "devices": ["cpu"] * 2, "workers": 3},
+            "Expected `workers` to be None or len(devices)=2 (one worker per entry of `devices`), but got 3.",
+        ),
+        ({"scope": "a string"}, "Expected `scope` to be None or an object that can be weakly referenced"),
         ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
         ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
         ({"batch_size": 0}, "Expected `batch_size` to be an int >= 1, but got 0."),
@@ -213,7 +234,7 @@ def test_invalid_arguments_are_named(kwargs: dict[str, Any], message: str):
 
 
 def test_modes():
-    assert MODES == ("sequential",)
+    assert MODES == ("sequential", "fused", "parallel")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -435,9 +456,20 @@ def test_state_dict_round_trip_and_checkpoint(tmp_path: Any):
         ({"sizes": (1, 0)}, "Expected every entry of `sizes` to be an int >= 1, but got 0."),
         ({"sizes": ()}, "Expected `sizes` to be a non-empty sequence of ints >= 1, but got ()."),
         (
-            {"modes": ("sequential", "parallel")},
-            "Expected `modes` to be one of ['sequential'], but got 'parallel'.",
+            {"modes": ("sequential", "vmap")},
+            "Expected `modes` to be one of ['sequential', 'fused', 'parallel', 'cascade'], but got 'vmap'.",
         ),
+        (
+            {"modes": ("cascade",)},
+            "Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None.",
+        ),
+        (
+            {"modes": ("cascade",), "cascade_thresholds": 1.5},
+            "Expected `cascade_thresholds` to be None, a float in [0, 1] or NEVER_EXIT",
+        ),
+        ({"cascade_batches": 0}, "Expected `cascade_batches` to be an int >= 1, but got 0."),
+        ({"workers": 0}, "Expected `workers` to be an int >= 1, but got 0."),
+        ({"devices": ["gpu:0"]}, "Expected every entry of `devices` to be 'cpu' or a CUDA device"),
         ({"modes": "sequential"}, "Expected `modes` to be a non-empty sequence of mode names"),
         ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
         ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
@@ -476,3 +508,124 @@ def test_rejects_a_model_that_is_not_an_ensemble(tmp_path: Any):
     trainer = make_trainer(tmp_path, [LatencyMonitor(input_shape=(32,))])
     with pytest.raises(TypeError, match="Expected the model to be an `EnsembleLightningModule`"):
         trainer.fit(BoringModel())
+
+
+# ---------------------------------------------------------------------------------------------- shared, cascade
+
+
+def test_latency_monitor_and_ablation_share_one_measurement(tmp_path: Any):
+    from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation
+
+    # Every member call takes one more tick than the one before: a second measurement could not agree.
+    module, clock, calls = instrumented(num_members=3, ticks=lambda n: n)
+    monitor = LatencyMonitor(batch_sizes=(1,), modes=("sequential", "fused"))
+    ablation = EnsembleSizeAblation(
+        metrics=("top1",),
+        stages=("val",),
+        latency_modes=("sequential", "fused"),
+        figures=False,
+        verbose=False,
+    )
+    monitor._clock = ablation._clock = clock
+    trainer = make_trainer(tmp_path, [ablation, monitor], max_steps=4)
+    trainer.fit(module, datamodule=TinyDataModule())
+    assert clock.reads == 2 * 20 * 3 * 2  # start/end x default repeats x sizes x modes: measured once
+    logged = scalars(trainer)
+    for mode in ("sequential", "fused"):
+        for k in (1, 2, 3):
+            key = f"latency/{mode}/size_{k}/batch1_ms_p50"
+            assert monitor.results["metrics"][key] == ablation.latency_ms_by_mode[mode][k]
+            assert [value for _, value in logged[key]] == [
+                pytest.approx(ablation.latency_ms_by_mode[mode][k])
+            ] * 2
+    assert ablation.latency_ms == ablation.latency_ms_by_mode["sequential"]
+    row = ablation.history[-1]
+    assert row["latency_ms"] == row["latency_ms/sequential"] and "latency_ms/fused" in row
+
+
+def cascaded(**kwargs: Any) -> tuple[EnsembleLightningModule, LatencyMonitor, FakeClock, MemberCalls]:
+    module, clock, calls = instrumented(num_members=3)
+    monitor = LatencyMonitor(modes=("cascade",), warmup=1, **kwargs)
+    monitor._clock = clock
+    return module, monitor, clock, calls
+
+
+def test_cascade_mode_times_the_cascade_and_the_full_ensemble_on_evaluation_batches(tmp_path: Any):
+    module, monitor, clock, calls = cascaded(cascade_thresholds=0.0, cascade_batches=3)
+
+    def real_calls() -> list[tuple[int, ...]]:
+        # Counting the members' multiply-adds runs meta copies of them, with their hooks: not counted here.
+        return [shape for _, shape, device in calls.inputs if device.type == "cpu"]
+
+    before: list[int] = []
+
+    class BeforeMonitor(Callback):
+        def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
+            before.extend([len(real_calls()), clock.reads])
+
+    trainer = make_trainer(tmp_path, [BeforeMonitor(), monitor])
+    trainer.fit(module, datamodule=TinyDataModule())
+    metrics = monitor.results["metrics"]
+    # Threshold 0: every sample leaves after the first member; the full ensemble runs all three.
+    assert metrics["latency/cascade/batch4_ms_p50"] == TICK_MS
+    assert metrics["latency/full_on_batches/batch4_ms_p50"] == 3 * TICK_MS
+    assert metrics["latency/cascade/ms_per_sample"] == pytest.approx(TICK_MS / 4)
+    assert metrics["latency/full_on_batches/ms_per_sample"] == pytest.approx(3 * TICK_MS / 4)
+    assert metrics["latency/cascade/time_ratio"] == pytest.approx(1 / 3)
+    assert metrics["latency/cascade/mean_exit_stage"] == 1.0
+    assert metrics["latency/cascade/expected_cost_ratio"] == pytest.approx(1 / 3)
+    assert monitor.results["cascade"]["batches"] == 3 and monitor.results["cascade"]["samples"] == 12
+    # Warm-up: one cascade and one full run; then per batch a timed cascade, a timed full run, an exit pass.
+    real = real_calls()[before[0] :]
+    assert len(real) == (2 + 3 * 3) + (1 + 3) + (1 + 3)
+    assert all(shape == (4, *INPUT_SHAPE) for shape in real)  # real batches of the val loader
+    assert clock.reads - before[1] == 2 * 2 * 3
+    logged = scalars(trainer)
+    assert logged["latency/cascade/mean_exit_stage"] == [(2, 1.0)]
+
+
+def test_cascade_mode_never_exiting_runs_every_member_at_test_start(tmp_path: Any):
+    from lightning_ensembles.cascade import NEVER_EXIT
+
+    module, monitor, _, calls = cascaded(when="test_start", cascade_thresholds=[NEVER_EXIT, NEVER_EXIT])
+    trainer = make_trainer(tmp_path, [monitor])
+    dm = TinyDataModule()
+    trainer.fit(module, datamodule=dm)
+    assert monitor.results == {}  # not at fit end
+    trainer.test(module, datamodule=dm, verbose=False)
+    metrics = monitor.results["metrics"]
+    assert metrics["latency/cascade/mean_exit_stage"] == 3.0
+    assert metrics["latency/cascade/expected_cost_ratio"] == 1.0
+    assert metrics["latency/cascade/batch4_ms_p50"] == metrics["latency/full_on_batches/batch4_ms_p50"]
+    assert monitor.results["cascade"]["samples"] == 16  # the whole test loader: 4 batches of 4
+
+
+def test_cascade_thresholds_of_the_wrong_number_fail_before_training(tmp_path: Any):
+    module, monitor, _, calls = cascaded(cascade_thresholds=[0.5])
+    trainer = make_trainer(tmp_path, [monitor])
+    with pytest.raises(ValueError, match=r"Expected `cascade_thresholds` to be .* M - 1 = 2"):
+        trainer.fit(module, datamodule=TinyDataModule())
+    assert trainer.global_step == 0 and monitor.results == {}
+
+
+def test_modes_that_do_not_fit_the_model_fail_before_training(tmp_path: Any):
+    module, _, _, calls = monitored()
+    module.members[2] = nn.Sequential(nn.Flatten(), nn.Linear(6, NUM_CLASSES))
+    trainer = make_trainer(tmp_path, [LatencyMonitor(modes=("fused",))])
+    with pytest.raises(ValueError, match="Expected `modes` to ask for 'fused' only with identical members"):
+        trainer.fit(module, datamodule=TinyDataModule())
+    trainer = make_trainer(tmp_path, [LatencyMonitor(modes=("parallel",), workers=4)])
+    with pytest.raises(ValueError, match=r"Expected `workers` to be None or an int in \[1, M=3\]"):
+        trainer.fit(module, datamodule=TinyDataModule())
+    assert calls.total == 0
+
+
+def test_parallel_mode_is_logged_with_its_workers(tmp_path: Any):
+    module = make_module(3)
+    monitor = LatencyMonitor(
+        batch_sizes=(2,), modes=("parallel",), workers=2, threads_per_worker=1, repeats=2
+    )
+    trainer = make_trainer(tmp_path, [monitor])
+    trainer.fit(module, datamodule=TinyDataModule())
+    assert {m["size"] for m in monitor.results["measurements"] if m["mode"] == "parallel"} == {1, 2, 3}
+    assert "latency/parallel/size_3/batch2_ms_p50" in scalars(trainer)

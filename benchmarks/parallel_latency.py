@@ -1,0 +1,190 @@
+"""Member-parallel inference vs members one after another: latency of 2 x WRN-16-2 on a CPU.
+
+    python benchmarks/parallel_latency.py [--batch-sizes 1 64] [--rounds 12] [--out benchmarks/results] [--tiny]
+
+Two WRN-16-2 members (``WideResNet(depth=16, width=2)``, randomly initialised, eval mode, float32, input
+3x32x32), each run ending with the aggregation to probabilities (``aggregate(..., "mean_probs")``), as
+``measure_ensemble_latency`` runs them. Candidates, per batch size:
+
+* ``sequential_1t``: the members one after another in the main thread, 1 intra-op thread;
+* ``sequential_2t``: the same with 2 intra-op threads (the same total thread budget as the parallel run);
+* ``parallel_2x1``: :class:`~lightning_ensembles.parallel.ParallelEnsemble` with 2 workers x 1 thread, the
+  pool created once and reused by every call.
+
+Candidates alternate within every round (the thread count is set, then one untimed call, then ``--calls``
+timed ones, whose median is the round's value), so drift on a shared machine hits all alike. Reported: the
+median and 10th-90th percentiles of the round values, and of the per-round ratios parallel / sequential
+against both baselines (goal <= 0.6, floor 0.5 for two members). Also recorded: whether the parallel logits
+equal the sequential ones, what ``torch.get_num_threads()`` says inside every worker, the thread-count probe
+of :mod:`lightning_ensembles.parallel` (is the count per thread?), the CPU model from ``lscpu`` and the load
+average before and after (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from _timing import save, summary
+from torch import Tensor, nn
+
+from lightning_ensembles.aggregation import aggregate
+from lightning_ensembles.models import WideResNet
+from lightning_ensembles.parallel import ParallelEnsemble
+
+
+def cpu_model() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def thread_probe() -> dict[str, int]:
+    """``torch.get_num_threads()`` of a thread that asked for 1, after another thread set 2 process-wide: with and
+    without first letting torch initialise the thread (see :mod:`lightning_ensembles.parallel`)."""
+
+    def probe(prime: bool) -> int:
+        asked, overwritten = threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def a() -> None:
+            if prime:
+                torch.get_num_threads()
+            torch.set_num_threads(1)
+            asked.set()
+            overwritten.wait(30)
+            seen.append(torch.get_num_threads())
+
+        def b() -> None:
+            torch.get_num_threads()
+            asked.wait(30)
+            torch.set_num_threads(2)
+            overwritten.set()
+
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return seen[0]
+
+    saved = torch.get_num_threads()
+    try:
+        return {"initialised_then_set_1": probe(True), "set_1_before_initialisation": probe(False)}
+    finally:
+        torch.set_num_threads(saved)
+
+
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    per = sorted(n / d for n, d in zip(numerator, denominator, strict=True))
+    q = statistics.quantiles(per, n=10) if len(per) >= 2 else [per[0]] * 9
+    return {"median": statistics.median(per), "p10": q[0], "p90": q[-1]}
+
+
+def run(
+    depth: int,
+    width: int,
+    shape: tuple[int, ...],
+    batch_sizes: list[int],
+    rounds: int,
+    calls: int,
+    budget_s: float,
+    out: str | None,
+) -> dict:
+    torch.manual_seed(0)
+    members: list[nn.Module] = [WideResNet(depth, width).eval() for _ in range(2)]
+    saved_threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+    deadline = time.perf_counter() + budget_s
+    rows = []
+    with torch.inference_mode(), ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel:
+        for batch in batch_sizes:
+            x = torch.randn(batch, *shape)
+
+            def sequential(x: Tensor = x) -> Tensor:
+                return aggregate(torch.stack([m(x) for m in members]), "mean_probs")
+
+            def in_parallel(x: Tensor = x) -> Tensor:
+                return aggregate(parallel(x), "mean_probs")
+
+            candidates: dict[str, tuple[int, Callable[[], Tensor]]] = {
+                "sequential_1t": (1, sequential),
+                "sequential_2t": (2, sequential),
+                "parallel_2x1": (1, in_parallel),  # the main thread only waits for the workers
+            }
+            torch.set_num_threads(1)
+            reference = torch.stack([m(x) for m in members])
+            same = bool(torch.equal(parallel(x), reference))
+            max_abs = float((parallel(x) - reference).abs().max())
+            values: dict[str, list[float]] = {name: [] for name in candidates}
+            batch_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (
+                len(batch_sizes) - batch_sizes.index(batch)
+            )
+            for index in range(rounds):
+                if index > 1 and time.perf_counter() >= batch_deadline:
+                    break
+                for name, (threads, fn) in candidates.items():
+                    torch.set_num_threads(threads)
+                    fn()  # untimed: a changed thread count may re-form the OpenMP team
+                    timed = []
+                    for _ in range(calls):
+                        start = time.perf_counter()
+                        fn()
+                        timed.append(time.perf_counter() - start)
+                    values[name].append(statistics.median(timed))
+            torch.set_num_threads(saved_threads)
+            rows.append(
+                {
+                    "members": f"2 x WRN-{depth}-{width}", "input": list(shape), "batch": batch,
+                    "rounds": len(values["parallel_2x1"]), "calls_per_round": calls,
+                    "workers": parallel.workers, "worker_threads": list(parallel.worker_threads),
+                    "parallel_equals_sequential_1t": same, "max_abs_difference": max_abs,
+                    "ms": {name: summary(v) for name, v in values.items()},
+                    "parallel_over_sequential_1t": per_round_ratio(values["parallel_2x1"], values["sequential_1t"]),
+                    "parallel_over_sequential_2t": per_round_ratio(values["parallel_2x1"], values["sequential_2t"]),
+                    "sequential_2t_over_1t": per_round_ratio(values["sequential_2t"], values["sequential_1t"]),
+                }
+            )  # fmt: skip
+    torch.set_num_threads(saved_threads)
+    for row in rows:
+        row.update(
+            {"cpu_model": cpu_model(), "process_threads": saved_threads, "load_average_before": list(load_before),
+             "load_average_after": list(os.getloadavg()), "thread_probe": thread_probe()}
+        )  # fmt: skip
+    return save("parallel_latency", rows, out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu only: worker threads (CUDA: see docs/deploying.md)"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per candidate and round")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="no new round once this has passed")
+    parser.add_argument("--out", default=None, help="folder for parallel_latency.json")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI): no real numbers")
+    args = parser.parse_args(argv)
+    if args.device != "cpu":
+        raise SystemExit(
+            "parallel_latency.py: error: --device must be 'cpu' (this benchmark measures CPU workers)"
+        )
+    if args.tiny:
+        return run(10, 1, (3, 8, 8), [2], 2, 1, 30.0, args.out)
+    return run(16, 2, (3, 32, 32), args.batch_sizes, args.rounds, args.calls, args.budget_s, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""ParallelEnsemble: members on persistent worker threads give what the members give one after another.
+
+Nothing here depends on timing: concurrency is shown with a barrier that only opens when two members run at
+the same time (a sequential run would break it), and thread counts are read inside the workers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ensembles.parallel import ParallelEnsemble, check_devices
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The caller runs with two intra-op threads (whatever the machine has), restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def mixed_members(num_members: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    members: list[nn.Module] = []
+    for i in range(num_members):
+        if i % 2 == 0:
+            members.append(
+                nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+            )
+        else:
+            members.append(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)))
+    return [m.eval() for m in members]
+
+
+def sequential(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([member(x) for member in members])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_outputs_equal_the_members_run_one_after_another(workers: int):
+    members = mixed_members(3)
+    x = torch.randn(4, 3, 8, 8)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference on one thread, as every worker: the same kernels, bit for bit
+    try:
+        with torch.inference_mode():
+            expected = sequential(members, x)
+            with ParallelEnsemble(members, workers=workers, threads_per_worker=1) as parallel:
+                first, second = parallel(x), parallel(x)  # the pool is reused across calls
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert first.shape == (3, 4, 5)
+
+
+def test_outputs_match_with_the_callers_thread_count(two_threads: None):
+    members = mixed_members(4)
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad(), ParallelEnsemble(members, workers=2) as parallel:
+        torch.testing.assert_close(parallel(x), sequential(members, x))
+
+
+def test_members_are_assigned_round_robin_and_run_on_their_workers_threads():
+    members = mixed_members(5)
+    threads: dict[int, int] = {}
+    for i, member in enumerate(members):
+        member.register_forward_hook(lambda m, a, o, i=i: threads.__setitem__(i, threading.get_ident()))
+    with torch.no_grad(), ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel:
+        parallel(torch.randn(1, 3, 8, 8))
+        assert parallel.assignment == ((0, 2, 4), (1, 3))
+    assert threading.get_ident() not in threads.values()
+    assert threads[0] == threads[2] == threads[4] != threads[1] == threads[3]
+
+
+class Rendezvous(nn.Module):
+    """A member that waits until the other member is running too: it only returns when both run at once."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self.barrier = barrier
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.barrier.wait()  # raises BrokenBarrierError after the timeout if the other member never arrives
+        return self.linear(x)
+
+
+def test_workers_run_their_members_at_the_same_time():
+    barrier = threading.Barrier(2, timeout=30)
+    members = [Rendezvous(barrier), Rendezvous(barrier)]
+    with torch.no_grad(), ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel:
+        assert parallel(torch.randn(3, 2)).shape == (2, 3, 3)
+    # One worker runs its members one after another, so the first member waits for the second in vain.
+    barrier = threading.Barrier(2, timeout=0.5)
+    members = [Rendezvous(barrier), Rendezvous(barrier)]
+    with torch.no_grad(), ParallelEnsemble(members, workers=1) as parallel:
+        with pytest.raises(threading.BrokenBarrierError):
+            parallel(torch.randn(3, 2))
+
+
+def test_every_worker_gets_its_own_thread_count_and_the_process_default_is_restored(two_threads: None):
+    members = mixed_members(2)
+    with ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel:
+        assert parallel.worker_threads == (1, 1)
+        assert torch.get_num_threads() == 2  # the caller's own count
+        seen: list[int] = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start()
+        fresh.join()
+        assert seen == [2]  # a thread started afterwards gets the caller's count, not the workers'
+    with ParallelEnsemble(members, workers=1, threads_per_worker=2) as parallel:
+        assert parallel.worker_threads == (2,)
+    with ParallelEnsemble(members, workers=2) as parallel:  # default: the caller's threads split
+        assert parallel.threads_per_worker == 1 and parallel.worker_threads == (1, 1)
+
+
+def test_the_callers_autograd_state_holds_in_the_workers():
+    members = mixed_members(2)
+    x = torch.randn(2, 3, 8, 8)
+    with ParallelEnsemble(members, workers=2) as parallel:
+        with torch.inference_mode():
+            assert parallel(x).is_inference()
+        with torch.no_grad():
+            assert not parallel(x).requires_grad
+        out = parallel(x)
+        assert out.requires_grad and not out.is_inference()
+        out.sum().backward()
+    assert all(p.grad is not None for member in members for p in member.parameters())
+
+
+def test_a_members_error_reaches_the_caller_and_the_pool_survives_it():
+    class Failing(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("member failed")
+
+    members: list[nn.Module] = [nn.Linear(2, 3), Failing()]
+    with ParallelEnsemble(members, workers=2) as parallel:
+        with pytest.raises(RuntimeError, match="member failed"):
+            parallel(torch.randn(1, 2))
+        assert parallel._workers[0].thread.is_alive() and parallel._workers[1].thread.is_alive()
+
+
+def test_close_stops_the_workers_and_a_closed_pool_refuses_calls():
+    parallel = ParallelEnsemble(mixed_members(2), workers=2)
+    threads = [worker.thread for worker in parallel._workers]
+    parallel.close()
+    parallel.close()  # idempotent
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(RuntimeError, match="closed"):
+        parallel(torch.randn(1, 3, 8, 8))
+    assert repr(parallel).startswith("ParallelEnsemble(members=2, workers=2, threads_per_worker=")
+
+
+def test_members_on_their_device_are_not_copied():
+    members = mixed_members(2)
+    with ParallelEnsemble(members, devices=["cpu", "cpu"]) as parallel:
+        assert parallel.workers == 2 and parallel.devices == (torch.device("cpu"),) * 2
+        assert parallel._workers[0].members[0] is members[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"workers": 0},
+            "Expected `workers` to be an int in [1, M=3] (at most one worker per member), but got 0.",
+        ),
+        (
+            {"workers": 4},
+            "Expected `workers` to be an int in [1, M=3] (at most one worker per member), but got 4.",
+        ),
+        ({"workers": True}, "Expected `workers` to be an int in [1, M=3]"),
+        ({"threads_per_worker": 0}, "Expected `threads_per_worker` to be an int >= 1, but got 0."),
+        (
+            {"devices": ["cuda:99"]},
+            "Expected every entry of `devices` to be 'cpu' or a CUDA device that exists",
+        ),
+        ({"devices": ["tpu"]}, "Expected every entry of `devices` to be 'cpu' or a CUDA device that exists"),
+        ({"devices": []}, "Expected `devices` to be a non-empty list of devices"),
+        ({"devices": "cpu"}, "Expected `devices` to be a non-empty list of devices"),
+        ({"devices": ["cpu"] * 4}, "Expected `devices` to hold at most M=3 entries"),
+        (
+            {"devices": ["cpu"] * 2, "workers": 3},
+            "Expected `workers` to be None or len(devices)=2 (one worker per entry of `devices`), but got 3.",
+        ),
+    ],
+)
+def test_invalid_arguments_are_named(kwargs: dict[str, Any], message: str):
+    with pytest.raises(ValueError) as err:
+        ParallelEnsemble(mixed_members(3), **kwargs)
+    assert str(err.value).startswith(message)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ParallelEnsemble-worker")]
+
+
+def test_no_members_and_unpicklable():
+    with pytest.raises(ValueError, match="Expected `members` to hold at least one member"):
+        ParallelEnsemble([])
+    with ParallelEnsemble(mixed_members(1)) as parallel, pytest.raises(TypeError, match="cannot be pickled"):
+        import copy
+
+        copy.deepcopy(parallel)
+
+
+def test_check_devices_names_the_flag():
+    with pytest.raises(ValueError, match=r"`--trainer.callbacks.init_args.devices`"):
+        check_devices(["cuda:99"], flag="--trainer.callbacks.init_args.devices")
+
+
+def _count_after_another_thread_sets_two(prime: bool) -> int:
+    """Thread A asks for one thread (first letting torch initialise it, or not), then thread B sets the process-wide
+    count to two, then A reads its own count. Events order the steps: nothing depends on scheduling."""
+    asked, overwritten = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def a() -> None:
+        if prime:
+            torch.get_num_threads()
+        torch.set_num_threads(1)
+        asked.set()
+        overwritten.wait(30)
+        seen.append(torch.get_num_threads())
+
+    def b() -> None:
+        torch.get_num_threads()
+        asked.wait(30)
+        torch.set_num_threads(2)
+        overwritten.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return seen[0]
+
+
+@pytest.mark.skipif(
+    "OpenMP" not in torch.__config__.parallel_info(), reason="the finding is about torch's OpenMP backend"
+)
+def test_torch_initialises_a_thread_lazily_from_the_process_wide_count(two_threads: None):
+    # Why a worker calls torch.get_num_threads() before torch.set_num_threads(): the count is per thread once
+    # torch has initialised the thread, but that lazy initialisation (on the first parallel op or query) copies
+    # the process-wide value, which every set_num_threads call overwrites, over a count set before it.
+    assert _count_after_another_thread_sets_two(prime=True) == 1
+    assert _count_after_another_thread_sets_two(prime=False) == 2
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_results():
+    members = mixed_members(3)
+    inputs = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    results: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), ParallelEnsemble(members, workers=2) as parallel:
+
+        def call(i: int) -> None:
+            with torch.no_grad():
+                results[i] = parallel(inputs[i])
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        for i, x in enumerate(inputs):
+            torch.testing.assert_close(results[i], sequential(members, x))
