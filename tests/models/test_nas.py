@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import optuna
 import pytest
@@ -177,3 +178,20 @@ def test_invalid_architectures_and_members_are_clear_errors() -> None:
         NASNet([StageArch(8, 1, 3, 1, False)], input_size=(1, 16, 16))
     with pytest.raises(ValueError, match=flag + r".activation` to be a timm activation name"):
         NASNet([StageArch(8, 1, 3, 1, False)], activation="no-such-activation")
+
+
+def test_checkpoint_written_before_the_nas_package_split_still_loads() -> None:
+    # tests/fixtures/nasnet_v0.pt was written by the code before `lightning_ensembles/nas.py` became the
+    # `lightning_ensembles.nas` package (issue 16): a one-step fit of two 3-class NASNet members on 1x8x8
+    # inputs, one recorded as `lightning_ensembles.models.nas.NASNet` (a functools.partial) and one as
+    # `lightning_ensembles.models.NASNet` (a YAML `class_path`), saved with `trainer.save_checkpoint`. Beside
+    # Lightning's keys it holds `fixture_expected`: fixed inputs and the logits the module gave for them.
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "nasnet_v0.pt"
+    module = EnsembleLightningModule.load_from_checkpoint(path, map_location="cpu")
+    expected = torch.load(path, map_location="cpu", weights_only=True)["fixture_expected"]
+    assert [member.name for member in module.members] == ["partial", "yaml"]
+    assert all(isinstance(member, NASNet) for member in module.members)
+    module.eval()
+    with torch.no_grad():
+        logits = module(expected["inputs"])
+    torch.testing.assert_close(logits, expected["logits"])
