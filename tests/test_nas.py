@@ -236,7 +236,7 @@ def test_proxies_train_without_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -
             super().__init__(**kwargs)
             bars.append(self.progress_bar_callback)
 
-    monkeypatch.setattr("lightning_ensembles.nas.Trainer", Spy)
+    monkeypatch.setattr("lightning_ensembles.nas.search.Trainer", Spy)
     _search(n_trials=1, trainer={**FAST, "enable_progress_bar": False}).optimize(_digits())
     assert bars == [None]
 
@@ -315,7 +315,7 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch: pytest.MonkeyP
         return real(url, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
-    monkeypatch.setattr("lightning_ensembles.nas.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("lightning_ensembles.nas.search.time.sleep", lambda seconds: None)
     storage = _search()._open_storage(optuna, f"sqlite:///{tmp_path / 'study.db'}")
     assert isinstance(storage, real) and len(calls) == 2
 
