@@ -6,8 +6,10 @@ total cost. The package is split by role:
 - :mod:`~lightning_ensembles.nas.space`: the MnasNet/EfficientNet-style search space
   (:class:`NASSearchSpace`, :class:`StageSpace`), which samples a
   :class:`~lightning_ensembles.models.NASArchitecture` from a trial;
-- :mod:`~lightning_ensembles.nas.search`: the study runner (:class:`NASSearch`): trained proxies, shared
-  storages, heartbeats, one progress line per trial;
+- :mod:`~lightning_ensembles.nas.search`: the study runner (:class:`NASSearch`): trained proxies, one
+  progress line per trial;
+- :mod:`~lightning_ensembles.nas.storage`: the Optuna storage the workers share: opened with retries, with
+  heartbeats, and stale trials of stopped workers queued again;
 - :mod:`~lightning_ensembles.nas.selection`: pure functions from a finished study to the Pareto set and the
   two arms (:func:`trial_records`, :func:`pareto_front`, :func:`choose_architectures`);
 - :mod:`~lightning_ensembles.nas.export`: both arms as LightningCLI YAML (:func:`export_search`,

@@ -14,7 +14,8 @@ from torch import nn
 
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.cost import count_macs
-from lightning_ensembles.models import NASArchitecture, NASNet, NASSearchSpace, StageArch, StageSpace
+from lightning_ensembles.models import NASArchitecture, NASNet, StageArch
+from lightning_ensembles.nas import NASSearchSpace, StageSpace
 from tests.conftest import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -195,3 +196,17 @@ def test_checkpoint_written_before_the_nas_package_split_still_loads() -> None:
     with torch.no_grad():
         logits = module(expected["inputs"])
     torch.testing.assert_close(logits, expected["logits"])
+
+
+def test_old_import_paths_still_work() -> None:
+    # Before issue 16 the space lived in `lightning_ensembles.models.nas`, exported from `lightning_ensembles.models`,
+    # and the pruning callback in `lightning_ensembles.nas`.
+    import lightning_ensembles.models as models
+    import lightning_ensembles.nas as nas
+    from lightning_ensembles.callbacks import OptunaPruning
+
+    assert (models.NASSearchSpace, models.StageSpace) == (NASSearchSpace, StageSpace)
+    assert {"NASSearchSpace", "StageSpace"} <= set(models.__all__)
+    assert nas.OptunaPruning is OptunaPruning
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        models.NoSuchName  # noqa: B018
