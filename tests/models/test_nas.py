@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -210,3 +212,13 @@ def test_old_import_paths_still_work() -> None:
     assert nas.OptunaPruning is OptunaPruning
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
         models.NoSuchName  # noqa: B018
+
+
+def test_models_do_not_import_the_search() -> None:
+    # Layering: the search builds on the members, never the other way round (the space is looked up lazily).
+    code = (
+        "import sys, lightning_ensembles.models; print(sorted(m for m in sys.modules if '.nas.' in m + '.'))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['lightning_ensembles.models.nas']"
