@@ -74,7 +74,7 @@ _MAX_TRIALS_FACTOR = 4  # repeats of trained architectures are free, but not end
 
 
 class NASSearch:
-    """An Optuna search over a :class:`~lightning_ensembles.models.NASSearchSpace` with trained proxies.
+    """An Optuna search over a :class:`~lightning_ensembles.nas.NASSearchSpace` with trained proxies.
 
     Args:
         space: The search space.
@@ -122,7 +122,7 @@ class NASSearch:
         ValueError: For an invalid argument, naming its ``--search.*`` flag and the value.
 
     Example:
-        >>> from lightning_ensembles.models import StageSpace
+        >>> from lightning_ensembles.nas import StageSpace
         >>> space = NASSearchSpace(stages=[StageSpace(channels=[8], expand_ratios=[1], max_blocks=1)])
         >>> NASSearch(space, n_trials=0)
         Traceback (most recent call last):
@@ -307,7 +307,7 @@ class NASSearch:
     def check_target(self, datamodule: LightningDataModule) -> dict[str, float] | None:
         """Fail before searching if no architecture of the space can meet ``target``.
 
-        The space's cheapest architecture (:meth:`~lightning_ensembles.models.NASSearchSpace.smallest`) is
+        The space's cheapest architecture (:meth:`~lightning_ensembles.nas.NASSearchSpace.smallest`) is
         costed; if it exceeds the target, so does every other.
 
         Args:
