@@ -17,6 +17,7 @@ PUBLIC_MODULES = (
     "lightning_ensembles.data",
     "lightning_ensembles.models",
     "lightning_ensembles.callbacks",
+    "lightning_ensembles.nas",
 )
 
 

@@ -22,18 +22,26 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.data import DigitsDataModule
-from lightning_ensembles.models import NASSearchSpace, StageSpace
 from lightning_ensembles.nas import (
     NASSearch,
+    NASSearchSpace,
     OptunaPruning,
+    StageSpace,
     choose_architectures,
     export_search,
     pareto_front,
     trial_records,
 )
+from lightning_ensembles.nas.storage import heartbeat_settings, open_storage
 from tests.conftest import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
+# Worker scripts import the package of this tree, not whichever copy is installed: a script's own folder, not
+# the working directory, is first on its sys.path.
+WORKER_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 SPACE = NASSearchSpace(
     stages=[
         StageSpace(channels=[8, 16], expand_ratios=[1], max_blocks=1),
@@ -236,7 +244,7 @@ def test_proxies_train_without_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -
             super().__init__(**kwargs)
             bars.append(self.progress_bar_callback)
 
-    monkeypatch.setattr("lightning_ensembles.nas.Trainer", Spy)
+    monkeypatch.setattr("lightning_ensembles.nas.search.Trainer", Spy)
     _search(n_trials=1, trainer={**FAST, "enable_progress_bar": False}).optimize(_digits())
     assert bars == [None]
 
@@ -251,8 +259,7 @@ _WORKER = textwrap.dedent(
     """
     import sys, torch, optuna
     from lightning_ensembles.data import DigitsDataModule
-    from lightning_ensembles.models import NASSearchSpace, StageSpace
-    from lightning_ensembles.nas import NASSearch
+    from lightning_ensembles.nas import NASSearch, NASSearchSpace, StageSpace
 
     torch.set_num_threads(1)
     space = NASSearchSpace(
@@ -274,7 +281,11 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     script.write_text(_WORKER)
     workers = [
         subprocess.Popen(
-            [sys.executable, str(script), storage, str(seed)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(script), storage, str(seed)],
+            cwd=ROOT,
+            env=WORKER_ENV,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for seed in (0, 1)
     ]
@@ -315,8 +326,8 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch: pytest.MonkeyP
         return real(url, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
-    monkeypatch.setattr("lightning_ensembles.nas.time.sleep", lambda seconds: None)
-    storage = _search()._open_storage(optuna, f"sqlite:///{tmp_path / 'study.db'}")
+    monkeypatch.setattr("lightning_ensembles.nas.storage.time.sleep", lambda seconds: None)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     assert isinstance(storage, real) and len(calls) == 2
 
 
@@ -324,8 +335,7 @@ _DYING_WORKER = textwrap.dedent(
     """
     import os, sys, torch
     from lightning_ensembles.data import DigitsDataModule
-    from lightning_ensembles.models import NASSearchSpace, StageSpace
-    from lightning_ensembles.nas import NASSearch
+    from lightning_ensembles.nas import NASSearch, NASSearchSpace, StageSpace
 
     class DiesInSecondFit(DigitsDataModule):
         fits = 0
@@ -357,7 +367,7 @@ def test_a_dead_workers_trial_is_failed_and_its_architecture_trained_again(
     script = tmp_path / "worker.py"
     script.write_text(_DYING_WORKER)
     worker = subprocess.Popen(
-        [sys.executable, str(script), storage], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script), storage], cwd=ROOT, env=WORKER_ENV, stderr=subprocess.PIPE, text=True
     )
     _, err = worker.communicate(timeout=150)
     assert worker.returncode == 3, err[-3000:]
@@ -427,7 +437,8 @@ def test_stale_trials_count_once_and_retries_stop_after_stale_retries(
     assert NASSearch._counts(study) == (1, 5)
     assert NASSearch._counts(study, before=3) == (1, 3)  # the stale trials count through their retry only
     # A retry is not queued again past `stale_retries`: the stale trial stays failed and counts.
-    heartbeat = _search(stale_retries=1)._heartbeat_kwargs(optuna)
+    search = _search(stale_retries=1)
+    heartbeat = heartbeat_settings(search.heartbeat_interval, search.grace_period, search.stale_retries)
     (retry,) = (value for key, value in heartbeat.items() if key.endswith("_callback"))
     retry(study, study.trials[2])
     assert len(study.trials) == 5 and "and not retried (`--search.stale_retries` 1 reached)" in caplog.text
@@ -441,7 +452,8 @@ def test_stale_trials_count_once_and_retries_stop_after_stale_retries(
 def test_database_storages_get_the_heartbeat_settings(tmp_path: Path) -> None:
     def storage(**kwargs: Any) -> optuna.storages.RDBStorage:
         url = f"sqlite:///{tmp_path / f'{len(kwargs)}.db'}"
-        return _search(storage=url, **kwargs)._open_storage(optuna, url)
+        search = _search(storage=url, **kwargs)
+        return open_storage(url, search.heartbeat_interval, search.grace_period, search.stale_retries)
 
     assert (storage().heartbeat_interval, storage().grace_period) == (60, 120)  # the defaults
     custom = storage(heartbeat_interval=5, grace_period=30)

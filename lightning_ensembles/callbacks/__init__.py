@@ -1,5 +1,5 @@
 """Callbacks that cost an ensemble (Kondratyuk et al. 2020): FLOPs, latency, the ensemble-size ablation,
-cascades, and the per-member EMA of the EfficientNet recipe.
+cascades, the per-member EMA of the EfficientNet recipe, and the Optuna pruning of the NAS recipe's proxies.
 
 Each is usable on its own in any Lightning run with an :class:`~lightning_ensembles.EnsembleLightningModule`;
 ready-made LightningCLI presets live in the top-level ``callbacks/`` folder.
@@ -10,6 +10,7 @@ from lightning_ensembles.callbacks.cascade import CascadeMonitor
 from lightning_ensembles.callbacks.ema import MemberEMA
 from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.callbacks.latency import LatencyMonitor
+from lightning_ensembles.callbacks.optuna_pruning import OptunaPruning
 from lightning_ensembles.callbacks.reliability import ReliabilityDiagram
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "FlopsMonitor",
     "LatencyMonitor",
     "MemberEMA",
+    "OptunaPruning",
     "ReliabilityDiagram",
 ]

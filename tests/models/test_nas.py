@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -13,7 +16,8 @@ from torch import nn
 
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.cost import count_macs
-from lightning_ensembles.models import NASArchitecture, NASNet, NASSearchSpace, StageArch, StageSpace
+from lightning_ensembles.models import NASArchitecture, NASNet, StageArch
+from lightning_ensembles.nas import NASSearchSpace, StageSpace
 from tests.conftest import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -177,3 +181,44 @@ def test_invalid_architectures_and_members_are_clear_errors() -> None:
         NASNet([StageArch(8, 1, 3, 1, False)], input_size=(1, 16, 16))
     with pytest.raises(ValueError, match=flag + r".activation` to be a timm activation name"):
         NASNet([StageArch(8, 1, 3, 1, False)], activation="no-such-activation")
+
+
+def test_checkpoint_written_before_the_nas_package_split_still_loads() -> None:
+    # tests/fixtures/nasnet_v0.pt was written by the code before `lightning_ensembles/nas.py` became the
+    # `lightning_ensembles.nas` package (issue 16): a one-step fit of two 3-class NASNet members on 1x8x8
+    # inputs, one recorded as `lightning_ensembles.models.nas.NASNet` (a functools.partial) and one as
+    # `lightning_ensembles.models.NASNet` (a YAML `class_path`), saved with `trainer.save_checkpoint`. Beside
+    # Lightning's keys it holds `fixture_expected`: fixed inputs and the logits the module gave for them.
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "nasnet_v0.pt"
+    module = EnsembleLightningModule.load_from_checkpoint(path, map_location="cpu")
+    expected = torch.load(path, map_location="cpu", weights_only=True)["fixture_expected"]
+    assert [member.name for member in module.members] == ["partial", "yaml"]
+    assert all(isinstance(member, NASNet) for member in module.members)
+    module.eval()
+    with torch.no_grad():
+        logits = module(expected["inputs"])
+    torch.testing.assert_close(logits, expected["logits"])
+
+
+def test_old_import_paths_still_work() -> None:
+    # Before issue 16 the space lived in `lightning_ensembles.models.nas`, exported from `lightning_ensembles.models`,
+    # and the pruning callback in `lightning_ensembles.nas`.
+    import lightning_ensembles.models as models
+    import lightning_ensembles.nas as nas
+    from lightning_ensembles.callbacks import OptunaPruning
+
+    assert (models.NASSearchSpace, models.StageSpace) == (NASSearchSpace, StageSpace)
+    assert {"NASSearchSpace", "StageSpace"} <= set(models.__all__)
+    assert nas.OptunaPruning is OptunaPruning
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        models.NoSuchName  # noqa: B018
+
+
+def test_models_do_not_import_the_search() -> None:
+    # Layering: the search builds on the members, never the other way round (the space is looked up lazily).
+    code = (
+        "import sys, lightning_ensembles.models; print(sorted(m for m in sys.modules if '.nas.' in m + '.'))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['lightning_ensembles.models.nas']"

@@ -1,10 +1,10 @@
-"""Architecture search with Optuna: accuracy against multiply-adds or latency, trained proxies, shared studies.
+"""The architecture search: an Optuna study of trained proxies, accuracy against multiply-adds or latency.
 
 The third experiment of Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single
 Large Models* (arXiv 2005.00570, figure 3), searches architectures under a cost budget and then asks whether
 one searched architecture replicated ``N`` times is as good as ``N`` different searched architectures of the
 same total cost (their answer: nearly the same). :class:`NASSearch` runs that search over a
-:class:`~lightning_ensembles.models.NASSearchSpace` with Optuna (Akiba et al., KDD 2019):
+:class:`~lightning_ensembles.nas.NASSearchSpace` with Optuna (Akiba et al., KDD 2019):
 
 - every trial samples an architecture, costs it (multiply-adds with
   :func:`~lightning_ensembles.cost.count_macs`, or batch-1 latency with
@@ -14,25 +14,27 @@ same total cost (their answer: nearly the same). :class:`NASSearch` runs that se
 - without a target the study has two objectives (maximise top-1, minimise cost) and its result is the Pareto
   set; with ``target`` it maximises MnasNet's reward ``top1 * (cost / target) ** w`` (Tan et al., *MnasNet*,
   CVPR 2019, arXiv 1807.11626), with ``w = alpha`` at or under the target and ``beta`` above it, and bad
-  trials are pruned after each epoch by an Optuna pruner (Optuna prunes single-objective studies only, so a
+  trials are pruned after each epoch by an Optuna pruner
+  (:class:`~lightning_ensembles.callbacks.OptunaPruning`; Optuna prunes single-objective studies only, so a
   Pareto search trains every trial to the end);
 - the study lives in any Optuna storage URL (SQLite by default), so several worker processes or machines can
   share it: ``n_trials`` architectures are trained in total over all workers, and a rerun of a finished study
   trains nothing (a sampler proposing an architecture already trained gets the trial recorded as a repeat);
+  workers racing to create a new storage's tables retry;
 - a trial that diverges (a NaN loss, which the module reports as ``FloatingPointError``) is recorded as
   failed with its reason and the study goes on;
 - in a database storage every running trial sends Optuna's heartbeat: when a worker dies (killed, out of
   memory, its machine lost), another worker records its trial as failed and trains the architecture again;
-- every finished trial is logged as one line: the trial, its result, the best so far and the time left.
+- every finished trial is logged as one line of the ``lightning_ensembles.nas`` logger: the trial, its
+  result, the best so far and the time left.
 
-:func:`choose_architectures` picks the two arms of the comparison from the finished trials and
-:func:`export_search` writes the Pareto set and the chosen architectures as LightningCLI YAML.
+:func:`~lightning_ensembles.nas.choose_architectures` picks the two arms of the comparison from the finished
+trials and :func:`~lightning_ensembles.nas.export_search` writes them as LightningCLI YAML.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import math
@@ -42,124 +44,37 @@ import socket
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import yaml
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
+from lightning_ensembles.callbacks.optuna_pruning import OptunaPruning
 from lightning_ensembles.cost import count_macs, count_params
-from lightning_ensembles.models.nas import NASArchitecture, NASSearchSpace
-from lightning_ensembles.results import atomic_write_text, environment
+from lightning_ensembles.models.nas import NASArchitecture
+from lightning_ensembles.nas._optuna import import_optuna
+from lightning_ensembles.nas.selection import _completed, _record, pareto_front
+from lightning_ensembles.nas.space import NASSearchSpace
+from lightning_ensembles.nas.storage import open_storage
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = [
-    "NASSearch",
-    "OptunaPruning",
-    "choose_architectures",
-    "export_search",
-    "import_optuna",
-    "member_config",
-    "pareto_front",
-    "trial_records",
-]
+__all__ = ["NASSearch"]
 
-log = logging.getLogger(__name__)
+# The name users see in every progress line ("INFO lightning_ensembles.nas: Trial 3, ..."), set by name so that
+# it stays the package's whatever module the search lives in.
+log = logging.getLogger("lightning_ensembles.nas")
 
 _FLAG = "--search"
-_NASNET = "lightning_ensembles.models.NASNet"
-_INSTALL = 'pip install "lightning-ensembles[nas]"'
-_STORAGE_ATTEMPTS = 6
 _MAX_TRIALS_FACTOR = 4  # repeats of trained architectures are free, but not endless
 
 
-def import_optuna() -> Any:
-    """Import Optuna, which the search needs (an optional dependency).
-
-    Returns:
-        The ``optuna`` module.
-
-    Raises:
-        ImportError: If Optuna is not installed, saying how to install it.
-    """
-    try:
-        import optuna
-    except ImportError as err:
-        raise ImportError(
-            f"The architecture search needs Optuna (>= 3.6): `{_INSTALL}` or `pip install optuna`."
-        ) from err
-    return optuna
-
-
-def _hide_password(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: shown as given
-        return url
-
-
-class OptunaPruning(Callback):
-    """Report a validation metric to an Optuna trial after every epoch and stop training when it is pruned.
-
-    Training is stopped the Lightning way (``trainer.should_stop``), so the run ends cleanly; the caller then
-    raises ``optuna.TrialPruned`` when :attr:`pruned_epoch` is set. Optuna prunes single-objective studies
-    only.
-
-    Args:
-        trial: The Optuna trial.
-        monitor: The logged metric, e.g. ``"val/top1"``.
-        transform: Maps the metric to the value reported (e.g. accuracy to MnasNet's reward); identity if
-            ``None``.
-
-    Raises:
-        ValueError: If the trial belongs to a multi-objective study.
-    """
-
-    def __init__(self, trial: optuna.Trial, monitor: str = "val/top1", transform: Any = None) -> None:
-        if len(trial.study.directions) > 1:
-            raise ValueError(
-                "Expected a single-objective study for pruning (Optuna prunes only those), but the trial's "
-                f"study has {len(trial.study.directions)} objectives."
-            )
-        self.trial = trial
-        self.monitor = monitor
-        self.transform = transform
-        self.pruned_epoch: int | None = None
-        """The epoch after which the trial was pruned, or ``None``."""
-        self.last_value: float | None = None
-        """The last value reported."""
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metric = trainer.callback_metrics.get(self.monitor)
-        if metric is None:
-            raise KeyError(
-                f"OptunaPruning monitors {self.monitor!r}, which the run did not log; logged: "
-                f"{sorted(trainer.callback_metrics)}."
-            )
-        value = float(metric)
-        if self.transform is not None:
-            value = float(self.transform(value))
-        self.last_value = value
-        epoch = trainer.current_epoch
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            self.pruned_epoch = epoch
-            trainer.should_stop = True
-
-
 class NASSearch:
-    """An Optuna search over a :class:`~lightning_ensembles.models.NASSearchSpace` with trained proxies.
+    """An Optuna search over a :class:`~lightning_ensembles.nas.NASSearchSpace` with trained proxies.
 
     Args:
         space: The search space.
@@ -207,7 +122,7 @@ class NASSearch:
         ValueError: For an invalid argument, naming its ``--search.*`` flag and the value.
 
     Example:
-        >>> from lightning_ensembles.models import StageSpace
+        >>> from lightning_ensembles.nas import StageSpace
         >>> space = NASSearchSpace(stages=[StageSpace(channels=[8], expand_ratios=[1], max_blocks=1)])
         >>> NASSearch(space, n_trials=0)
         Traceback (most recent call last):
@@ -345,7 +260,18 @@ class NASSearch:
         """The user attribute holding each trial's cost: ``"gmacs"`` or ``"latency_ms"``."""
         return "gmacs" if self.objective == "macs" else "latency_ms"
 
-    def _member_kwargs(self, datamodule: LightningDataModule) -> dict[str, Any]:
+    def member_init_args(self, datamodule: LightningDataModule) -> dict[str, Any]:
+        """The :class:`~lightning_ensembles.models.NASNet` arguments of the proxies and the exported configs.
+
+        Args:
+            datamodule: Gives ``num_classes`` and ``in_channels`` (the first axis of ``input_shape``).
+
+        Returns:
+            ``num_classes``, ``in_channels`` and ``member_kwargs``.
+
+        Raises:
+            ValueError: If the datamodule lacks ``num_classes`` or ``input_shape``.
+        """
         return {
             "num_classes": _num_classes(datamodule),
             "in_channels": _input_shape(datamodule)[0],
@@ -366,7 +292,7 @@ class NASSearch:
         from lightning_ensembles.module import EnsembleLightningModule
 
         input_shape = _input_shape(datamodule)
-        member = architecture.build(**self._member_kwargs(datamodule))
+        member = architecture.build(**self.member_init_args(datamodule))
         macs = count_macs(member, input_shape)
         cost: dict[str, float] = {"macs": macs, "gmacs": macs / 1e9, "params": count_params(member)}
         if self.objective == "latency":
@@ -381,7 +307,7 @@ class NASSearch:
     def check_target(self, datamodule: LightningDataModule) -> dict[str, float] | None:
         """Fail before searching if no architecture of the space can meet ``target``.
 
-        The space's cheapest architecture (:meth:`~lightning_ensembles.models.NASSearchSpace.smallest`) is
+        The space's cheapest architecture (:meth:`~lightning_ensembles.nas.NASSearchSpace.smallest`) is
         costed; if it exceeds the target, so does every other.
 
         Args:
@@ -438,7 +364,9 @@ class NASSearch:
         optuna = import_optuna()
         storage: Any = None
         if self.storage is not None:
-            storage = self._open_storage(optuna, self.storage)
+            storage = open_storage(
+                self.storage, self.heartbeat_interval, self.grace_period, self.stale_retries
+            )
         sampler: Any
         if self.sampler == "random":
             sampler = optuna.samplers.RandomSampler(seed=self.seed)
@@ -484,72 +412,6 @@ class NASSearch:
             if key not in stored:
                 study.set_user_attr(key, value)
         return study
-
-    def _heartbeat_kwargs(self, optuna: Any) -> dict[str, Any]:
-        """``RDBStorage`` arguments of the heartbeat: interval, grace period and the retry of stale trials."""
-        if self.heartbeat_interval is None:
-            return {}
-        # Optuna 4.9 renamed the callback and its argument (the old names are deprecated).
-        renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-        retry_class = (
-            optuna.storages.RetryHeartbeatStaleTrialCallback
-            if renamed
-            else optuna.storages.RetryFailedTrialCallback
-        )
-        with warnings.catch_warnings():  # experimental in Optuna, chosen here and not by the user
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = retry_class(max_retry=self.stale_retries)
-        callback = _RetryStaleTrial(retry, self.stale_retries, self.grace_period or 0)
-        return {
-            "heartbeat_interval": self.heartbeat_interval,
-            "grace_period": self.grace_period,
-            "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback": callback,
-        }
-
-    def _open_storage(self, optuna: Any, url: str) -> Any:
-        shown = _hide_password(url)
-        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        heartbeat = self._heartbeat_kwargs(optuna)
-        try:
-            for attempt in range(_STORAGE_ATTEMPTS):
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-                except Exception as err:
-                    import sqlalchemy.exc
-
-                    # Workers that start together race to create the tables of a new storage; the losers see
-                    # an integrity error, a locked SQLite file or "table ... already exists", and find the
-                    # schema there when they retry.
-                    racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
-                        text in str(err) for text in ("locked", "already exists")
-                    )
-                    if not racing or attempt == _STORAGE_ATTEMPTS - 1:
-                        raise
-                    time.sleep(0.5 * (attempt + 1))
-            raise AssertionError("unreachable")  # pragma: no cover
-        except ImportError as err:
-            raise ConnectionError(
-                f"Could not open the Optuna storage `{_FLAG}.storage` {shown!r}: its database driver is not "
-                f"installed ({err}). Install the driver (e.g. `pip install psycopg2-binary` for PostgreSQL, "
-                "`pip install pymysql` for MySQL) or use an SQLite URL ('sqlite:///path/search.db')."
-            ) from err
-        except Exception as err:
-            import sqlalchemy.exc
-
-            if isinstance(err, sqlalchemy.exc.ArgumentError) or (
-                isinstance(err, ValueError) and not isinstance(err, sqlalchemy.exc.SQLAlchemyError)
-            ):
-                raise ValueError(
-                    f"Expected `{_FLAG}.storage` to be an Optuna storage URL such as 'sqlite:///search.db' or "
-                    f"'postgresql://user@host/db', but got {shown!r}: {err}"
-                ) from err
-            raise ConnectionError(
-                f"Could not open the Optuna storage `{_FLAG}.storage` {shown!r}: {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''} Check that the database server is reachable "
-                "from this machine (or, for SQLite, that the file's folder exists and is writable)."
-            ) from err
 
     # ------------------------------------------------------------------ trials
 
@@ -767,7 +629,7 @@ class NASSearch:
         optuna = import_optuna()
         from lightning_ensembles.module import EnsembleLightningModule
 
-        kwargs = self._member_kwargs(datamodule)
+        kwargs = self.member_init_args(datamodule)
         module = EnsembleLightningModule(
             member=lambda: architecture.build(**kwargs),
             num_classes=kwargs["num_classes"],
@@ -816,44 +678,6 @@ class NASSearch:
                 f"pruned after epoch {pruning.pruned_epoch} (reward {pruning.last_value:.4f}, top-1 {top1:.4f})"
             )
         return top1, fit_seconds, trainer.current_epoch
-
-
-class _RetryStaleTrial:
-    """Optuna's heartbeat callback: say that a worker stopped, and queue its trial's architecture again.
-
-    Optuna calls it once a running trial's heartbeat is older than the grace period, after recording the
-    trial as ``FAIL``. The queued copy (a ``WAITING`` trial with the same parameters, made by Optuna's retry
-    callback) keeps only the architecture of the stale trial's user attributes: its cost, top-1 and worker
-    are measured again by whichever worker runs it.
-
-    Args:
-        retry: Optuna's ``RetryHeartbeatStaleTrialCallback`` (``RetryFailedTrialCallback`` before 4.9).
-        max_retries: Its ``max_retry``, for the message.
-        grace_period: Seconds without a heartbeat, for the message.
-    """
-
-    def __init__(self, retry: Any, max_retries: int, grace_period: int) -> None:
-        self.retry = retry
-        self.max_retries = max_retries
-        self.grace_period = grace_period
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        worker = trial.user_attrs.get("worker", "unknown")
-        retries = len(trial.system_attrs.get("retry_history", [])) + 1
-        stopped = (
-            f"Trial {trial.number} (worker {worker}) sent no heartbeat for over {self.grace_period} s, so its "
-            "worker stopped; it is recorded as FAIL"
-        )
-        if retries > self.max_retries:
-            log.warning(
-                "%s and not retried (`%s.stale_retries` %d reached).", stopped, _FLAG, self.max_retries
-            )
-            return
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "architecture"}
-        self.retry(study, trial)
-        log.warning(
-            "%s and its architecture is queued again (retry %d of %d).", stopped, retries, self.max_retries
-        )
 
 
 class _DropOptunaTrialLines(logging.Filter):
@@ -979,308 +803,3 @@ def _space_dict(space: NASSearchSpace) -> dict[str, Any]:
         "stem_channels": space.stem_channels,
         "num_features": space.num_features,
     }
-
-
-# ---------------------------------------------------------------------- results
-
-
-def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every finished trial as a plain dict (for tables, YAML and selection).
-
-    Args:
-        study: The study.
-
-    Returns:
-        One dict per trial, by number: ``number``, ``state`` (``"COMPLETE"``, ``"PRUNED"``, ``"FAIL"``, ...),
-        ``values``, and the user attributes (``architecture``, ``top1``, ``gmacs``, ``params``, ``latency_ms``,
-        ``reward``, ``fit_seconds``, ``fail_reason``, ``duplicate_of``, ...). A trial that ran again because its
-        worker stopped has ``retry_of`` (the stale trial), and the stale trial ``retried_as``.
-    """
-    trials = study.get_trials(deepcopy=False)
-    records = [_record(trial) for trial in trials]
-    retried_as = {r["retry_of"]: r["number"] for r in records if "retry_of" in r}
-    for record in records:
-        if record["number"] in retried_as:
-            record["retried_as"] = retried_as[record["number"]]
-            record.setdefault("fail_reason", "its worker stopped (no heartbeat)")
-    return sorted(records, key=lambda r: r["number"])
-
-
-def _record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    record: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "values": trial.values}
-    if trial.datetime_start is not None and trial.datetime_complete is not None:
-        record["started"] = trial.datetime_start.isoformat(timespec="seconds")
-        record["seconds"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    record.update(trial.user_attrs)
-    history = trial.system_attrs.get("retry_history")
-    if history:
-        record["retry_of"] = history[-1]
-    return record
-
-
-def _completed(records: Sequence[Mapping[str, Any]], cost_key: str) -> list[Mapping[str, Any]]:
-    return [
-        r
-        for r in records
-        if r["state"] == "COMPLETE" and "top1" in r and cost_key in r and r.get("duplicate_of") is None
-    ]
-
-
-def pareto_front(records: Sequence[Mapping[str, Any]], cost_key: str = "gmacs") -> list[dict[str, Any]]:
-    """The completed trials no other completed trial beats on both top-1 and cost, by increasing cost.
-
-    Args:
-        records: From :func:`trial_records`.
-        cost_key: ``"gmacs"`` or ``"latency_ms"``.
-
-    Returns:
-        The non-dominated records (one per architecture), cheapest first.
-
-    Example:
-        >>> rows = [{"number": i, "state": "COMPLETE", "top1": t, "gmacs": c}
-        ...         for i, (t, c) in enumerate([(0.9, 1.0), (0.8, 2.0), (0.95, 3.0), (0.9, 0.5)])]
-        >>> [r["number"] for r in pareto_front(rows)]
-        [3, 2]
-    """
-    done = _completed(records, cost_key)
-    front = [
-        dict(r)
-        for r in done
-        if not any(
-            (o["top1"] >= r["top1"] and o[cost_key] <= r[cost_key])
-            and (o["top1"] > r["top1"] or o[cost_key] < r[cost_key])
-            for o in done
-        )
-    ]
-    unique: dict[str, dict[str, Any]] = {}
-    for r in sorted(front, key=lambda r: (r[cost_key], -r["top1"], r["number"])):
-        unique.setdefault(json.dumps(r.get("architecture", r["number"]), sort_keys=True), r)
-    return list(unique.values())
-
-
-def choose_architectures(
-    records: Sequence[Mapping[str, Any]],
-    num_members: int = 3,
-    budget: float | None = None,
-    tolerance: float = 0.15,
-    cost_key: str = "gmacs",
-) -> dict[str, Any]:
-    """Choose the two arms of the comparison from the completed trials.
-
-    Arm (a), *replicated*, is the most accurate (validation top-1) completed architecture whose cost lies
-    within ``tolerance`` of the per-member ``budget``; it is trained ``num_members`` times with different seeds.
-    Arm (b), *diverse*, is that architecture and the ``num_members - 1`` most accurate other architectures
-    whose cost lies within ``tolerance`` of arm (a)'s, one member each. The two arms' total costs therefore
-    differ by at most ``tolerance``; both are reported.
-
-    Args:
-        records: From :func:`trial_records`.
-        num_members: ``N``, the ensemble size of both arms (>= 2).
-        budget: Per-member cost (GMACs or ms, as ``cost_key``); ``None`` takes the median cost of the
-            completed trials.
-        tolerance: Relative cost window, in ``(0, 1)``.
-        cost_key: ``"gmacs"`` or ``"latency_ms"``.
-
-    Returns:
-        ``{"replicated": record, "diverse": [records], "budget": ..., "replicated_cost": N * cost,
-        "diverse_cost": sum of costs, "cost_key": ...}``.
-
-    Raises:
-        ValueError: For an invalid argument, or too few distinct architectures in a window (naming how many
-            there are and what to change).
-    """
-    check_int(num_members, "--select.num_members", 2)
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0.0 < tolerance < 1.0:
-        raise ValueError(f"Expected `--select.tolerance` to be a float in (0, 1), but got {tolerance!r}.")
-    done = _completed(records, cost_key)
-    if not done:
-        raise ValueError(
-            "Expected completed trials to choose from, but the study has none (see its failed trials)."
-        )
-    if budget is None:
-        costs = sorted(r[cost_key] for r in done)
-        budget = costs[(len(costs) - 1) // 2]
-    elif not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
-        raise ValueError(f"Expected `--select.budget` to be a positive number or null, but got {budget!r}.")
-
-    def best_within(center: float) -> list[dict[str, Any]]:
-        low, high = center * (1 - tolerance), center * (1 + tolerance)
-        ranked = sorted(
-            (r for r in done if low <= r[cost_key] <= high),
-            key=lambda r: (-r["top1"], r[cost_key], r["number"]),
-        )
-        distinct: dict[str, Mapping[str, Any]] = {}
-        for r in ranked:
-            distinct.setdefault(json.dumps(r.get("architecture", r["number"]), sort_keys=True), r)
-        return [dict(r) for r in distinct.values()]
-
-    hint = "Run more trials, widen `--select.tolerance` or move `--select.budget`."
-    around_budget = best_within(budget)
-    if not around_budget:
-        raise ValueError(
-            f"Expected a completed architecture within ±{tolerance:.0%} of the per-member `--select.budget` "
-            f"{budget:.4g} ({cost_key}), but found none among {len(done)} completed trials. {hint}"
-        )
-    replicated = around_budget[0]
-    others = [r for r in best_within(replicated[cost_key]) if r["number"] != replicated["number"]]
-    diverse = [replicated, *others[: num_members - 1]]
-    if len(diverse) < num_members:
-        raise ValueError(
-            f"Expected at least `--select.num_members` = {num_members} distinct completed architectures within "
-            f"±{tolerance:.0%} of the cost of the replicated one (trial {replicated['number']}, "
-            f"{replicated[cost_key]:.4g} {cost_key}), but found {1 + len(others)} among {len(done)} completed "
-            f"trials. {hint}"
-        )
-    return {
-        "budget": budget,
-        "cost_key": cost_key,
-        "replicated": replicated,
-        "diverse": diverse,
-        "replicated_cost": num_members * replicated[cost_key],
-        "diverse_cost": sum(r[cost_key] for r in diverse),
-    }
-
-
-def member_config(record: Mapping[str, Any], name: str, member_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The LightningCLI ``class_path``/``init_args`` entry of a searched architecture.
-
-    Args:
-        record: A trial record with an ``architecture``.
-        name: The member's name in results tables.
-        member_kwargs: Further :class:`~lightning_ensembles.models.NASNet` arguments (``in_channels``, ...).
-
-    Returns:
-        ``{"class_path": "lightning_ensembles.models.NASNet", "init_args": {...}}``.
-    """
-    architecture = NASArchitecture.from_dict(record["architecture"]).to_dict()
-    init_args = {
-        **architecture,
-        **{k: v for k, v in member_kwargs.items() if k != "num_classes"},
-        "name": name,
-    }
-    if isinstance(init_args.get("input_size"), tuple):
-        init_args["input_size"] = list(init_args["input_size"])
-    return {"class_path": _NASNET, "init_args": init_args}
-
-
-def _summary(record: Mapping[str, Any], cost_key: str) -> dict[str, Any]:
-    keys = ("number", "top1", "gmacs", "params", "latency_ms", "reward", "fit_seconds", "epochs")
-    return {k: record[k] for k in keys if k in record}
-
-
-def export_search(
-    search: NASSearch,
-    study: optuna.Study,
-    datamodule: LightningDataModule,
-    out: str | Path,
-    num_members: int = 3,
-    budget: float | None = None,
-    tolerance: float = 0.15,
-) -> dict[str, Any]:
-    """Write the Pareto set and the two arms as YAML, each file atomically.
-
-    - ``pareto.yaml``: every non-dominated trial with its objective values and member config;
-    - ``searched.yaml``: arm (a)'s member config, composable with ``configs/ensemble-N.yaml``;
-    - ``diverse.yaml``: arm (b), a ``model.members`` list of ``num_members`` architectures;
-    - ``trials.json``: every trial's record.
-
-    Args:
-        search: The search that ran.
-        study: Its study.
-        datamodule: The proxies' data (``in_channels``).
-        out: The output folder.
-        num_members: ``N`` of both arms.
-        budget: Per-member cost for :func:`choose_architectures` (``None``: the median).
-        tolerance: Cost window for :func:`choose_architectures`.
-
-    Returns:
-        ``{"records", "pareto", "selection", "files"}``.
-
-    Raises:
-        ValueError: If the arms cannot be chosen (see :func:`choose_architectures`).
-    """
-    out = Path(out)
-    records = trial_records(study)
-    cost_key = search.cost_key
-    pareto = pareto_front(records, cost_key)
-    kwargs = {k: v for k, v in search._member_kwargs(datamodule).items() if k != "num_classes"}
-    name = search.study_name
-
-    states: dict[str, int] = {}
-    trained = [r for r in records if not {"duplicate_of", "surplus", "retried_as"} & set(r)]
-    for r in trained:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    repeats = sum("duplicate_of" in r for r in records)
-    stale = sum("retried_as" in r for r in records)
-    timed = [r for r in records if "seconds" in r]
-    wall = ""
-    if timed:
-        starts = [datetime.datetime.fromisoformat(r["started"]) for r in timed]
-        ends = [start + datetime.timedelta(seconds=r["seconds"]) for start, r in zip(starts, timed)]
-        wall = f"; wall-clock {(max(ends) - min(starts)).total_seconds() / 60:.1f} min (first trial start to last end)"
-    env = environment()
-    hardware = (
-        f"{env['gpu_count']} x {env['gpu']}"
-        if env["gpu"]
-        else f"CPU ({env['cpu_count']} cores, {env['processor']})"
-    )
-    objective = (
-        f"maximise validation top-1 and minimise {cost_key} (Pareto)"
-        if search.target is None
-        else f"maximise top1 * ({cost_key} / {search.target:g}) ** w, w = {search.reward_exponents}"
-    )
-    header = [
-        f"Architecture search of lightning_ensembles.nas, study {name!r}, written {datetime.datetime.now().isoformat(timespec='seconds')}.",
-        f"Data: {type(datamodule).__name__}, input {tuple(_input_shape(datamodule))}; proxies trained {search.proxy_epochs} epochs each.",
-        f"Trials: {len(records)}: {len(trained)} architectures trained "
-        f"({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))}), {repeats} repeats of trained ones "
-        f"(not trained again)"
-        + (f", {stale} of stopped workers (trained again)" if stale else "")
-        + f"{wall}.",
-        f"Objective: {objective}.",
-        f"Hardware: {hardware}; torch {env['torch']}, lightning {env['lightning']}, optuna {import_optuna().__version__}.",
-    ]
-
-    def dump(comment: list[str], data: Any) -> str:
-        return "".join(f"# {line}\n" for line in comment) + yaml.safe_dump(
-            data, sort_keys=False, default_flow_style=None, width=120
-        )
-
-    pareto_data = {
-        "study": name,
-        "objective": objective,
-        "trials": [
-            {**_summary(r, cost_key), "member": member_config(r, f"{name}-t{r['number']}", kwargs)}
-            for r in pareto
-        ],
-    }
-    files = [
-        atomic_write_text(out / "pareto.yaml", dump(header, pareto_data)),
-        atomic_write_text(out / "trials.json", json.dumps(records, indent=2, default=str) + "\n"),
-    ]
-    # The Pareto set and the trials are written first: they stay useful when no arms can be chosen.
-    selection = choose_architectures(records, num_members, budget, tolerance, cost_key)
-    arm_a = selection["replicated"]
-    searched_comment = header + [
-        f"Arm (a): trial {arm_a['number']}, validation top-1 {arm_a['top1']:.4f}, {arm_a['gmacs']:.4g} GMACs"
-        + (f", {arm_a['latency_ms']:.3g} ms" if "latency_ms" in arm_a else "")
-        + f"; chosen at a per-member budget of {selection['budget']:.4g} {cost_key} ±{tolerance:.0%}.",
-        "A member config: compose with configs/ensemble-N.yaml for N independently initialised copies.",
-    ]
-    searched_data = {"model": {"member": member_config(arm_a, f"{name}-t{arm_a['number']}", kwargs)}}
-    diverse_comment = header + [
-        f"Arm (b): trials {[r['number'] for r in selection['diverse']]}, validation top-1 "
-        f"{[round(r['top1'], 4) for r in selection['diverse']]}, total {selection['diverse_cost']:.4g} {cost_key} "
-        f"(arm (a): {selection['replicated_cost']:.4g}).",
-    ]
-    diverse_data = {
-        "model": {
-            "member": None,
-            "members": [member_config(r, f"{name}-t{r['number']}", kwargs) for r in selection["diverse"]],
-        }
-    }
-    files += [
-        atomic_write_text(out / "searched.yaml", dump(searched_comment, searched_data)),
-        atomic_write_text(out / "diverse.yaml", dump(diverse_comment, diverse_data)),
-    ]
-    return {"records": records, "pareto": pareto, "selection": selection, "files": [str(f) for f in files]}
