@@ -31,7 +31,7 @@ from lightning_ensembles.nas import (
     pareto_front,
     trial_records,
 )
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = NASSearchSpace(

@@ -21,7 +21,7 @@ from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.ood import OOD_CRITERIA, OODMetrics, fpr_at_tpr, ood_scores, resolve_ood_criteria
 from lightning_ensembles.uncertainty import uncertainty_scores
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, fast_recipe_args, make_data, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyNet, fast_recipe_args, make_data, trainer_kwargs
 
 C = 4
 

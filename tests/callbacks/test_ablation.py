@@ -17,7 +17,7 @@ from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation, choose_
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
 
 M = 3
 

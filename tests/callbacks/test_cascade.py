@@ -18,7 +18,7 @@ from lightning_ensembles.callbacks.cascade import CascadeMonitor
 from lightning_ensembles.cascade import NEVER_EXIT
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
 
 M = 3
 NUM_VAL = 40

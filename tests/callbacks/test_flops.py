@@ -13,7 +13,7 @@ from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 SHAPE = (1, 8, 8)
 NUM_CLASSES = 10

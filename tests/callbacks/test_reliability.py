@@ -21,7 +21,7 @@ from lightning_ensembles.callbacks.reliability import CalibrationBins, calibrati
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.metrics import ECE_BINS
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 M = 3

@@ -25,7 +25,7 @@ from lightning_ensembles.data.gpu_cifar import (
 from lightning_ensembles.models.wide_resnet import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.testing import write_fake_cifar10
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 NUM_TRAIN, NUM_TEST = 100, 50
 

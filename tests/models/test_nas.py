@@ -14,7 +14,7 @@ from torch import nn
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.models import NASArchitecture, NASNet, NASSearchSpace, StageArch, StageSpace
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
