@@ -387,6 +387,7 @@ def test_val_size_too_large_for_the_data_found(root: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_land_on_the_gpu_and_match_the_cpu(root: Path) -> None:
     gpu, cpu = _gpu(root, device="cuda", batch_size=32), _gpu(root, batch_size=32)
