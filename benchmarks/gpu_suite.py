@@ -6,7 +6,8 @@
 Kondratyuk et al. (arXiv 2005.00570) ensemble small networks to save cost, so what the library adds on a GPU
 must cost nothing measurable. The stages, in order:
 
-1. ``tests``: ``pytest -m gpu tests/gpu`` in a subprocess with a deadline; pass, fail and skip counts.
+1. ``tests``: ``pytest -m gpu tests`` (every ``gpu``-marked test) in a subprocess with a deadline; pass,
+   fail and skip counts.
 2. ``fused_vs_loop``: loop vs vmap for WRN-16-1/2/4 at M = 4 (batch 128 and 512; bf16 autocast with
    channels_last, fp32, bf16) and WRN-28-10; what ``execution="auto"`` picks, and its cost against the
    faster path (goals: fused >= 1.5x the loop for small members; auto never slower).
@@ -218,14 +219,17 @@ def _wrn(arch: str) -> functools.partial:
 
 
 def stage_tests(stage: Stage) -> None:
-    """``pytest -m gpu tests/gpu`` in a subprocess killed at the stage deadline; one row per test."""
+    """``pytest -m gpu tests`` in a subprocess killed at the stage deadline; one row per test.
+
+    Every test marked ``gpu`` runs, in ``tests/gpu`` and next to the CPU tests of its module.
+    """
     if importlib.util.find_spec("pytest") is None:
-        stage.skipped.append({"what": "tests/gpu", "reason": "pytest is not installed"})
+        stage.skipped.append({"what": "tests", "reason": "pytest is not installed"})
         return
     junit = Path(stage.args.out) / "tests-junit.xml"
     junit.unlink(missing_ok=True)
     # -v rather than -q: one line per test, so a run killed at the deadline still says which tests passed.
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-v", "-rfEs", f"--junitxml={junit}"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-rfEs", f"--junitxml={junit}"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -256,14 +260,14 @@ def stage_tests(stage: Stage) -> None:
             stage.rows.append({"test": test, "outcome": outcome, "seconds": float(case.get("time") or 0.0),
                                "message": message})  # fmt: skip
     else:  # killed before pytest wrote its report: read the verbose lines instead
-        for test, word in re.findall(r"^(tests/gpu/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M):
+        for test, word in re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M):
             stage.rows.append({"test": test, "outcome": word.lower(), "seconds": 0.0,
                                "message": ""})  # fmt: skip
     if timed_out:
         stage.skipped.append(
-            {"what": "tests/gpu (remaining tests)", "reason": "stage deadline: pytest killed"}
+            {"what": "tests (remaining gpu tests)", "reason": "stage deadline: pytest killed"}
         )
-        stage.rows.append({"test": "tests/gpu", "outcome": "timeout", "seconds": stage.settings["seconds"],
+        stage.rows.append({"test": "tests", "outcome": "timeout", "seconds": stage.settings["seconds"],
                            "message": "killed at the stage deadline"})  # fmt: skip
     counts = {k: sum(r["outcome"] == k for r in stage.rows) for k in ("passed", "failed", "error", "skipped")}
     stage.settings["counts"] = counts
@@ -913,7 +917,7 @@ def _render_stages(reports: dict[str, dict[str, Any]]) -> list[str]:
     if tests and tests["rows"]:
         counts = tests["settings"].get("counts", {})
         lines += [
-            "### GPU tests (`pytest -m gpu tests/gpu`)",
+            "### GPU tests (`pytest -m gpu tests`)",
             "",
             ", ".join(f"{v} {k}" for k, v in counts.items()),
             "",

@@ -14,6 +14,15 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+__all__ = [
+    "AGGREGATIONS",
+    "Aggregation",
+    "aggregate",
+    "cumulative_log_probs",
+    "cumulative_probs",
+    "validate_aggregation",
+]
+
 Aggregation = Literal["mean_probs", "mean_logits", "vote"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 

@@ -34,6 +34,16 @@ from lightning_ensembles.distributed import plan_members
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
+__all__ = [
+    "EnsembleCLI",
+    "SUMMARY_METRICS",
+    "TIMM_MEMBER",
+    "check_devices",
+    "check_strategy",
+    "log_run_summary",
+    "run_recipe",
+]
+
 log = logging.getLogger(__name__)
 
 HELP_DESCRIPTION = (

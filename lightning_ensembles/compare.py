@@ -41,6 +41,28 @@ from lightning_ensembles._validation import command_line_errors
 from lightning_ensembles.results import atomic_write_text
 from lightning_ensembles.stats import PairedDifference, format_difference, paired_difference, spread, verdict
 
+__all__ = [
+    "COLUMNS",
+    "METRICS",
+    "Pair",
+    "Point",
+    "Run",
+    "collect",
+    "compare",
+    "compare_pairs",
+    "comparison_figure",
+    "find_runs",
+    "latency_modes",
+    "main",
+    "match_pairs",
+    "pair_verdicts",
+    "pairs_table",
+    "parse_pair",
+    "per_seed",
+    "read_run",
+    "run_seed",
+]
+
 EVENT_GLOB = "events.out.tfevents.*"
 MARKER = ".lightning_ensembles_comparison"  # marks an output folder, so later comparisons skip it
 METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc")

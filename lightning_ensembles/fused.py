@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+__all__ = ["EXECUTIONS", "check_fusable", "choose_execution", "vmap_forward"]
+
 EXECUTIONS = ("loop", "vmap", "auto")
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,21 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+__all__ = [
+    "MEMBERS_PREFIX",
+    "MemberFactory",
+    "MemberSpec",
+    "StateDict",
+    "build_member",
+    "build_members",
+    "describe_factory",
+    "is_plain_data",
+    "load_member_state_dicts",
+    "load_member_weights",
+    "resolve_member_spec",
+    "split_member_state_dicts",
+]
+
 MemberFactory = Callable[[], nn.Module]
 """Anything that returns a fresh member when called: a class, a ``functools.partial``, a LightningCLI
 ``class_path``/``init_args`` entry."""

@@ -22,6 +22,22 @@ from torchmetrics.utilities import dim_zero_cat
 from lightning_ensembles.aggregation import cumulative_log_probs, validate_aggregation
 from lightning_ensembles.uncertainty import entropy, mutual_information, variation_ratio
 
+__all__ = [
+    "AURC",
+    "AdaptiveCalibrationError",
+    "COVERAGE",
+    "ECE_BINS",
+    "EnsembleMetrics",
+    "MemberLossMean",
+    "RiskAtCoverage",
+    "UNCERTAINTY",
+    "brier_per_sample",
+    "disagreement_per_sample",
+    "nll_per_sample",
+    "uncertainty_metrics",
+    "update_uncertainty",
+]
+
 ECE_BINS = 15
 
 

@@ -53,6 +53,8 @@ from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
 from lightning_ensembles.ood import OODMetrics
 from lightning_ensembles.uncertainty import uncertainty_scores
 
+__all__ = ["EnsembleLightningModule"]
+
 log = logging.getLogger(__name__)
 
 _RNG_KEY = "lightning_ensembles_rng"

@@ -21,6 +21,17 @@ from torch import nn
 
 from lightning_ensembles.cost import count_macs, count_params
 
+__all__ = [
+    "ENSEMBLE_KEYS",
+    "atomic_write_text",
+    "build_results",
+    "environment",
+    "format_table",
+    "member_name",
+    "run_directory",
+    "write_results",
+]
+
 ENSEMBLE_KEYS = (
     "top1",
     "top5",

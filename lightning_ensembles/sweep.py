@@ -42,6 +42,28 @@ from typing import Any
 
 from lightning_ensembles._validation import check_int, command_line_errors
 
+__all__ = [
+    "Job",
+    "Outcome",
+    "SEED_STRIDE",
+    "SweepResult",
+    "arm_args",
+    "default_workers",
+    "load_recipe",
+    "load_recipe_module",
+    "main",
+    "plan",
+    "progress_line",
+    "resolve_seeds",
+    "resume_args",
+    "run_job",
+    "run_sweep",
+    "seed_args",
+    "slug",
+    "sweep",
+    "training_cost",
+]
+
 SEED_STRIDE = 1000
 """Member ``i`` of seed ``s`` is initialised under ``s * SEED_STRIDE + i``: no two seeds share a member."""
 

@@ -18,7 +18,7 @@ from lightning_ensembles.calibration import fit_temperature, scale
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.uncertainty import concat_predictions
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 
 class DigitsMLP(nn.Module):

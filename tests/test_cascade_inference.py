@@ -20,7 +20,7 @@ from lightning_ensembles.aggregation import aggregate, cumulative_probs
 from lightning_ensembles.cascade import NEVER_EXIT, CascadeResult, evaluate_cascade
 from lightning_ensembles.cascade_inference import CascadeLightningModule, CascadeOutput
 from lightning_ensembles.cost import count_macs
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, make_loader, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, make_loader, sgd, trainer_kwargs
 
 
 class Table(nn.Module):

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from lightning_ensembles.members import build_member
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
 
 Dropout = functools.partial(TinyNet, dropout=0.3)
 

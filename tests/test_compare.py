@@ -23,7 +23,7 @@ from lightning_ensembles.callbacks import (
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.compare import compare, main
 from lightning_ensembles.testing import write_fake_cifar10
-from tests.conftest import fast_recipe_args
+from tests.helpers import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"

@@ -26,7 +26,7 @@ from lightning_ensembles.callbacks import EnsembleSizeAblation, MemberEMA
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler, make_loader
 from lightning_ensembles.distributed import plan_members
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_data, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_data, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"
@@ -340,7 +340,7 @@ sys.path.insert(0, {root!r})
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.conftest import TinyNet, NUM_CLASSES
+from tests.helpers import TinyNet, NUM_CLASSES
 from tests.test_distributed import Data, ensemble
 
 class KillRankOne(pl.Callback):

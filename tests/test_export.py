@@ -21,7 +21,7 @@ from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.export import ExportableEnsemble, export_ensemble, main
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.uncertainty import uncertainty_scores
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ from lightning_ensembles.fused import check_fusable, choose_execution, vmap_forw
 from lightning_ensembles.members import build_members
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import TinyConvNet, TinyNet, sgd, trainer_kwargs
+from tests.helpers import TinyConvNet, TinyNet, sgd, trainer_kwargs
 
 WRN = functools.partial(WideResNet, depth=10, width=1)
 

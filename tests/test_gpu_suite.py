@@ -73,9 +73,11 @@ def test_the_tests_stage_runs_the_gpu_tests_which_skip_without_cuda(
 ) -> None:
     out, _, _ = tiny_run
     saved = json.loads((out / "tests.json").read_text())
-    assert "-m gpu tests/gpu" in saved["settings"]["command"] and not saved["settings"]["timed_out"]
+    assert "-m gpu tests -v" in saved["settings"]["command"] and not saved["settings"]["timed_out"]
     names = {row["test"] for row in saved["rows"]}
     assert any("test_fused_cuda" in n for n in names) and any("test_latency_cuda" in n for n in names)
+    # gpu-marked tests outside tests/gpu run too
+    assert any("callbacks.test_latency" in n for n in names) and any("test_gpu_cifar" in n for n in names)
     if not torch.cuda.is_available():
         assert {row["outcome"] for row in saved["rows"]} == {"skipped"}
         assert saved["goals"][0]["met"] is None  # nothing ran: no verdict

@@ -13,7 +13,7 @@ from lightning_ensembles.callbacks import MemberEMA
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.cost import count_macs, count_params
 from lightning_ensembles.testing_imagenet import write_fake_imagefolder
-from tests.conftest import fast_recipe_args
+from tests.helpers import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"

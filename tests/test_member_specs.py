@@ -16,7 +16,7 @@ from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.members import describe_factory, resolve_member_spec
 from lightning_ensembles.models import TimmModel, WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"
@@ -81,7 +81,7 @@ def test_python_built_checkpoints_load_with_no_arguments(member: object, tmp_pat
     module = EnsembleLightningModule(member=member, num_members=2, num_classes=NUM_CLASSES)
     _fit_and_save(module, tmp_path / "run.ckpt")
     raw = torch.load(tmp_path / "run.ckpt", map_location="cpu", weights_only=True)  # data only
-    assert raw["hyper_parameters"]["member"]["class_path"] == "tests.conftest.TinyNet"
+    assert raw["hyper_parameters"]["member"]["class_path"] == "tests.helpers.TinyNet"
     loaded = EnsembleLightningModule.load_from_checkpoint(tmp_path / "run.ckpt")
     x = torch.randn(4, 12)
     assert_close(loaded.eval()(x), module.eval()(x))
@@ -120,7 +120,7 @@ def test_describe_factory_records_only_data_and_builds_only_modules() -> None:
     assert describe_factory(Local) is None  # a local class cannot be imported again
     assert describe_factory(functools.partial(TinyNet, hidden=torch.tensor(3))) is None  # an object, not data
     assert describe_factory(functools.partial(TinyNet, hidden=8)) == {
-        "class_path": "tests.conftest.TinyNet",
+        "class_path": "tests.helpers.TinyNet",
         "init_args": {"hidden": 8},
     }
     with pytest.raises(ValueError, match=r"nn.Module class.*'subprocess.run'"):

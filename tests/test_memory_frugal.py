@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
 
 Dropout = functools.partial(TinyNet, dropout=0.3)  # BatchNorm and dropout: RNG and statistics order matter
 

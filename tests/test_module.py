@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from lightning_ensembles.members import build_member, build_members
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.uncertainty import concat_predictions, uncertainty_scores
-from tests.conftest import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
 
 
 def _plain_run(model: nn.Module, loader, epochs: int, clip: float | None, milestones: list[int]) -> None:

@@ -33,7 +33,7 @@ from lightning_ensembles.nas import (
     trial_records,
 )
 from lightning_ensembles.nas.storage import heartbeat_settings, open_storage
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Worker scripts import the package of this tree, not whichever copy is installed: a script's own folder, not

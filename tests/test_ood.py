@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_ensembles.callbacks import EnsembleSizeAblation
 from lightning_ensembles.callbacks.cascade import CascadeMonitor
@@ -21,7 +21,15 @@ from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.ood import OOD_CRITERIA, OODMetrics, fpr_at_tpr, ood_scores, resolve_ood_criteria
 from lightning_ensembles.uncertainty import uncertainty_scores
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, fast_recipe_args, make_data, trainer_kwargs
+from tests.helpers import (
+    IN_FEATURES,
+    NUM_CLASSES,
+    TinyDataModule,
+    TinyNet,
+    fast_recipe_args,
+    make_data,
+    trainer_kwargs,
+)
 
 C = 4
 
@@ -200,19 +208,9 @@ def test_module_logs_ood_metrics_next_to_unchanged_test_metrics(
     assert merged["test/ood/msp/auroc"] == pytest.approx(expected, abs=1e-5)
 
 
-class _Data(pl.LightningDataModule):
-    """Tiny in-distribution data, plus an OOD loader of ``ood_features`` features."""
-
-    input_shape = (IN_FEATURES,)
-    num_classes = NUM_CLASSES
-
-    def __init__(self, ood_features: int = IN_FEATURES) -> None:
-        super().__init__()
-        self.ood_features = ood_features
-
-    def test_dataloader(self) -> list[DataLoader]:
-        ood = TensorDataset(3 * torch.randn(24, self.ood_features), torch.zeros(24, dtype=torch.long))
-        return [DataLoader(make_data(40, seed=2), batch_size=16), DataLoader(ood, batch_size=16)]
+def _Data(ood_features: int = IN_FEATURES) -> TinyDataModule:
+    """Tiny in-distribution data (40 test samples), plus an OOD test loader of ``ood_features`` features."""
+    return TinyDataModule(n_test=40, batch_size=16, ood_shape=(ood_features,))
 
 
 def _module(num_members: int = 2) -> EnsembleLightningModule:

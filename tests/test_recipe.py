@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_ensembles.cli import EnsembleCLI, check_devices
 from lightning_ensembles.compare import compare
 from lightning_ensembles.testing import write_fake_cifar10
-from tests.conftest import fast_recipe_args
+from tests.helpers import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"

@@ -14,7 +14,7 @@ from timm.scheduler import StepLRScheduler
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.schedules import StepDecayWithWarmup
-from tests.conftest import NUM_CLASSES, TinyNet, make_loader, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyNet, make_loader, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"

@@ -20,6 +20,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from typing_extensions import override
 
+__all__ = ["MemberEMA"]
+
 
 class MemberEMA(Callback):
     """Keep an EMA of every trainable member's weights and evaluate with it.

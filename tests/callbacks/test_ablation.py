@@ -11,29 +11,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from torch.utils.data import DataLoader
 
 from lightning_ensembles.callbacks.ablation import EnsembleSizeAblation, choose_subsets
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.metrics import EnsembleMetrics
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyDataModule, TinyNet, sgd, trainer_kwargs
 
 M = 3
 
 
-class TinyData(pl.LightningDataModule):
-    input_shape = (IN_FEATURES,)
-    num_classes = NUM_CLASSES
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(64, seed=0), batch_size=16)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(40, seed=1), batch_size=16)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(50, seed=2), batch_size=16)
+TinyData = TinyDataModule  # 64 / 40 / 50 samples (seeds 0, 1, 2) in batches of 16
 
 
 def _run(tmp_path: Path, epochs: int = 1, callbacks=(), ckpt_path=None, **kwargs):

@@ -12,31 +12,23 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader
 
 from lightning_ensembles.callbacks.cascade import CascadeMonitor
 from lightning_ensembles.cascade import NEVER_EXIT
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyDataModule, TinyNet, sgd, trainer_kwargs
 
 M = 3
 NUM_VAL = 40
 NUM_TEST = 50
 
 
-class TinyData(pl.LightningDataModule):
-    input_shape = (IN_FEATURES,)
-    num_classes = NUM_CLASSES
+class TinyData(TinyDataModule):
+    """64 training, ``NUM_VAL`` validation and ``NUM_TEST`` test samples (seeds 0, 1, 2) in batches of 16."""
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(64, seed=0), batch_size=16)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(NUM_VAL, seed=1), batch_size=16)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(NUM_TEST, seed=2), batch_size=16)
+    def __init__(self) -> None:
+        super().__init__(n_train=64, n_val=NUM_VAL, n_test=NUM_TEST, batch_size=16)
 
 
 class SanityProbe(pl.Callback):

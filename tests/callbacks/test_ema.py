@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from lightning_ensembles.callbacks.ema import MemberEMA
 from lightning_ensembles.members import build_member
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, make_loader, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, make_loader, trainer_kwargs
 
 
 def Mlp() -> nn.Module:  # noqa: N802 - a factory, named like the class it stands for

@@ -3,43 +3,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_ensembles.callbacks.flops as flops_module
 from lightning_ensembles.callbacks.flops import FlopsMonitor
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import trainer_kwargs
+from tests.helpers import TinyDataModule, trainer_kwargs
 
 SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 
 
-class RandomImages(LightningDataModule):
-    """Random (1, 8, 8) images with 10 classes; `input_shape` as our datamodules have it."""
-
-    input_shape = SHAPE
-    num_classes = NUM_CLASSES
+class RandomImages(TinyDataModule):
+    """16 random (1, 8, 8) images per split with 10 classes, in batches of 8."""
 
     def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(
-            torch.randn(16, *SHAPE, generator=g), torch.randint(0, 10, (16,), generator=g)
+        super().__init__(
+            n_train=16, n_val=16, n_test=16, batch_size=8, input_shape=SHAPE, num_classes=NUM_CLASSES
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=8)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=8)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=8)
 
 
 class NoShapeImages(RandomImages):

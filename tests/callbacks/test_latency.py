@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ensembles.callbacks.latency as latency_callback
 from lightning_ensembles.callbacks.latency import LatencyMonitor
 from lightning_ensembles.latency import MODES, LatencyStats, measure_ensemble_latency
 from lightning_ensembles.module import EnsembleLightningModule
+from tests import helpers
 
 # One tick of the fake clock, in seconds: about a millisecond, and a power of two so that every clock
 # reading, difference, millisecond conversion and mean below is exact in floating point.
@@ -237,6 +237,7 @@ def test_modes():
     assert MODES == ("sequential", "fused", "parallel")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_events_time_the_runs_on_the_gpu():
     module = make_module(3).cuda().train()
@@ -249,24 +250,13 @@ def test_cuda_events_time_the_runs_on_the_gpu():
 # ---------------------------------------------------------------------------------------------- callback
 
 
-class TinyDataModule(LightningDataModule):
-    input_shape = INPUT_SHAPE
-    num_classes = NUM_CLASSES
+class TinyDataModule(helpers.TinyDataModule):
+    """16 samples of ``INPUT_SHAPE`` per split (seeds 0, 1, 2) in batches of 4."""
 
-    def _loader(self, seed: int) -> DataLoader:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(16, *INPUT_SHAPE, generator=g)
-        y = torch.randint(0, NUM_CLASSES, (16,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=4)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(0)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(1)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(2)
+    def __init__(self) -> None:
+        super().__init__(
+            n_train=16, n_val=16, n_test=16, batch_size=4, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES
+        )
 
 
 class NoShapeDataModule(TinyDataModule):

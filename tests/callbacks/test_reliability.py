@@ -12,7 +12,6 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_ensembles.aggregation import cumulative_log_probs
@@ -21,7 +20,7 @@ from lightning_ensembles.callbacks.reliability import CalibrationBins, calibrati
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.metrics import ECE_BINS
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyNet, make_data, sgd, trainer_kwargs
+from tests.helpers import NUM_CLASSES, TinyDataModule, TinyNet, make_data, sgd, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 M = 3
@@ -29,18 +28,11 @@ TEST_SAMPLES = 50
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class TinyData(pl.LightningDataModule):
-    input_shape = (IN_FEATURES,)
-    num_classes = NUM_CLASSES
+class TinyData(TinyDataModule):
+    """64 training, 40 validation and ``TEST_SAMPLES`` test samples (seeds 0, 1, 2) in batches of 16."""
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(64, seed=0), batch_size=16)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(40, seed=1), batch_size=16)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(make_data(TEST_SAMPLES, seed=2), batch_size=16)
+    def __init__(self) -> None:
+        super().__init__(n_train=64, n_val=40, n_test=TEST_SAMPLES, batch_size=16)
 
 
 def _module(**kwargs: Any) -> EnsembleLightningModule:

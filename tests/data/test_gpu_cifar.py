@@ -25,7 +25,7 @@ from lightning_ensembles.data.gpu_cifar import (
 from lightning_ensembles.models.wide_resnet import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.testing import write_fake_cifar10
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 NUM_TRAIN, NUM_TEST = 100, 50
 
@@ -387,6 +387,7 @@ def test_val_size_too_large_for_the_data_found(root: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ GPU
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_land_on_the_gpu_and_match_the_cpu(root: Path) -> None:
     gpu, cpu = _gpu(root, device="cuda", batch_size=32), _gpu(root, batch_size=32)

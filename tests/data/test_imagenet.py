@@ -20,7 +20,7 @@ from lightning_ensembles.models import TimmModel
 from lightning_ensembles.models.timm_member import timm_pretrained_cfg
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.testing_imagenet import write_fake_imagefolder
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 CLASSES = ("n01", "n02", "n03")
 TINY = "test_efficientnet"  # timm's tiny test EfficientNet: native 160x160, crop_pct 0.95

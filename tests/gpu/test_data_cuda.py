@@ -15,7 +15,7 @@ from lightning_ensembles.data.gpu_cifar import DeviceBatches
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.testing import write_fake_cifar10
-from tests.gpu.conftest import DEVICE, ON_DEVICE
+from tests.gpu.helpers import DEVICE, ON_DEVICE
 
 pytestmark = ON_DEVICE
 

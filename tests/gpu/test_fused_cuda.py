@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from lightning_ensembles.fused import choose_execution, vmap_forward
 from lightning_ensembles.members import build_members
 from lightning_ensembles.models import WideResNet
-from tests.gpu.conftest import DEVICE, NEEDS_CUDA, ON_DEVICE, relative_error
+from tests.gpu.helpers import DEVICE, NEEDS_CUDA, ON_DEVICE, relative_error
 
 pytestmark = ON_DEVICE
 

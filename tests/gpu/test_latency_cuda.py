@@ -10,7 +10,7 @@ import torch
 from lightning_ensembles.latency import measure_ensemble_latency
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.gpu.conftest import NEEDS_CUDA
+from tests.gpu.helpers import NEEDS_CUDA
 
 pytestmark = [pytest.mark.gpu, NEEDS_CUDA]
 

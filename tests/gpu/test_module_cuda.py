@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles.models import WideResNet
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.gpu.conftest import DEVICE, NEEDS_CUDA, ON_DEVICE
+from tests.gpu.helpers import DEVICE, NEEDS_CUDA, ON_DEVICE
 
 pytestmark = ON_DEVICE
 

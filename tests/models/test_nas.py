@@ -18,7 +18,7 @@ from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.models import NASArchitecture, NASNet, StageArch
 from lightning_ensembles.nas import NASSearchSpace, StageSpace
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
