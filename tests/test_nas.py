@@ -21,17 +21,12 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles import EnsembleLightningModule
+from lightning_ensembles.callbacks.optuna_pruning import OptunaPruning
 from lightning_ensembles.data import DigitsDataModule
-from lightning_ensembles.nas import (
-    NASSearch,
-    NASSearchSpace,
-    OptunaPruning,
-    StageSpace,
-    choose_architectures,
-    export_search,
-    pareto_front,
-    trial_records,
-)
+from lightning_ensembles.nas.export import export_search
+from lightning_ensembles.nas.search import NASSearch
+from lightning_ensembles.nas.selection import choose_architectures, pareto_front, trial_records
+from lightning_ensembles.nas.space import NASSearchSpace, StageSpace
 from lightning_ensembles.nas.storage import heartbeat_settings, open_storage
 from tests.helpers import trainer_kwargs
 

@@ -15,7 +15,7 @@ from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.models import NASNet
-from lightning_ensembles.nas import NASSearch
+from lightning_ensembles.nas.search import NASSearch
 from tests.helpers import fast_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.models import NASArchitecture, NASNet, StageArch
-from lightning_ensembles.nas import NASSearchSpace, StageSpace
+from lightning_ensembles.nas.space import NASSearchSpace, StageSpace
 from tests.helpers import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
