@@ -6,7 +6,8 @@
   every first-k ensemble and kept the last (inside the timed latency run), for M = 4, 8; B = 1, 256;
   C = 10, 1000 and each aggregation. One sample is ``calls`` back-to-back calls, so it lasts a few ms.
 - ``vmap_forward``: the stacked parameter and buffer dicts built once per member, against the old dict
-  comprehension that rebuilt every member's ``dict(named_parameters())`` once per parameter name; 4 x
+  comprehension that rebuilt every member's ``dict(named_parameters())`` once per parameter name (the
+  vmapped call after the stacking did not change, so both use the library's); 4 x
   WRN-16-1 on 3x32x32, batch 1 and 64, forward under ``inference_mode`` and forward + backward (training
   mode), plus the stacking alone.
 
@@ -26,15 +27,15 @@ from typing import Any
 import torch
 from _timing import ratio, save, summary, time_interleaved
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from lightning_ensembles.aggregation import AGGREGATIONS, aggregate, cumulative_probs
-from lightning_ensembles.fused import _stack_by_name, vmap_forward
+from lightning_ensembles.fused import _run_stacked, _stack_by_name, vmap_forward
 from lightning_ensembles.members import build_members
 from lightning_ensembles.models import WideResNet
 
 # --------------------------------------------------------------------------------------------------------
-# REFERENCE: the implementations before issue 16, kept verbatim (only renamed) for the comparison.
+# REFERENCE: the implementations before issue 16, kept verbatim (only renamed) for the comparison; the
+# vmapped call after the stacking did not change and is the library's `_run_stacked` for both.
 
 
 def old_aggregate(logits: Tensor, aggregation: str = "mean_probs") -> Tensor:
@@ -53,20 +54,9 @@ def old_stacked(members: Sequence[nn.Module]) -> tuple[dict[str, Tensor], dict[s
 
 
 def old_vmap_forward(members: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """``vmap_forward`` before issue 16 (its validation of the modes left out, as in the new one's timing)."""
-    base = members[0]
+    """``vmap_forward`` before issue 16: the old stacking, then the vmapped call, which is unchanged."""
     params, buffers = old_stacked(members)
-
-    def one(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
-        return functional_call(base, (p, b), (inp,))
-
-    out = vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
-    if base.training and buffers:
-        with torch.no_grad():
-            for i, member in enumerate(members):
-                for name, buf in member.named_buffers():
-                    buf.copy_(buffers[name][i])
-    return out
+    return _run_stacked(members, params, buffers, x)
 
 
 # END OF REFERENCE

@@ -108,7 +108,8 @@ def ddp_comm_hook_settings(strategy: DDPStrategy) -> tuple[Any, Any, Any]:
 def layer_sync(strategy: DDPStrategy) -> Any:
     """The layer-sync plugin (SyncBatchNorm) of the strategy, ``None`` without ``sync_batchnorm``.
 
-    Lightning keeps it in ``ParallelStrategy._layer_sync`` and applies it in ``Strategy.setup``.
+    Lightning keeps it in ``_layer_sync`` (set in ``ParallelStrategy.__init__``) and applies it in
+    ``DDPStrategy.setup`` when fitting.
     """
     return strategy._layer_sync
 

@@ -91,12 +91,19 @@ def vmap_forward(members: Sequence[nn.Module], x: Tensor) -> Tensor:
     """
     if len({m.training for m in members}) != 1:
         raise ValueError("Fused execution needs every member in the same mode (all train or all eval).")
-    base = members[0]
     # One name -> tensor dict per member, then one stack per name: O(M * P). The stacks are rebuilt on every
     # call (the optimizer changes the parameters in place every step) and stay differentiable, so each
     # member's parameters receive their own gradient.
     params = _stack_by_name([dict(m.named_parameters()) for m in members])
     buffers = _stack_by_name([dict(m.named_buffers()) for m in members])
+    return _run_stacked(members, params, buffers, x)
+
+
+def _run_stacked(
+    members: Sequence[nn.Module], params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+) -> Tensor:
+    """Run the first member's structure on the stacked state ``(M, ...)``; write BatchNorm statistics back."""
+    base = members[0]
 
     def one(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
         return functional_call(base, (p, b), (inp,))
