@@ -110,6 +110,12 @@ def cumulative_probs(logits: Tensor, aggregation: str = "mean_probs") -> Tensor:
 def aggregate(logits: Tensor, aggregation: str = "mean_probs") -> Tensor:
     """Ensemble probabilities of all ``M`` members.
 
+    Only the full ensemble is computed, in probability space (the mean of the members' softmax, the softmax
+    of the mean logits, or the vote fractions), without the ``M`` cumulative ensembles of
+    :func:`cumulative_probs`. It equals ``cumulative_probs(logits, aggregation)[-1]`` up to float rounding
+    (a few units in the last place), not bit for bit; the metrics, the ablation and the cascades all use
+    :func:`cumulative_log_probs`, so they agree with each other exactly.
+
     Args:
         logits: member logits, shape ``(M, B, C)``.
         aggregation: see :func:`cumulative_probs`.
@@ -125,4 +131,12 @@ def aggregate(logits: Tensor, aggregation: str = "mean_probs") -> Tensor:
         >>> aggregate(logits).shape
         torch.Size([4, 5])
     """
-    return cumulative_probs(logits, aggregation)[-1]
+    validate_aggregation(aggregation)
+    _check_logits(logits)
+    logits = logits.float()
+    if aggregation == "mean_probs":
+        return logits.softmax(dim=-1).mean(dim=0)
+    if aggregation == "mean_logits":
+        return logits.mean(dim=0).softmax(dim=-1)
+    votes = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    return votes.mean(dim=0)

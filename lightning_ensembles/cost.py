@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_ensembles._compat import private_aten_ops
+
 __all__ = ["count_macs", "count_params", "count_training_macs"]
 
 _aten = torch.ops.aten
@@ -44,15 +46,13 @@ _aten = torch.ops.aten
 _COUNTED_OPS = frozenset(
     {
         _aten.convolution,
-        _aten._convolution,
         _aten.cudnn_convolution,
         _aten.convolution_overrideable,
-        _aten._slow_conv2d_forward,
         _aten.mm,
         _aten.addmm,
         _aten.bmm,
         _aten.baddbmm,
-        _aten._scaled_mm,
+        *private_aten_ops(),  # _convolution, _slow_conv2d_forward, _scaled_mm
     }
 )
 

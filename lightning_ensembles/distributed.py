@@ -42,6 +42,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_ensembles._compat import (
+    ddp_comm_hook_settings,
+    ddp_kwargs,
+    ignore_in_ddp,
+    layer_sync,
+    set_layer_sync,
+)
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -267,10 +275,10 @@ class MemberParallelStrategy(DDPStrategy):
                 )
             self._member_group = self._groups[1][group]
         module.assign_members(layout.members_of_group(group))
-        if self._layer_sync is not None:
+        if layer_sync(self) is not None:
             # SyncBatchNorm synchronises statistics inside a member group only (plain BatchNorm for one process)
-            self._layer_sync = (
-                _GroupSyncBatchNorm(self._member_group) if self._member_group is not None else None
+            set_layer_sync(
+                self, _GroupSyncBatchNorm(self._member_group) if self._member_group is not None else None
             )
         super().setup(trainer)
 
@@ -297,10 +305,10 @@ class MemberParallelStrategy(DDPStrategy):
             if i not in local
             for name, _ in [*module.members[i].named_parameters(), *module.members[i].named_buffers()]
         ]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        ignore_in_ddp(model, ignored)
         device_ids = self.determine_ddp_device_ids()
         return DistributedDataParallel(
-            module=model, device_ids=device_ids, process_group=self._member_group, **self._ddp_kwargs
+            module=model, device_ids=device_ids, process_group=self._member_group, **ddp_kwargs(self)
         )
 
     @override
@@ -309,10 +317,11 @@ class MemberParallelStrategy(DDPStrategy):
             return
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        inner: Callable[..., Any] = self._ddp_comm_hook or default_hooks.allreduce_hook
-        if self._ddp_comm_wrapper is not None:
-            inner = self._ddp_comm_wrapper(inner)
-        state = self._ddp_comm_state if self._ddp_comm_state is not None else self._member_group
+        hook, wrapper, hook_state = ddp_comm_hook_settings(self)
+        inner: Callable[..., Any] = hook or default_hooks.allreduce_hook
+        if wrapper is not None:
+            inner = wrapper(inner)
+        state = hook_state if hook_state is not None else self._member_group
         ranks = tuple(dist.get_process_group_ranks(self._member_group))
         traffic = self.gradient_bytes
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ensembles._compat import uncompiled
 from lightning_ensembles._validation import check_bool, command_line_errors
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import atomic_write_text
@@ -122,7 +123,7 @@ class ExportableEnsemble(nn.Module):
         self.num_classes = module.num_classes
         # `torch.compile(net)` wraps the module (`_orig_mod`); `nn.Module.compile()` (compile=True) is dropped
         # by the copy. Either way the copy runs the plain member.
-        plain = [getattr(member, "_orig_mod", member) for member in module.members]
+        plain = [uncompiled(member) for member in module.members]
         self.members = copy.deepcopy(nn.ModuleList(plain))
         self.members.requires_grad_(False)
         # `channels_last=True` is an eager speed layout; torch.export.save expects contiguous weights.

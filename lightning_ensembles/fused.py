@@ -93,11 +93,19 @@ def vmap_forward(members: Sequence[nn.Module], x: Tensor) -> Tensor:
     """
     if len({m.training for m in members}) != 1:
         raise ValueError("Fused execution needs every member in the same mode (all train or all eval).")
+    # One name -> tensor dict per member, then one stack per name: O(M * P). The stacks are rebuilt on every
+    # call (the optimizer changes the parameters in place every step) and stay differentiable, so each
+    # member's parameters receive their own gradient.
+    params = _stack_by_name([dict(m.named_parameters()) for m in members])
+    buffers = _stack_by_name([dict(m.named_buffers()) for m in members])
+    return _run_stacked(members, params, buffers, x)
+
+
+def _run_stacked(
+    members: Sequence[nn.Module], params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+) -> Tensor:
+    """Run the first member's structure on the stacked state ``(M, ...)``; write BatchNorm statistics back."""
     base = members[0]
-    params = {
-        n: torch.stack([dict(m.named_parameters())[n] for m in members]) for n, _ in base.named_parameters()
-    }
-    buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in members]) for n, _ in base.named_buffers()}
 
     def one(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
         return functional_call(base, (p, b), (inp,))
@@ -109,6 +117,11 @@ def vmap_forward(members: Sequence[nn.Module], x: Tensor) -> Tensor:
                 for name, buf in member.named_buffers():
                     buf.copy_(buffers[name][i])
     return out
+
+
+def _stack_by_name(tensors: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack the members' tensors of each name (in the first member's order) along a new member axis."""
+    return {name: torch.stack([member[name] for member in tensors]) for name in tensors[0]}
 
 
 def choose_execution(

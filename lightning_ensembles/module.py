@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ensembles._compat import CLI_INSTANTIATOR_KEY, backward_skipped, initial_hparams
 from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.aggregation import Aggregation, cumulative_log_probs, validate_aggregation
 from lightning_ensembles.calibration import MODES as TEMPERATURE_MODES
@@ -474,7 +475,7 @@ class EnsembleLightningModule(LightningModule):
             summary = self.summary()
         # Logged under `model/`: Lightning merges module and datamodule hparams for the loggers and fails on a
         # shared key with different values (both have `seed`, for instance).
-        initial = cast(AttributeDict, self._hparams_initial)
+        initial = cast(AttributeDict, initial_hparams(self))
         if self._own_hparams is None:
             self._own_hparams = {k: v for k, v in initial.items() if not k.startswith("_")}
         initial.clear()
@@ -573,7 +574,7 @@ class EnsembleLightningModule(LightningModule):
         """
         if not self.memory_frugal or len(indices) < 2 or self._trainer is None:
             return False
-        return not getattr(self.trainer.fit_loop, "_skip_backward", False)
+        return not backward_skipped(self.trainer)
 
     def _backward_per_member(self, x: Tensor, y: Tensor, indices: Sequence[int], batch_idx: int) -> Tensor:
         """Zero the gradients when Lightning would, then each member's forward, loss and backward in turn.
@@ -1123,7 +1124,9 @@ def _spec_name(member: Any, index: int) -> str:
 
 def _recorded_architecture(hparams: Any) -> bool:
     return isinstance(hparams, dict) and (
-        hparams.get("member") is not None or hparams.get("members") is not None or "_instantiator" in hparams
+        hparams.get("member") is not None
+        or hparams.get("members") is not None
+        or CLI_INSTANTIATOR_KEY in hparams
     )
 
 

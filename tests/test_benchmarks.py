@@ -18,6 +18,7 @@ def test_every_benchmark_is_covered() -> None:
         "data_pipeline",
         "ensemble_overhead",
         "fused_vs_loop",
+        "hot_paths",
         "member_parallel",
         "training_memory",
         "parallel_latency",

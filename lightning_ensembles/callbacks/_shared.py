@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_ensembles._compat import loop_data_source
+
 FLAG = "--trainer.callbacks.init_args"
 
 
@@ -78,7 +80,7 @@ def first_batch_shape(trainer: Any) -> tuple[int, ...] | None:
         ``x.shape[1:]`` of the first batch's inputs, or ``None`` when no loader yields such a batch.
     """
     for loop_name in ("fit_loop", "validate_loop", "test_loop", "predict_loop"):
-        source = getattr(getattr(trainer, loop_name, None), "_data_source", None)  # Lightning's data source
+        source = loop_data_source(getattr(trainer, loop_name, None))
         if source is None or not source.is_defined():
             continue
         loaders = source.dataloader()
