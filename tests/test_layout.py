@@ -20,7 +20,6 @@ TESTS = ROOT / "tests"
 
 ELSEWHERE: dict[str, tuple[str, ...]] = {
     # module (relative to lightning_ensembles/) -> the test files that cover it today
-    "aggregation.py": ("test_metrics.py",),  # checked against the metrics it feeds; doctests in the module
     "cli.py": ("test_cli_help.py", "test_recipe.py", "test_member_specs.py"),
     "latency.py": ("test_latency_modes.py", "callbacks/test_latency.py"),
     "members.py": ("test_member_specs.py", "test_checkpoints.py"),
