@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ensembles._validation import as_ensemble
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.cascade import (
     Thresholds,
@@ -117,8 +118,8 @@ class CascadeEnsemble(nn.Module):
         input_shape: one sample's shape (no batch axis), to count ``costs``; only when ``costs`` is None.
 
     Raises:
-        ValueError: for a ``module`` that is not an :class:`~lightning_ensembles.EnsembleLightningModule`,
-            thresholds out of range or of the wrong number, costs that are not ``M`` finite values > 0 (or
+        TypeError: for a ``module`` that is not an :class:`~lightning_ensembles.EnsembleLightningModule`.
+        ValueError: for thresholds out of range or of the wrong number, costs that are not ``M`` finite values > 0 (or
             neither ``costs`` nor ``input_shape``), or an ``order`` that is not a permutation of
             ``range(M)``; each message names the argument, the value and what is allowed.
 
@@ -141,11 +142,7 @@ class CascadeEnsemble(nn.Module):
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(module, EnsembleLightningModule):
-            raise ValueError(
-                "Expected `module` to be an EnsembleLightningModule (its members run as the cascade), but got "
-                f"{type(module).__name__}."
-            )
+        module = as_ensemble(module, "CascadeEnsemble(module=...)")
         num_members = len(module.members)
         if costs is None:
             if input_shape is None:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ensembles._compat import private_aten_ops
+from lightning_ensembles._validation import check_int, check_shape
 
 __all__ = ["count_macs", "count_params", "count_training_macs"]
 
@@ -77,14 +78,8 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
 
 def _check_input_shape(input_shape: Sequence[int], batch_size: int) -> tuple[int, ...]:
     """Validate ``input_shape`` and ``batch_size``; return the shape as a tuple."""
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(
-            f"Expected `input_shape` to be a non-empty sequence of ints >= 1 (one sample's shape without "
-            f"the batch axis, e.g. (3, 32, 32)), but got {input_shape!r}."
-        )
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"Expected `batch_size` to be an int >= 1, but got {batch_size!r}.")
+    shape = check_shape(input_shape, "input_shape")
+    check_int(batch_size, "batch_size", 1)
     return shape
 
 

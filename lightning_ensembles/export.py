@@ -47,7 +47,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._compat import uncompiled
-from lightning_ensembles._validation import check_bool, command_line_errors
+from lightning_ensembles._validation import (
+    as_ensemble,
+    check_bool,
+    check_choice,
+    check_shape,
+    command_line_errors,
+)
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import atomic_write_text
 
@@ -96,8 +102,8 @@ class ExportableEnsemble(nn.Module):
             ``predict_members`` (for uncertainty scores such as mutual information).
 
     Raises:
-        ValueError: if ``module`` is not an :class:`~lightning_ensembles.EnsembleLightningModule` or
-            ``member_probs`` is not a bool.
+        TypeError: if ``module`` is not an :class:`~lightning_ensembles.EnsembleLightningModule`.
+        ValueError: if ``member_probs`` is not a bool.
 
     Example:
         >>> from torch import nn
@@ -113,11 +119,7 @@ class ExportableEnsemble(nn.Module):
 
     def __init__(self, module: EnsembleLightningModule, member_probs: bool = False) -> None:
         super().__init__()
-        if not isinstance(module, EnsembleLightningModule):
-            raise ValueError(
-                "Expected `module` to be an EnsembleLightningModule (its members and aggregation are exported), "
-                f"but got {type(module).__name__}."
-            )
+        module = as_ensemble(module, "ExportableEnsemble(module=...)")
         self.member_probs = check_bool(member_probs, "member_probs")
         self.aggregation = module.aggregation
         self.num_classes = module.num_classes
@@ -239,9 +241,8 @@ def export_ensemble(
         >>> tuple(probs.shape), result.max_abs_diff < 1e-5
         ((5, 3), True)
     """
-    if format not in FORMATS:
-        raise ValueError(f"Expected `--format` to be one of {list(FORMATS)}, but got {format!r}.")
-    shape = _check_input_shape(input_shape)
+    check_choice(format, "--format", FORMATS)
+    shape = check_shape(input_shape, "--input_shape")
     check_bool(verify, "verify")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"Expected `--tolerance` to be a number >= 0, but got {tolerance!r}.")
@@ -272,19 +273,6 @@ def export_ensemble(
 
 
 # ---------------------------------------------------------------------------------------------- steps
-
-
-def _check_input_shape(input_shape: object) -> tuple[int, ...]:
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        values: list[Any] = []
-    else:
-        values = list(input_shape)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(
-            "Expected `--input_shape` to be one sample's shape without the batch axis, one or more ints >= 1 "
-            f"(e.g. 1 8 8 for digits), but got {input_shape!r}."
-        )
-    return tuple(values)
 
 
 def _require(name: str, purpose: str) -> None:
@@ -529,9 +517,8 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     """
     args = _parser().parse_args(list(argv) if argv is not None else None)
     with command_line_errors(_PROGRAM):
-        if args.format not in FORMATS:  # before the checkpoint is loaded
-            raise ValueError(f"Expected `--format` to be one of {list(FORMATS)}, but got {args.format!r}.")
-        _check_input_shape(args.input_shape)
+        check_choice(args.format, "--format", FORMATS)  # before the checkpoint is loaded
+        check_shape(args.input_shape, "--input_shape")
         module = EnsembleLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
         out = args.out if args.out is not None else Path(args.checkpoint).with_suffix(f".{args.format}")
         result = export_ensemble(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_choice, check_int, check_shape
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.fused import check_fusable, vmap_forward
 from lightning_ensembles.parallel import ParallelEnsemble, check_devices
@@ -206,30 +206,6 @@ def check_sizes(sizes: Iterable[int] | None, num_members: int) -> list[int]:
     return checked
 
 
-def check_shape(input_shape: Sequence[int], flag: str = "input_shape") -> tuple[int, ...]:
-    """Validate one sample's shape (without the batch axis).
-
-    Args:
-        input_shape: the shape, e.g. ``(3, 32, 32)``.
-        flag: the argument or CLI flag named in the error.
-
-    Returns:
-        The shape as a tuple.
-
-    Raises:
-        ValueError: unless it is a non-empty sequence of ints >= 1.
-    """
-    shape = (
-        tuple(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else ()
-    )
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
-        raise ValueError(
-            f"Expected `{flag}` to be a non-empty sequence of ints >= 1 (one sample's shape without the batch "
-            f"axis, e.g. (3, 32, 32)), but got {input_shape!r}."
-        )
-    return shape
-
-
 def check_mode(mode: str, flag: str = "mode", allowed: Sequence[str] = MODES) -> str:
     """Validate a latency mode.
 
@@ -250,9 +226,7 @@ def check_mode(mode: str, flag: str = "mode", allowed: Sequence[str] = MODES) ->
         ...
         ValueError: Expected `mode` to be one of ['sequential', 'fused', 'parallel'], but got 'vmap'.
     """
-    if mode not in allowed:
-        raise ValueError(f"Expected `{flag}` to be one of {list(allowed)}, but got {mode!r}.")
-    return mode
+    return str(check_choice(mode, flag, allowed))
 
 
 def check_fused_members(members: Sequence[torch.nn.Module], flag: str = "mode") -> None:

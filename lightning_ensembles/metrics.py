@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_ensembles._validation import check_int
 from lightning_ensembles.aggregation import cumulative_log_probs, validate_aggregation
 from lightning_ensembles.uncertainty import entropy, mutual_information, variation_ratio
 
@@ -155,9 +156,7 @@ class AdaptiveCalibrationError(_ConfidenceAndCorrectness):
 
     def __init__(self, n_bins: int = ECE_BINS) -> None:
         super().__init__()
-        if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
-            raise ValueError(f"Expected `n_bins` to be an int >= 1, but got {n_bins!r}.")
-        self.n_bins = n_bins
+        self.n_bins = check_int(n_bins, "n_bins", 1)
 
     def compute(self) -> Tensor:
         """The adaptive ECE, in ``[0, 1]``."""
@@ -304,10 +303,8 @@ class EnsembleMetrics(nn.Module):
 
     def __init__(self, num_members: int, num_classes: int, aggregation: str = "mean_probs") -> None:
         super().__init__()
-        if not isinstance(num_members, int) or num_members < 1:
-            raise ValueError(f"Expected `num_members` to be an int >= 1, but got {num_members!r}.")
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"Expected `num_classes` to be an int >= 2, but got {num_classes!r}.")
+        check_int(num_members, "num_members", 1)
+        check_int(num_classes, "num_classes", 2)
         validate_aggregation(aggregation)
         self.num_members = num_members
         self.num_classes = num_classes

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._compat import CLI_INSTANTIATOR_KEY, backward_skipped, initial_hparams
-from lightning_ensembles._validation import check_checkpoint_file
+from lightning_ensembles._validation import check_checkpoint_file, check_choice, check_int
 from lightning_ensembles.aggregation import Aggregation, cumulative_log_probs, validate_aggregation
 from lightning_ensembles.calibration import MODES as TEMPERATURE_MODES
 from lightning_ensembles.calibration import EvaluationLogits, fit_temperature, scale
@@ -191,11 +191,7 @@ class EnsembleLightningModule(LightningModule):
         self.channels_last = channels_last
         self._own_hparams: dict[str, Any] | None = None
         self._warned_padding: set[str] = set()
-        if execution not in EXECUTIONS:
-            raise ValueError(
-                f"Expected `--model.execution` to be one of {list(EXECUTIONS)}, but got {execution!r}."
-            )
-        self.execution = execution
+        self.execution = check_choice(execution, "--model.execution", EXECUTIONS)
         self._auto_choice: str | None = None
         self.members = nn.ModuleList(build_members(specs, seed))
         if channels_last:
@@ -204,12 +200,9 @@ class EnsembleLightningModule(LightningModule):
         self._set_frozen(frozen_members)
         self._assigned: tuple[int, ...] | None = None  # set by MemberParallelStrategy
         self.ood_criteria = ood_criteria  # checked by OODMetrics in _make_metrics (and again after grow)
-        if temperature_scaling not in TEMPERATURE_MODES:
-            raise ValueError(
-                f"Expected `--model.temperature_scaling` to be one of {list(TEMPERATURE_MODES)}, but got "
-                f"{temperature_scaling!r}."
-            )
-        self.temperature_scaling = temperature_scaling
+        self.temperature_scaling = check_choice(
+            temperature_scaling, "--model.temperature_scaling", TEMPERATURE_MODES
+        )
         # Identity (1) until fitted; buffers, so checkpoints carry them and a loaded module predicts calibrated.
         self.register_buffer("member_temperature", torch.ones(len(self.members)))
         self.register_buffer("ensemble_temperature", torch.ones(()))
@@ -246,10 +239,8 @@ class EnsembleLightningModule(LightningModule):
     def _member_specs(
         member: MemberSpec | None, num_members: int | None, members: Sequence[MemberSpec] | None
     ) -> list[MemberSpec]:
-        if num_members is not None and (
-            not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1
-        ):
-            raise ValueError(f"Expected `--model.num_members` to be an int >= 1, but got {num_members!r}.")
+        if num_members is not None:
+            check_int(num_members, "--model.num_members", 1)
         if (member is None) == (members is None):
             raise ValueError(
                 "Expected exactly one of `--model.member` (one factory, repeated `--model.num_members` "
@@ -1062,8 +1053,7 @@ class EnsembleLightningModule(LightningModule):
         Raises:
             ValueError: for ``num_new_members < 1`` or no factory to build the new members from.
         """
-        if not isinstance(num_new_members, int) or num_new_members < 1:
-            raise ValueError(f"Expected `num_new_members` to be an int >= 1, but got {num_new_members!r}.")
+        check_int(num_new_members, "num_new_members", 1)
         spec = member if member is not None else self._member_spec
         if spec is None:
             raise ValueError(

@@ -206,8 +206,7 @@ def write_fake_cifar10(
     """
     check_int(num_train, "num_train", 1)
     check_int(num_test, "num_test", 1)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Expected `seed` to be an int >= 0, but got {seed!r}.")
+    check_int(seed, "seed", 0)
 
     batches_dir = Path(root).expanduser() / _BASE_FOLDER
     batches_dir.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,9 @@ def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(kwargs: d
 
 
 def test_a_module_that_is_not_an_ensemble_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`module` to be an EnsembleLightningModule.*got Linear"):
+    with pytest.raises(
+        TypeError, match=r"CascadeEnsemble\(module=\.\.\.\) needs an EnsembleLightningModule, but got Linear"
+    ):
         CascadeEnsemble(nn.Linear(4, 3), 0.5, costs=[1.0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`cascade` to be a CascadeEnsemble.*got Linear"):
         CascadeLightningModule(nn.Linear(4, 3))  # type: ignore[arg-type]

@@ -156,7 +156,8 @@ def test_wrapper_is_an_eval_mode_snapshot_and_leaves_the_module_alone() -> None:
 
 def test_wrapper_rejects_what_is_not_an_ensemble() -> None:
     with pytest.raises(
-        ValueError, match=r"Expected `module` to be an EnsembleLightningModule.*but got Linear"
+        TypeError,
+        match=r"ExportableEnsemble\(module=\.\.\.\) needs an EnsembleLightningModule, but got Linear",
     ):
         ExportableEnsemble(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Expected `member_probs` to be a bool, but got 'yes'"):

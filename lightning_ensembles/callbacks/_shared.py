@@ -10,18 +10,16 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_ensembles._compat import loop_data_source
-
-FLAG = "--trainer.callbacks.init_args"
+from lightning_ensembles._validation import check_shape, init_arg
 
 
 def is_shape(value: object) -> bool:
-    """Whether ``value`` is a non-empty sequence of ints >= 1 (a sample shape without the batch axis)."""
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) > 0
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
-    )
+    """Whether ``value`` is a sample shape without the batch axis (see :func:`check_shape`)."""
+    try:
+        check_shape(value)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_input_shape(
@@ -58,13 +56,13 @@ def resolve_input_shape(
         )
         raise ValueError(
             f"{owner} needs `input_shape`, the shape of one sample without the batch axis, to count each "
-            f"member's multiply-adds, but it was not set and {where}. Set `{FLAG}.input_shape` "
+            f"member's multiply-adds, but it was not set and {where}. Set `{init_arg(owner, 'input_shape')}` "
             "(e.g. [3, 32, 32]) or give the datamodule an `input_shape` attribute."
         )
     if not is_shape(shape):
         raise ValueError(
             f"Expected the datamodule's `input_shape` ({type(datamodule).__name__}.input_shape) to be a "
-            f"non-empty sequence of ints >= 1, but got {shape!r}; set `{FLAG}.input_shape` to override it."
+            f"non-empty sequence of ints >= 1, but got {shape!r}; set `{init_arg(owner, 'input_shape')}` to override it."
         )
     return tuple(shape)
 

@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassCalibrationError
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import as_ensemble, check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import (
     evaluation_outputs,
@@ -144,6 +144,7 @@ class EnsembleSizeAblation(Callback):
 
     Raises:
         ValueError: for an unknown metric, stage or latency mode, or ``num_subsets < 1``.
+        TypeError: when the run starts, if the model is not an ``EnsembleLightningModule``.
     """
 
     def __init__(
@@ -161,28 +162,34 @@ class EnsembleSizeAblation(Callback):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
             raise ValueError(
-                f"Expected `metrics` of EnsembleSizeAblation to be a non-empty subset of {list(METRICS)}, "
+                f"Expected `EnsembleSizeAblation(metrics=...)` to be a non-empty subset of {list(METRICS)}, "
                 f"but got {list(metrics)}."
             )
         bad_stages = [s for s in stages if s not in STAGES]
         if bad_stages or not stages:
             raise ValueError(
-                f"Expected `stages` of EnsembleSizeAblation to be a non-empty subset of {list(STAGES)}, "
+                f"Expected `EnsembleSizeAblation(stages=...)` to be a non-empty subset of {list(STAGES)}, "
                 f"but got {list(stages)}."
             )
         self.metric_names = tuple(metrics)
-        self.num_subsets = check_int(num_subsets, "num_subsets", 1)
+        self.num_subsets = check_int(num_subsets, init_arg("EnsembleSizeAblation", "num_subsets"), 1)
         self.seed = seed
         self.stages = tuple(stages)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.latency_batch_size = (
-            None if latency_batch_size is None else check_int(latency_batch_size, "latency_batch_size", 1)
+            None
+            if latency_batch_size is None
+            else check_int(latency_batch_size, init_arg("EnsembleSizeAblation", "latency_batch_size"), 1)
         )
         if isinstance(latency_modes, str) or not isinstance(latency_modes, Sequence) or not latency_modes:
             raise ValueError(
-                f"Expected `latency_modes` to be a non-empty sequence of mode names, but got {latency_modes!r}."
+                f"Expected `EnsembleSizeAblation(latency_modes=...)` to be a non-empty sequence of mode names, but got {latency_modes!r}."
             )
-        self.latency_modes = tuple(dict.fromkeys(check_mode(m, "latency_modes") for m in latency_modes))
+        self.latency_modes = tuple(
+            dict.fromkeys(
+                check_mode(m, init_arg("EnsembleSizeAblation", "latency_modes")) for m in latency_modes
+            )
+        )
         self.figures = figures
         self.verbose = verbose
         self.subsets: dict[int, list[tuple[int, ...]]] = {}
@@ -199,15 +206,10 @@ class EnsembleSizeAblation(Callback):
     # ------------------------------------------------------------------ setup
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        members = getattr(pl_module, "members", None)
-        if not isinstance(members, nn.ModuleList) or len(members) == 0:
-            raise ValueError(
-                "EnsembleSizeAblation needs an EnsembleLightningModule with at least one member, "
-                f"but got {type(pl_module).__name__}."
-            )
+        members = as_ensemble(pl_module, "EnsembleSizeAblation").members
         num_members = len(members)
         if "fused" in self.latency_modes and self.latency_batch_size is not None:
-            check_fused_members(list(members), "latency_modes")
+            check_fused_members(list(members), init_arg("EnsembleSizeAblation", "latency_modes"))
         if len({m for s in self.subsets.values() for subset in s for m in subset}) != num_members:
             self.subsets = choose_subsets(num_members, self.num_subsets, self.seed)
         unique = sorted(

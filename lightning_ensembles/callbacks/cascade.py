@@ -45,11 +45,11 @@ from typing import Any, cast
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_int
-from lightning_ensembles.callbacks._shared import FLAG, evaluation_outputs, is_shape, resolve_input_shape
+from lightning_ensembles._validation import as_ensemble, check_int, check_shape, init_arg
+from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
 from lightning_ensembles.cascade import (
     NEVER_EXIT,
     CascadeResult,
@@ -96,7 +96,8 @@ class CascadeMonitor(Callback):
     Raises:
         ValueError: for both a target and a budget, a target outside ``(0, 1]``, a budget that is not a finite
             number > 0, ``num_thresholds < 2``, ``max_samples < 1`` or a malformed ``input_shape``; at setup,
-            for a module without members, no input shape, or a budget below the cheapest member's GMACs.
+            for no input shape, or a budget below the cheapest member's GMACs.
+        TypeError: at setup, if the model is not an ``EnsembleLightningModule``.
 
     Example:
         >>> monitor = CascadeMonitor(target_accuracy=0.9, input_shape=(3, 32, 32))
@@ -115,32 +116,28 @@ class CascadeMonitor(Callback):
         super().__init__()
         if target_accuracy is not None and cost_budget_gmacs is not None:
             raise ValueError(
-                f"Expected at most one of `{FLAG}.target_accuracy` and `{FLAG}.cost_budget_gmacs` (the "
+                f"Expected at most one of `CascadeMonitor(target_accuracy=...)` and `CascadeMonitor(cost_budget_gmacs=...)` (the "
                 f"cascade is calibrated for one of them), but got both: {target_accuracy!r} and "
                 f"{cost_budget_gmacs!r}."
             )
         if target_accuracy is not None and not (_is_real(target_accuracy) and 0.0 < target_accuracy <= 1.0):
             raise ValueError(
-                f"Expected `{FLAG}.target_accuracy` to be None or a float in (0, 1], but got "
+                f"Expected `CascadeMonitor(target_accuracy=...)` to be None or a float in (0, 1], but got "
                 f"{target_accuracy!r}."
             )
         if cost_budget_gmacs is not None and not (
             _is_real(cost_budget_gmacs) and math.isfinite(cost_budget_gmacs) and cost_budget_gmacs > 0
         ):
             raise ValueError(
-                f"Expected `{FLAG}.cost_budget_gmacs` to be None or a finite float > 0 (GMACs per sample), "
+                f"Expected `CascadeMonitor(cost_budget_gmacs=...)` to be None or a finite float > 0 (GMACs per sample), "
                 f"but got {cost_budget_gmacs!r}."
             )
-        if input_shape is not None and not is_shape(input_shape):
-            raise ValueError(
-                f"Expected `{FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
-                f"sample's shape without the batch axis, e.g. [3, 32, 32]), but got {input_shape!r}."
-            )
+        shape = check_shape(input_shape, init_arg("CascadeMonitor", "input_shape"), optional=True)
         self.target_accuracy = None if target_accuracy is None else float(target_accuracy)
         self.cost_budget_gmacs = None if cost_budget_gmacs is None else float(cost_budget_gmacs)
-        self.num_thresholds = check_int(num_thresholds, f"{FLAG}.num_thresholds", 2)
-        self.input_shape: tuple[int, ...] | None = None if input_shape is None else tuple(input_shape)
-        self.max_samples = check_int(max_samples, f"{FLAG}.max_samples", 1)
+        self.num_thresholds = check_int(num_thresholds, init_arg("CascadeMonitor", "num_thresholds"), 2)
+        self.input_shape = shape
+        self.max_samples = check_int(max_samples, init_arg("CascadeMonitor", "max_samples"), 1)
         self.member_gmacs: list[float] = []
         self.order: list[int] = []
         self.threshold: float | None = None
@@ -161,12 +158,7 @@ class CascadeMonitor(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        members = getattr(pl_module, "members", None)
-        if not isinstance(members, nn.ModuleList) or len(members) == 0:
-            raise ValueError(
-                "CascadeMonitor needs an EnsembleLightningModule with at least one member (a `members` "
-                f"nn.ModuleList), but got {type(pl_module).__name__}."
-            )
+        members = as_ensemble(pl_module, "CascadeMonitor").members
         if len(self.member_gmacs) != len(members):
             shape = self._input_shape(trainer)
             self.member_gmacs = [count_macs(member, shape) / 1e9 for member in members]
@@ -175,7 +167,7 @@ class CascadeMonitor(Callback):
             cheapest = self.order[0]
             if self.cost_budget_gmacs < self.member_gmacs[cheapest]:
                 raise ValueError(
-                    f"Expected `{FLAG}.cost_budget_gmacs` to be at least the cost of the cheapest member, "
+                    f"Expected `CascadeMonitor(cost_budget_gmacs=...)` to be at least the cost of the cheapest member, "
                     f"which every sample runs, but the cheapest member (member {cheapest}) costs "
                     f"{self.member_gmacs[cheapest]!r} GMACs and the budget is {self.cost_budget_gmacs!r}."
                 )
@@ -196,7 +188,7 @@ class CascadeMonitor(Callback):
             if not self._warned_truncation:
                 rank_zero_warn(
                     f"CascadeMonitor keeps at most {self.max_samples} samples per evaluation "
-                    f"(`{FLAG}.max_samples`, {limit} per process); the cascade curves leave the rest out."
+                    f"(`CascadeMonitor(max_samples=...)`, {limit} per process); the cascade curves leave the rest out."
                 )
                 self._warned_truncation = True
             logits, target = logits[:, :room], target[:room]

@@ -20,6 +20,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from typing_extensions import override
 
+from lightning_ensembles._validation import as_ensemble, check_float, check_int, init_arg
+
 __all__ = ["MemberEMA"]
 
 
@@ -34,6 +36,7 @@ class MemberEMA(Callback):
 
     Raises:
         ValueError: for a decay outside ``[0, 1)`` or ``every_n_steps < 1``.
+        TypeError: when the run starts, if the model is not an ``EnsembleLightningModule``.
     """
 
     def __init__(
@@ -43,15 +46,9 @@ class MemberEMA(Callback):
         every_n_steps: int = 1,
         evaluate_with_ema: bool = True,
     ) -> None:
-        if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"Expected `decay` of MemberEMA to be in [0, 1), but got {decay!r}.")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(
-                f"Expected `every_n_steps` of MemberEMA to be an int >= 1, but got {every_n_steps!r}."
-            )
-        self.decay = float(decay)
+        self.decay = check_float(decay, init_arg("MemberEMA", "decay"), 0.0, 1.0, include_maximum=False)
         self.warmup = warmup
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int(every_n_steps, init_arg("MemberEMA", "every_n_steps"), 1)
         self.evaluate_with_ema = evaluate_with_ema
         self.emas: dict[int, ModelEmaV3] = {}
         self._restored: dict[int, dict[str, torch.Tensor]] = {}
@@ -60,12 +57,7 @@ class MemberEMA(Callback):
 
     @staticmethod
     def _members(pl_module: LightningModule) -> nn.ModuleList:
-        members = getattr(pl_module, "members", None)
-        if not isinstance(members, nn.ModuleList):
-            raise TypeError(
-                f"MemberEMA needs an EnsembleLightningModule, but got {type(pl_module).__name__}."
-            )
-        return members
+        return as_ensemble(pl_module, "MemberEMA").members
 
     def _ensure(self, pl_module: LightningModule) -> None:
         members = self._members(pl_module)

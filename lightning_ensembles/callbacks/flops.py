@@ -36,8 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_bool
-from lightning_ensembles.callbacks._shared import FLAG, is_shape, resolve_input_shape
+from lightning_ensembles._validation import as_ensemble, check_bool, check_shape, init_arg
+from lightning_ensembles.callbacks._shared import resolve_input_shape
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
 from lightning_ensembles.results import member_name
 
@@ -72,8 +72,7 @@ class FlopsMonitor(Callback):
         ValueError: If ``input_shape`` is not a non-empty sequence of ints >= 1 or ``count_training`` is not
             a bool; at the start of a run, if there is no input shape, or if it does not fit a member
             (naming the member).
-        TypeError: At the start of a run, if the LightningModule has no ``members`` ModuleList or it is
-            empty.
+        TypeError: At the start of a run, if the LightningModule is not an ``EnsembleLightningModule``.
 
     Example:
         >>> import torch
@@ -94,13 +93,8 @@ class FlopsMonitor(Callback):
 
     def __init__(self, input_shape: Sequence[int] | None = None, count_training: bool = True) -> None:
         super().__init__()
-        if input_shape is not None and not is_shape(input_shape):
-            raise ValueError(
-                f"Expected `{FLAG}.input_shape` to be None or a non-empty sequence of ints >= 1 (one "
-                f"sample's shape without the batch axis, e.g. [3, 32, 32]), but got {input_shape!r}."
-            )
-        self.input_shape: tuple[int, ...] | None = None if input_shape is None else tuple(input_shape)
-        self.count_training = check_bool(count_training, f"{FLAG}.count_training")
+        self.input_shape = check_shape(input_shape, init_arg("FlopsMonitor", "input_shape"), optional=True)
+        self.count_training = check_bool(count_training, init_arg("FlopsMonitor", "count_training"))
         self.results: dict[str, Any] = {}
         self._logged = False
 
@@ -154,19 +148,7 @@ class FlopsMonitor(Callback):
 
     @staticmethod
     def _members(pl_module: pl.LightningModule) -> nn.ModuleList:
-        members = getattr(pl_module, "members", None)
-        if not isinstance(members, nn.ModuleList):
-            raise TypeError(
-                f"FlopsMonitor costs each member of an ensemble: expected the LightningModule to have a "
-                f"`members` nn.ModuleList (as EnsembleLightningModule does), but {type(pl_module).__name__} "
-                f"has {'none' if members is None else f'a {type(members).__name__}'}."
-            )
-        if len(members) == 0:
-            raise TypeError(
-                f"FlopsMonitor costs each member of an ensemble, but `{type(pl_module).__name__}.members` "
-                "is empty."
-            )
-        return members
+        return as_ensemble(pl_module, "FlopsMonitor").members
 
     def _resolve_input_shape(self, trainer: pl.Trainer) -> tuple[int, ...]:
         shape = resolve_input_shape(trainer, self.input_shape, "FlopsMonitor")
@@ -195,7 +177,7 @@ class FlopsMonitor(Callback):
             except ValueError as err:
                 raise ValueError(
                     f"Expected `input_shape` {list(shape)} (one sample, without the batch axis; "
-                    f"`{FLAG}.input_shape` or the datamodule's `input_shape`) to fit every member, but "
+                    f"`FlopsMonitor(input_shape=...)` or the datamodule's `input_shape`) to fit every member, but "
                     f"member {i} ({member_name(member)}) failed: {err}"
                 ) from err
             rows.append(row)

@@ -38,7 +38,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import (
+    as_ensemble,
+    check_choice,
+    check_int,
+    check_int_sequence,
+    check_shape,
+    init_arg,
+)
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.callbacks._shared import measuring_on_trainer
 from lightning_ensembles.cascade import NEVER_EXIT, Thresholds
@@ -49,7 +56,6 @@ from lightning_ensembles.latency import (
     LatencyStats,
     check_fused_members,
     check_mode,
-    check_shape,
     check_sizes,
     device_and_dtype,
     latency_metric_name,
@@ -71,16 +77,7 @@ inputs, and ``"cascade"`` on real evaluation batches."""
 
 def _int_entries(values: Any, flag: str, minimum: int) -> tuple[int, ...]:
     """Validate a non-empty sequence of ints >= ``minimum``; keep the order, drop repeats."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(
-            f"Expected `{flag}` to be a non-empty sequence of ints >= {minimum}, but got {values!r}."
-        )
-    for value in values:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(
-                f"Expected every entry of `{flag}` to be an int >= {minimum}, but got {value!r}."
-            )
-    return tuple(dict.fromkeys(values))
+    return tuple(dict.fromkeys(check_int_sequence(values, flag, minimum)))
 
 
 def _check_cascade_thresholds(value: Any) -> float | tuple[float, ...] | None:
@@ -100,7 +97,9 @@ def _check_cascade_thresholds(value: Any) -> float | tuple[float, ...] | None:
         return float(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and value and all(ok(v) for v in value):
         return tuple(float(v) for v in value)
-    raise ValueError(f"Expected `cascade_thresholds` to be {allowed}, but got {value!r}.")
+    raise ValueError(
+        f"Expected `{init_arg('LatencyMonitor', 'cascade_thresholds')}` to be {allowed}, but got {value!r}."
+    )
 
 
 def metric_name(mode: str, size: int, batch_size: int, statistic: str) -> str:
@@ -189,11 +188,11 @@ class LatencyMonitor(Callback):
         >>> LatencyMonitor(when="fit_start")
         Traceback (most recent call last):
         ...
-        ValueError: Expected `when` to be one of ['fit_end', 'test_start'], but got 'fit_start'.
-        >>> LatencyMonitor(modes=["cascade"])
+        ValueError: Expected `LatencyMonitor(when=...)` to be one of ['fit_end', 'test_start'], but got 'fit_start'.
+        >>> LatencyMonitor(modes=["cascade"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None.
+        ValueError: Expected `LatencyMonitor(cascade_thresholds=...)` to be given with mode 'cascade' in ..., but got None.
     """
 
     def __init__(
@@ -211,28 +210,41 @@ class LatencyMonitor(Callback):
         cascade_thresholds: Thresholds | None = None,
         cascade_batches: int = 10,
     ) -> None:
-        if when not in _WHEN:
-            raise ValueError(f"Expected `when` to be one of {list(_WHEN)}, but got {when!r}.")
-        self.when = when
-        self.batch_sizes = _int_entries(batch_sizes, "batch_sizes", 1)
-        self.warmup = check_int(warmup, "warmup", 0)
-        self.repeats = check_int(repeats, "repeats", 1)
-        self.sizes = None if sizes is None else _int_entries(sizes, "sizes", 1)
+        self.when = check_choice(when, init_arg("LatencyMonitor", "when"), _WHEN)
+        self.batch_sizes = _int_entries(batch_sizes, init_arg("LatencyMonitor", "batch_sizes"), 1)
+        self.warmup = check_int(warmup, init_arg("LatencyMonitor", "warmup"), 0)
+        self.repeats = check_int(repeats, init_arg("LatencyMonitor", "repeats"), 1)
+        self.sizes = None if sizes is None else _int_entries(sizes, init_arg("LatencyMonitor", "sizes"), 1)
         if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
-            raise ValueError(f"Expected `modes` to be a non-empty sequence of mode names, but got {modes!r}.")
-        self.modes = tuple(dict.fromkeys(check_mode(mode, "modes", CALLBACK_MODES) for mode in modes))
-        self.input_shape = None if input_shape is None else check_shape(input_shape)
-        self.workers = None if workers is None else check_int(workers, "workers", 1)
-        self.threads_per_worker = (
-            None if threads_per_worker is None else check_int(threads_per_worker, "threads_per_worker", 1)
+            raise ValueError(
+                f"Expected `{init_arg('LatencyMonitor', 'modes')}` to be a non-empty sequence of mode names, but got {modes!r}."
+            )
+        self.modes = tuple(
+            dict.fromkeys(
+                check_mode(mode, init_arg("LatencyMonitor", "modes"), CALLBACK_MODES) for mode in modes
+            )
         )
-        self.devices = None if devices is None else tuple(str(d) for d in check_devices(devices))
+        self.input_shape = check_shape(input_shape, init_arg("LatencyMonitor", "input_shape"), optional=True)
+        self.workers = (
+            None if workers is None else check_int(workers, init_arg("LatencyMonitor", "workers"), 1)
+        )
+        self.threads_per_worker = (
+            None
+            if threads_per_worker is None
+            else check_int(threads_per_worker, init_arg("LatencyMonitor", "threads_per_worker"), 1)
+        )
+        self.devices = (
+            None
+            if devices is None
+            else tuple(str(d) for d in check_devices(devices, init_arg("LatencyMonitor", "devices")))
+        )
         self.cascade_thresholds = _check_cascade_thresholds(cascade_thresholds)
         if "cascade" in self.modes and self.cascade_thresholds is None:
             raise ValueError(
-                "Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None."
+                f"Expected `{init_arg('LatencyMonitor', 'cascade_thresholds')}` to be given with mode 'cascade' in "
+                f"`{init_arg('LatencyMonitor', 'modes')}`, but got None."
             )
-        self.cascade_batches = check_int(cascade_batches, "cascade_batches", 1)
+        self.cascade_batches = check_int(cascade_batches, init_arg("LatencyMonitor", "cascade_batches"), 1)
         self.results: dict[str, Any] = {}
         # Host clock used off CUDA; None means `time.perf_counter`. Tests replace it with a fake clock.
         self._clock: Callable[[], float] | None = None
@@ -248,12 +260,7 @@ class LatencyMonitor(Callback):
 
     @staticmethod
     def _ensemble(pl_module: LightningModule) -> EnsembleLightningModule:
-        if not isinstance(pl_module, EnsembleLightningModule):
-            raise TypeError(
-                "Expected the model to be an `EnsembleLightningModule` (LatencyMonitor measures ensemble "
-                f"sizes), but got {type(pl_module).__name__}."
-            )
-        return pl_module
+        return as_ensemble(pl_module, "LatencyMonitor")
 
     def _resolve_input_shape(self, trainer: Trainer) -> tuple[int, ...]:
         if self.input_shape is not None:
@@ -275,7 +282,9 @@ class LatencyMonitor(Callback):
         try:
             return CascadeEnsemble(module, self.cascade_thresholds, input_shape=input_shape)
         except ValueError as err:
-            raise ValueError(str(err).replace("`thresholds`", "`cascade_thresholds`")) from None
+            raise ValueError(
+                str(err).replace("`thresholds`", f"`{init_arg('LatencyMonitor', 'cascade_thresholds')}`")
+            ) from None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -289,16 +298,16 @@ class LatencyMonitor(Callback):
         if "parallel" in self.modes:
             if self.workers is not None and self.workers > num_members:
                 raise ValueError(
-                    f"Expected `workers` to be None or an int in [1, M={num_members}] (at most one worker per "
+                    f"Expected `{init_arg('LatencyMonitor', 'workers')}` to be None or an int in [1, M={num_members}] (at most one worker per "
                     f"member), but got {self.workers}."
                 )
             if self.devices is not None and len(self.devices) > num_members:
                 raise ValueError(
-                    f"Expected `devices` to hold at most M={num_members} entries (at most one worker per "
+                    f"Expected `{init_arg('LatencyMonitor', 'devices')}` to hold at most M={num_members} entries (at most one worker per "
                     f"member), but got {len(self.devices)}: {list(self.devices)!r}."
                 )
         if "fused" in self.modes:
-            check_fused_members(list(module.members), "modes")
+            check_fused_members(list(module.members), init_arg("LatencyMonitor", "modes"))
         if "cascade" in self.modes:
             self._cascade(module, input_shape)
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import as_ensemble, check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import evaluation_outputs
 from lightning_ensembles.metrics import ECE_BINS
@@ -181,6 +181,7 @@ class ReliabilityDiagram(Callback):
     Raises:
         ValueError: for an unknown stage, ``n_bins < 1`` or a negative member index; at setup, for a member
             index ``>= M``.
+        TypeError: at setup, if the model is not an ``EnsembleLightningModule``.
     """
 
     def __init__(
@@ -193,18 +194,18 @@ class ReliabilityDiagram(Callback):
         bad_stages = [s for s in stages if s not in STAGES]
         if bad_stages or not stages or isinstance(stages, str):
             raise ValueError(
-                f"Expected `stages` of ReliabilityDiagram to be a non-empty subset of {list(STAGES)}, "
+                f"Expected `ReliabilityDiagram(stages=...)` to be a non-empty subset of {list(STAGES)}, "
                 f"but got {stages!r}."
             )
         if isinstance(members, str) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in members
         ):
             raise ValueError(
-                "Expected `members` of ReliabilityDiagram to be member indices (ints >= 0), "
+                "Expected `ReliabilityDiagram(members=...)` to be member indices (ints >= 0), "
                 f"but got {members!r}."
             )
         self.stages = tuple(dict.fromkeys(stages))
-        self.n_bins = check_int(n_bins, "n_bins", 1)
+        self.n_bins = check_int(n_bins, init_arg("ReliabilityDiagram", "n_bins"), 1)
         self.members = tuple(dict.fromkeys(members))
         self.figures = figures
         self.results: dict[str, dict[str, Any]] = {}
@@ -221,16 +222,11 @@ class ReliabilityDiagram(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        members = getattr(pl_module, "members", None)
-        if not isinstance(members, nn.ModuleList) or len(members) == 0:
-            raise ValueError(
-                "ReliabilityDiagram needs an EnsembleLightningModule with at least one member, "
-                f"but got {type(pl_module).__name__}."
-            )
+        members = as_ensemble(pl_module, "ReliabilityDiagram").members
         outside = [i for i in self.members if i >= len(members)]
         if outside:
             raise ValueError(
-                f"Expected `members` of ReliabilityDiagram to be member indices in [0, {len(members)}) "
+                f"Expected `ReliabilityDiagram(members=...)` to be member indices in [0, {len(members)}) "
                 f"(the module has {len(members)} members), but got {list(self.members)}: {outside} "
                 "out of range."
             )

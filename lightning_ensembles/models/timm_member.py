@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
-from lightning_ensembles._validation import check_bool
+from lightning_ensembles._validation import check_bool, expected, is_int
 
 __all__ = ["PretrainedWeightsUnavailableError", "TimmModel", "timm_pretrained_cfg"]
 
@@ -56,9 +56,7 @@ class PretrainedWeightsUnavailableError(OSError):
 
 
 def _arg_error(name: str, allowed: str, value: object) -> ValueError:
-    return ValueError(
-        f"Expected `{_FLAG}.{name}` (argument `{name}` of `TimmModel`) to be {allowed}, but got {value!r}."
-    )
+    return expected(f"{_FLAG}.{name}", allowed, value)
 
 
 def timm_pretrained_cfg(model_name: str, flag: str = f"{_FLAG}.model_name") -> dict[str, Any]:
@@ -184,7 +182,7 @@ class TimmModel(nn.Module):
         check_bool(pretrained, f"{_FLAG}.pretrained")
         kwargs: dict[str, Any] = {}
         if num_classes is not None:
-            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            if not is_int(num_classes) or num_classes < 1:
                 raise _arg_error("num_classes", "an int >= 1 or null (timm's default, 1000)", num_classes)
             kwargs["num_classes"] = num_classes
         if drop_rate is not None:
@@ -228,7 +226,7 @@ class TimmModel(nn.Module):
         )
         if len(size) == 2:
             size = (native[0], *size)
-        if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+        if len(size) != 3 or not all(is_int(v) and v >= 1 for v in size):
             raise _arg_error(
                 "input_size", "(C, H, W) or (H, W) of ints >= 1, or null (native size)", input_size
             )

@@ -17,19 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ensembles._validation import check_float, check_int, expected, is_int
+
 __all__ = ["WideResNet"]
 
 _FLAG = "--model.member.init_args"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _arg_error(name: str, allowed: str, value: object) -> ValueError:
-    return ValueError(
-        f"Expected `{_FLAG}.{name}` (argument `{name}` of `WideResNet`) to be {allowed}, but got {value!r}."
-    )
+def _flag(name: str) -> str:
+    return f"{_FLAG}.{name}"
 
 
 class _BasicBlock(nn.Module):
@@ -110,16 +106,12 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         num_classes = 10 if num_classes is None else num_classes
-        if not _is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:
-            raise _arg_error("depth", "an int of the form 6n+4 (10, 16, 22, 28, 40, ...)", depth)
-        if not _is_int(width) or width < 1:
-            raise _arg_error("width", "an int >= 1", width)
-        if not _is_int(num_classes) or num_classes < 1:
-            raise _arg_error("num_classes", "an int >= 1", num_classes)
-        if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise _arg_error("dropout", "a float in [0, 1)", dropout)
-        if not _is_int(in_channels) or in_channels < 1:
-            raise _arg_error("in_channels", "an int >= 1", in_channels)
+        if not is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:
+            raise expected(_flag("depth"), "an int of the form 6n+4 (10, 16, 22, 28, 40, ...)", depth)
+        check_int(width, _flag("width"), 1)
+        check_int(num_classes, _flag("num_classes"), 1)
+        check_float(dropout, _flag("dropout"), 0.0, 1.0, include_maximum=False)
+        check_int(in_channels, _flag("in_channels"), 1)
 
         self.depth = depth
         self.width = width

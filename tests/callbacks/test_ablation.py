@@ -132,12 +132,15 @@ def test_choose_subsets_is_complete_or_sampled_and_deterministic() -> None:
     [
         (
             dict(metrics=["top1", "f1"]),
-            r"`metrics`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80', 'ood_auroc'\].*'f1'",
+            r"`EnsembleSizeAblation\(metrics=\.\.\.\)`.*\['top1', 'nll', 'ece', 'aece', 'aurc', 'risk80', 'ood_auroc'\].*'f1'",
         ),
         (dict(metrics=[]), r"non-empty"),
-        (dict(stages=["train"]), r"`stages`.*'train'"),
-        (dict(num_subsets=0), r"`num_subsets` to be an int >= 1, but got 0"),
-        (dict(latency_batch_size=0), r"`latency_batch_size` to be an int >= 1, but got 0"),
+        (dict(stages=["train"]), r"`EnsembleSizeAblation\(stages=\.\.\.\)`.*'train'"),
+        (dict(num_subsets=0), r"`EnsembleSizeAblation\(num_subsets=\.\.\.\)` to be an int >= 1, but got 0"),
+        (
+            dict(latency_batch_size=0),
+            r"`EnsembleSizeAblation\(latency_batch_size=\.\.\.\)` to be an int >= 1, but got 0",
+        ),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
@@ -151,7 +154,9 @@ def test_rejects_a_module_without_members(tmp_path: Path) -> None:
             return None
 
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[EnsembleSizeAblation()]))
-    with pytest.raises(ValueError, match="needs an EnsembleLightningModule"):
+    with pytest.raises(
+        TypeError, match="EnsembleSizeAblation needs an EnsembleLightningModule, but got Plain"
+    ):
         trainer.test(Plain(), datamodule=TinyData())
 
 
@@ -245,8 +250,12 @@ def test_latency_modes_are_columns_and_an_old_state_without_them_still_loads() -
 
 def test_unknown_latency_modes_are_named() -> None:
     with pytest.raises(
-        ValueError, match=r"Expected `latency_modes` to be one of \['sequential', 'fused', 'parallel'\]"
+        ValueError,
+        match=r"Expected `EnsembleSizeAblation\(latency_modes=\.\.\.\)` to be one of \['sequential', 'fused', 'parallel'\]",
     ):
         EnsembleSizeAblation(latency_modes=("vmap",))
-    with pytest.raises(ValueError, match="Expected `latency_modes` to be a non-empty sequence of mode names"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `EnsembleSizeAblation\(latency_modes=\.\.\.\)` to be a non-empty sequence of mode names",
+    ):
         EnsembleSizeAblation(latency_modes="sequential")

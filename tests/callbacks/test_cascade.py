@@ -172,9 +172,7 @@ def test_setup_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"needs `input_shape`.*has no `input_shape`|needs `input_shape`"):
         trainer.test(_module(), datamodule=NoShape())
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[CascadeMonitor(cost_budget_gmacs=1e-12)]))
-    with pytest.raises(
-        ValueError, match=r"`--trainer.callbacks.init_args.cost_budget_gmacs`.*cheapest member"
-    ):
+    with pytest.raises(ValueError, match=r"`CascadeMonitor\(cost_budget_gmacs=\.\.\.\)`.*cheapest member"):
         trainer.test(_module(), datamodule=TinyData())
 
     class Plain(pl.LightningModule):
@@ -182,7 +180,7 @@ def test_setup_errors(tmp_path: Path) -> None:
             return None
 
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[CascadeMonitor()]))
-    with pytest.raises(ValueError, match="needs an EnsembleLightningModule"):
+    with pytest.raises(TypeError, match="CascadeMonitor needs an EnsembleLightningModule, but got Plain"):
         trainer.test(Plain(), datamodule=TinyData())
 
 
@@ -190,13 +188,13 @@ def test_setup_errors(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         (dict(target_accuracy=0.9, cost_budget_gmacs=1.0), r"at most one of .*target_accuracy.*both"),
-        (dict(target_accuracy=0.0), r"`--trainer.callbacks.init_args.target_accuracy`.*\(0, 1\].*0\.0"),
-        (dict(target_accuracy=1.5), r"target_accuracy`.*1\.5"),
-        (dict(cost_budget_gmacs=0.0), r"cost_budget_gmacs`.*> 0.*0\.0"),
-        (dict(cost_budget_gmacs=math.inf), r"cost_budget_gmacs`.*inf"),
-        (dict(num_thresholds=1), r"num_thresholds` to be an int >= 2, but got 1"),
-        (dict(max_samples=0), r"max_samples` to be an int >= 1, but got 0"),
-        (dict(input_shape=[3, 0]), r"input_shape`.*\[3, 0\]"),
+        (dict(target_accuracy=0.0), r"`CascadeMonitor\(target_accuracy=\.\.\.\)`.*\(0, 1\].*0\.0"),
+        (dict(target_accuracy=1.5), r"target_accuracy=\.\.\.\)`.*1\.5"),
+        (dict(cost_budget_gmacs=0.0), r"cost_budget_gmacs=\.\.\.\)`.*> 0.*0\.0"),
+        (dict(cost_budget_gmacs=math.inf), r"cost_budget_gmacs=\.\.\.\)`.*inf"),
+        (dict(num_thresholds=1), r"num_thresholds=\.\.\.\)` to be an int >= 2, but got 1"),
+        (dict(max_samples=0), r"max_samples=\.\.\.\)` to be an int >= 1, but got 0"),
+        (dict(input_shape=[3, 0]), r"input_shape=\.\.\.\)`.*\[3, 0\]"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:

@@ -121,9 +121,9 @@ def test_frozen_members_get_no_ema() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(decay=1.0), r"`decay` of MemberEMA to be in \[0, 1\), but got 1.0"),
-        (dict(decay=-0.1), r"`decay`"),
-        (dict(every_n_steps=0), r"`every_n_steps` of MemberEMA to be an int >= 1, but got 0"),
+        (dict(decay=1.0), r"`MemberEMA\(decay=\.\.\.\)` to be a float in \[0, 1\), but got 1.0"),
+        (dict(decay=-0.1), r"`MemberEMA\(decay=\.\.\.\)`"),
+        (dict(every_n_steps=0), r"`MemberEMA\(every_n_steps=\.\.\.\)` to be an int >= 1, but got 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:

@@ -222,7 +222,7 @@ def test_stats_are_json_serialisable():
         ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
         ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
         ({"batch_size": 0}, "Expected `batch_size` to be an int >= 1, but got 0."),
-        ({"input_shape": ()}, "Expected `input_shape` to be a non-empty sequence of ints >= 1"),
+        ({"input_shape": ()}, "Expected `input_shape` to be one sample's shape without the batch axis"),
     ],
 )
 def test_invalid_arguments_are_named(kwargs: dict[str, Any], message: str):
@@ -441,31 +441,55 @@ def test_state_dict_round_trip_and_checkpoint(tmp_path: Any):
     [
         (
             {"when": "fit_start"},
-            "Expected `when` to be one of ['fit_end', 'test_start'], but got 'fit_start'.",
+            "Expected `LatencyMonitor(when=...)` to be one of ['fit_end', 'test_start'], but got 'fit_start'.",
         ),
-        ({"sizes": (1, 0)}, "Expected every entry of `sizes` to be an int >= 1, but got 0."),
-        ({"sizes": ()}, "Expected `sizes` to be a non-empty sequence of ints >= 1, but got ()."),
+        (
+            {"sizes": (1, 0)},
+            "Expected every entry of `LatencyMonitor(sizes=...)` to be an int >= 1, but got 0.",
+        ),
+        (
+            {"sizes": ()},
+            "Expected `LatencyMonitor(sizes=...)` to be a non-empty sequence of ints >= 1, but got ().",
+        ),
         (
             {"modes": ("sequential", "vmap")},
-            "Expected `modes` to be one of ['sequential', 'fused', 'parallel', 'cascade'], but got 'vmap'.",
+            "Expected `LatencyMonitor(modes=...)` to be one of ['sequential', 'fused', 'parallel', 'cascade'], but got 'vmap'.",
         ),
         (
             {"modes": ("cascade",)},
-            "Expected `cascade_thresholds` to be given with mode 'cascade' in `modes`, but got None.",
+            "Expected `LatencyMonitor(cascade_thresholds=...)` to be given with mode 'cascade' in `LatencyMonitor(modes=...)`, but got None.",
         ),
         (
             {"modes": ("cascade",), "cascade_thresholds": 1.5},
-            "Expected `cascade_thresholds` to be None, a float in [0, 1] or NEVER_EXIT",
+            "Expected `LatencyMonitor(cascade_thresholds=...)` to be None, a float in [0, 1] or NEVER_EXIT",
         ),
-        ({"cascade_batches": 0}, "Expected `cascade_batches` to be an int >= 1, but got 0."),
-        ({"workers": 0}, "Expected `workers` to be an int >= 1, but got 0."),
-        ({"devices": ["gpu:0"]}, "Expected every entry of `devices` to be 'cpu' or a CUDA device"),
-        ({"modes": "sequential"}, "Expected `modes` to be a non-empty sequence of mode names"),
-        ({"repeats": 0}, "Expected `repeats` to be an int >= 1, but got 0."),
-        ({"warmup": -1}, "Expected `warmup` to be an int >= 0, but got -1."),
-        ({"batch_sizes": (1, 0)}, "Expected every entry of `batch_sizes` to be an int >= 1, but got 0."),
-        ({"batch_sizes": 1}, "Expected `batch_sizes` to be a non-empty sequence of ints >= 1, but got 1."),
-        ({"input_shape": (3, 0)}, "Expected `input_shape` to be a non-empty sequence of ints >= 1"),
+        (
+            {"cascade_batches": 0},
+            "Expected `LatencyMonitor(cascade_batches=...)` to be an int >= 1, but got 0.",
+        ),
+        ({"workers": 0}, "Expected `LatencyMonitor(workers=...)` to be an int >= 1, but got 0."),
+        (
+            {"devices": ["gpu:0"]},
+            "Expected every entry of `LatencyMonitor(devices=...)` to be 'cpu' or a CUDA device",
+        ),
+        (
+            {"modes": "sequential"},
+            "Expected `LatencyMonitor(modes=...)` to be a non-empty sequence of mode names",
+        ),
+        ({"repeats": 0}, "Expected `LatencyMonitor(repeats=...)` to be an int >= 1, but got 0."),
+        ({"warmup": -1}, "Expected `LatencyMonitor(warmup=...)` to be an int >= 0, but got -1."),
+        (
+            {"batch_sizes": (1, 0)},
+            "Expected every entry of `LatencyMonitor(batch_sizes=...)` to be an int >= 1, but got 0.",
+        ),
+        (
+            {"batch_sizes": 1},
+            "Expected `LatencyMonitor(batch_sizes=...)` to be a non-empty sequence of ints >= 1, but got 1.",
+        ),
+        (
+            {"input_shape": (3, 0)},
+            "Expected `LatencyMonitor(input_shape=...)` to be None or one sample's shape without the batch axis",
+        ),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs: dict[str, Any], message: str):
@@ -496,7 +520,7 @@ def test_rejects_a_model_that_is_not_an_ensemble(tmp_path: Any):
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     trainer = make_trainer(tmp_path, [LatencyMonitor(input_shape=(32,))])
-    with pytest.raises(TypeError, match="Expected the model to be an `EnsembleLightningModule`"):
+    with pytest.raises(TypeError, match="LatencyMonitor needs an EnsembleLightningModule, but got"):
         trainer.fit(BoringModel())
 
 
@@ -593,7 +617,9 @@ def test_cascade_mode_never_exiting_runs_every_member_at_test_start(tmp_path: An
 def test_cascade_thresholds_of_the_wrong_number_fail_before_training(tmp_path: Any):
     module, monitor, _, calls = cascaded(cascade_thresholds=[0.5])
     trainer = make_trainer(tmp_path, [monitor])
-    with pytest.raises(ValueError, match=r"Expected `cascade_thresholds` to be .* M - 1 = 2"):
+    with pytest.raises(
+        ValueError, match=r"Expected `LatencyMonitor\(cascade_thresholds=\.\.\.\)` to be .* M - 1 = 2"
+    ):
         trainer.fit(module, datamodule=TinyDataModule())
     assert trainer.global_step == 0 and monitor.results == {}
 
@@ -602,10 +628,15 @@ def test_modes_that_do_not_fit_the_model_fail_before_training(tmp_path: Any):
     module, _, _, calls = monitored()
     module.members[2] = nn.Sequential(nn.Flatten(), nn.Linear(6, NUM_CLASSES))
     trainer = make_trainer(tmp_path, [LatencyMonitor(modes=("fused",))])
-    with pytest.raises(ValueError, match="Expected `modes` to ask for 'fused' only with identical members"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `LatencyMonitor\(modes=\.\.\.\)` to ask for 'fused' only with identical members",
+    ):
         trainer.fit(module, datamodule=TinyDataModule())
     trainer = make_trainer(tmp_path, [LatencyMonitor(modes=("parallel",), workers=4)])
-    with pytest.raises(ValueError, match=r"Expected `workers` to be None or an int in \[1, M=3\]"):
+    with pytest.raises(
+        ValueError, match=r"Expected `LatencyMonitor\(workers=\.\.\.\)` to be None or an int in \[1, M=3\]"
+    ):
         trainer.fit(module, datamodule=TinyDataModule())
     assert calls.total == 0
 

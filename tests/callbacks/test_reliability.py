@@ -142,10 +142,13 @@ def test_fast_dev_run_writes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"stages": ("train",)}, r"`stages` of ReliabilityDiagram .* subset of \['val', 'test'\].*'train'"),
-        ({"stages": ()}, r"`stages` of ReliabilityDiagram"),
-        ({"n_bins": 0}, r"Expected `n_bins` to be an int >= 1, but got 0"),
-        ({"members": (-1,)}, r"`members` of ReliabilityDiagram .*ints >= 0.*-1"),
+        (
+            {"stages": ("train",)},
+            r"`ReliabilityDiagram\(stages=\.\.\.\)` .* subset of \['val', 'test'\].*'train'",
+        ),
+        ({"stages": ()}, r"`ReliabilityDiagram\(stages=\.\.\.\)`"),
+        ({"n_bins": 0}, r"Expected `ReliabilityDiagram\(n_bins=\.\.\.\)` to be an int >= 1, but got 0"),
+        ({"members": (-1,)}, r"`ReliabilityDiagram\(members=\.\.\.\)` .*ints >= 0.*-1"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
@@ -157,7 +160,9 @@ def test_member_index_out_of_range(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         **trainer_kwargs(default_root_dir=tmp_path, callbacks=[ReliabilityDiagram(members=(0, 3))])
     )
-    with pytest.raises(ValueError, match=r"`members` of ReliabilityDiagram .* in \[0, 3\).*\[0, 3\].*\[3\]"):
+    with pytest.raises(
+        ValueError, match=r"`ReliabilityDiagram\(members=\.\.\.\)` .* in \[0, 3\).*\[0, 3\].*\[3\]"
+    ):
         trainer.test(_module(), datamodule=TinyData(), verbose=False)
     assert list(tmp_path.iterdir()) == []
 
