@@ -35,7 +35,7 @@ from lightning_ensembles.callbacks import (
 )
 from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.export import ExportableEnsemble
-from tests.conftest import trainer_kwargs
+from tests.helpers import trainer_kwargs
 
 
 def _ensemble() -> EnsembleLightningModule:
