@@ -2,7 +2,7 @@
 the NAS search space of MnasNet/EfficientNet-style networks (Tan et al., arXiv 1807.11626)."""
 
 from lightning_ensembles.models.nas import NASArchitecture, NASNet, NASSearchSpace, StageArch, StageSpace
-from lightning_ensembles.models.timm_member import TimmModel
+from lightning_ensembles.models.timm_member import TimmModel, resolution_of
 from lightning_ensembles.models.wide_resnet import WideResNet
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "StageSpace",
     "TimmModel",
     "WideResNet",
+    "resolution_of",
 ]
