@@ -398,12 +398,6 @@ class ImageNetDataModule(LightningDataModule):
                 label_smoothing=self.label_smoothing,
                 num_classes=self.num_classes,
             )
-            module = getattr(self.trainer, "lightning_module", None)
-            if float(getattr(module, "label_smoothing", 0.0) or 0.0) > 0:
-                rank_zero_warn(
-                    "Mixup/CutMix targets are already smoothed by `--data.label_smoothing`; "
-                    "`--model.label_smoothing` > 0 smooths them a second time. Set it to 0."
-                )
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

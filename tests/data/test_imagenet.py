@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -121,6 +122,23 @@ def test_one_training_step_with_mixup_and_timm_members(root: Path) -> None:
     assert record.train_targets[0].shape == (4, 3) and record.train_targets[0].is_floating_point()
     assert record.val_targets[0].dtype == torch.int64
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("model_smoothing", [0.0, 0.1])
+def test_the_module_warns_when_it_smooths_mixup_targets_again(root: Path, model_smoothing: float) -> None:
+    dm = _dm(root, mixup_alpha=0.2, label_smoothing=0.1)
+    member = functools.partial(TimmModel, model_name=TINY, num_classes=3, input_size=(3, 32, 32))
+    module = EnsembleLightningModule(
+        member=member, num_members=1, num_classes=dm.num_classes, label_smoothing=model_smoothing
+    )
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=2, limit_val_batches=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm)
+    twice = [
+        w for w in caught if "`--model.label_smoothing` > 0 smooths them a second time" in str(w.message)
+    ]
+    assert len(twice) == (1 if model_smoothing > 0 else 0)  # once per run, not per step
 
 
 def test_lightning_cli_links_num_classes_and_builds_timm_members(root: Path, tmp_path: Path) -> None:
