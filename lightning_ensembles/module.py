@@ -531,7 +531,8 @@ class EnsembleLightningModule(LightningModule):
                 and the step.
         """
         x, y = batch
-        if batch_idx == 0 and self.global_step == 0 and self.label_smoothing > 0 and y.is_floating_point():
+        soft = isinstance(y, Tensor) and y.is_floating_point()
+        if soft and self.label_smoothing > 0 and batch_idx == 0 and self.global_step == 0:
             rank_zero_warn(
                 "The training targets are soft (B, C), e.g. Mixup/CutMix targets, which the datamodule smooths "
                 "itself (`--data.label_smoothing`); `--model.label_smoothing` > 0 smooths them a second time. "
