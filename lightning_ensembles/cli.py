@@ -4,7 +4,9 @@ A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.dev
 subcommand: it trains, tests the final weights (``--test_weights best``: the best checkpoint on a validation
 split), then prints and saves the results table
 (:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
-are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module.
+are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module, and a
+timm member's name is given once, in the model, and linked into ``--data.model_name``
+(:func:`link_member_resolution`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import lightning_ensembles.callbacks  # noqa: F401 - registers the callbacks' sh
 from lightning_ensembles._help import CompactHelpFormatter
 from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.distributed import plan_members
+from lightning_ensembles.models.timm_member import TimmModel, resolution_of
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
@@ -131,15 +134,53 @@ def _timm_names_as_classes(model: Namespace) -> None:
         model["members"] = [as_class(value) for value in model["members"]]
 
 
-def _registered_name(path: str) -> str | None:
-    """The registered name of the strategy class at ``path`` (e.g. ``lightning_ensembles.MemberParallelStrategy``
-    -> ``member_parallel``), preferring its plain entry; ``None`` if ``path`` is not such a class."""
-    module, _, name = path.rpartition(".")
+def _import_class(path: Any) -> Any:
+    """The object at the dotted ``path`` (e.g. ``lightning_ensembles.models.TimmModel``), or ``None``."""
+    module, _, name = str(path).rpartition(".")
     if not module:
         return None
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def link_member_resolution(model: Namespace, data: Namespace) -> None:
+    """Link the model's timm members into the datamodule's ``--data.model_name`` and ``--data.input_size``.
+
+    A datamodule with both arguments (:class:`~lightning_ensembles.data.ImageNetDataModule`) chooses its
+    image size, crop and normalisation from a timm model name. When the user gives neither, they are set,
+    in the parsed config, to what :func:`~lightning_ensembles.models.resolution_of` says of the
+    ``TimmModel`` members of ``--model.member``/``--model.members``: the member with the largest native
+    resolution, so the model name is written once, in the model. The saved config shows the linked values.
+    A value the user gives wins; that is why this is not a jsonargparse ``link_arguments`` link, whose target
+    cannot be given on the command line.
+
+    Args:
+        model: the parsed ``model`` config (members already turned into ``TimmModel`` entries).
+        data: the parsed ``data`` config (``class_path`` and ``init_args``).
+    """
+    init_args = data.get("init_args") if isinstance(data, Namespace) else None
+    if not isinstance(init_args, Namespace) or not {"model_name", "input_size"} <= set(init_args.keys()):
+        return
+    if init_args.get("model_name") is not None or init_args.get("input_size") is not None:
+        return
+    entries = [model.get("member"), *(model.get("members") or [])]
+    pairs = []
+    for entry in entries:
+        cls = _import_class(entry.get("class_path")) if isinstance(entry, Namespace) else None
+        if isinstance(cls, type) and issubclass(cls, TimmModel):
+            args = entry.get("init_args") or Namespace()
+            pairs.append((args.get("model_name"), args.get("input_size")))
+    for key, value in resolution_of(pairs).items():
+        init_args[key] = value
+
+
+def _registered_name(path: str) -> str | None:
+    """The registered name of the strategy class at ``path`` (e.g. ``lightning_ensembles.MemberParallelStrategy``
+    -> ``member_parallel``), preferring its plain entry; ``None`` if ``path`` is not such a class."""
+    cls = _import_class(path)
+    if cls is None:
         return None
     names = [n for n in StrategyRegistry.available_strategies() if StrategyRegistry[n]["strategy"] is cls]
     plain = [n for n in names if StrategyRegistry[n]["init_params"] in ({}, {"start_method": "popen"})]
@@ -236,6 +277,7 @@ class EnsembleCLI(LightningCLI):
             config.trainer.strategy = _registered_name(config.trainer.strategy) or config.trainer.strategy
         check_strategy(config.trainer.strategy)
         _timm_names_as_classes(config.model)
+        link_member_resolution(config.model, config.data)
         if _strategy_name(config.trainer.strategy).startswith("member_parallel"):
             members = config.model.get("num_members") or len(config.model.get("members") or []) or 1
             processes = _count_devices(config.trainer.devices, config.trainer.accelerator)

@@ -49,6 +49,7 @@ from lightning_ensembles._compat import (
     layer_sync,
     set_layer_sync,
 )
+from lightning_ensembles.sharding import TrainingShard, training_shard
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -149,36 +150,6 @@ def plan_members(world_size: int, num_members: int) -> MemberLayout:
     )
 
 
-@dataclass(frozen=True)
-class TrainingShard:
-    """The slice of the training set one process iterates: ``rank`` of ``num_replicas``, seed offset."""
-
-    rank: int
-    num_replicas: int
-    seed_offset: int
-
-
-def training_shard(trainer: pl.Trainer | None) -> TrainingShard:
-    """The shard of the training data this process should read, for loaders that shard themselves.
-
-    Under :class:`MemberParallelStrategy` the training set is sharded within a member group only (and, with
-    ``data_order="per_group"``, each group shuffles with its own seed offset); otherwise by global rank over
-    the world, as Lightning's samplers do.
-
-    Args:
-        trainer: the attached trainer, or ``None`` (one process).
-
-    Returns:
-        The shard.
-    """
-    if trainer is None:
-        return TrainingShard(0, 1, 0)
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, MemberParallelStrategy) and strategy.layout is not None:
-        return strategy.training_shard()
-    return TrainingShard(trainer.global_rank, trainer.world_size, 0)
-
-
 class MemberParallelStrategy(DDPStrategy):
     """Train each ensemble member on its own group of processes; no gradient crosses member groups.
 
@@ -236,6 +207,9 @@ class MemberParallelStrategy(DDPStrategy):
 
     def training_shard(self) -> TrainingShard:
         """This process's shard of the training set: its rank within its member group.
+
+        Datamodules that shard their own batches ask for it through
+        :func:`lightning_ensembles.sharding.training_shard`.
 
         Returns:
             The shard; ``seed_offset`` is the group index with ``data_order="per_group"``, else 0.

@@ -79,7 +79,8 @@ class EnsembleLightningModule(LightningModule):
             this one.
         seed: base seed of member initialisation.
         aggregation: ``"mean_probs"`` (default), ``"mean_logits"`` or ``"vote"``.
-        label_smoothing: label smoothing of each member's training cross-entropy, in ``[0, 1)``.
+        label_smoothing: label smoothing of each member's training cross-entropy, in ``[0, 1)``. With soft
+            training targets ``(B, C)`` (Mixup/CutMix, smoothed by the datamodule) it warns once: keep it 0.
         optimizer: called with one parameter group per trainable member (``name`` = ``member_{i}``).
         lr_scheduler: called with the optimizer; stepped every ``lr_scheduler_interval``.
         lr_scheduler_interval: ``"epoch"`` or ``"step"``.
@@ -524,6 +525,13 @@ class EnsembleLightningModule(LightningModule):
                 and the step.
         """
         x, y = batch
+        soft = isinstance(y, Tensor) and y.is_floating_point()
+        if soft and self.label_smoothing > 0 and batch_idx == 0 and self.global_step == 0:
+            rank_zero_warn(
+                "The training targets are soft (B, C), e.g. Mixup/CutMix targets, which the datamodule smooths "
+                "itself (`--data.label_smoothing`); `--model.label_smoothing` > 0 smooths them a second time. "
+                "Set it to 0."
+            )
         indices = self.local_members
         self._zeroed_in_step = False
         if not indices:  # member-parallel: every member of this process is frozen

@@ -49,6 +49,9 @@ def test_model_configs_parse_and_instantiate(config: str, tmp_path: Path) -> Non
     b = int(Path(config).stem[1:])
     assert member.name == f"tf_efficientnet_b{b}"
     assert member.native_input_size[1] == (224, 240, 260, 300, 380, 456, 528, 600)[b]
+    # The data's size comes from the member's name, linked by the CLI, not from the model.
+    assert cli.config.data.init_args.model_name == member.name
+    assert cli.datamodule.input_shape == member.native_input_size
     assert any(isinstance(c, MemberEMA) for c in cli.trainer.callbacks)
     optimizer = cli.model.configure_optimizers()["optimizer"]
     assert type(optimizer).__name__ == "RMSpropTF" and optimizer.defaults["eps"] == 0.001

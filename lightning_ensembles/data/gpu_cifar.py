@@ -42,7 +42,7 @@ from typing_extensions import override
 from lightning_ensembles._validation import check_bool, check_int
 from lightning_ensembles.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler
-from lightning_ensembles.distributed import training_shard
+from lightning_ensembles.sharding import training_shard
 
 __all__ = ["DeviceBatches", "GPUCIFAR10DataModule", "augment_batch", "normalize_batch"]
 
@@ -514,7 +514,7 @@ class GPUCIFAR10DataModule(LightningDataModule):
 
         Returns:
             The loader, sharded by the trainer's global rank and world size if one is attached (training
-            data: by :func:`~lightning_ensembles.distributed.training_shard`).
+            data: as the strategy says, by :func:`~lightning_ensembles.sharding.training_shard`).
 
         Raises:
             RuntimeError: If the split has not been loaded.

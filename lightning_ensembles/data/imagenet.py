@@ -3,9 +3,13 @@
 The ImageNet experiment of Kondratyuk et al., *When Ensembling Smaller Models is More Efficient than Single
 Large Models* (arXiv 2005.00570, figure 2), trains ensembles of EfficientNets (Tan & Le, arXiv 1905.11946)
 and compares them with single larger EfficientNets. Each EfficientNet has its own resolution (B0 224 ...
-B7 600) and evaluation crop; this module reads both from timm's pretrained config of ``model_name``, so the
-data always matches the member (:class:`~lightning_ensembles.models.TimmModel`). A committee of different
-EfficientNets should name its largest member here: smaller members resize their input themselves.
+B7 600) and evaluation crop; this module reads both from timm's pretrained config of ``model_name`` (a name in
+timm's registry: no model is built or read), so the data matches a member
+(:class:`~lightning_ensembles.models.TimmModel`) of that name. A committee of different EfficientNets should
+name its largest member here: smaller members resize their input themselves. The datamodule never looks at
+the model: :class:`~lightning_ensembles.cli.EnsembleCLI` links ``--data.model_name`` from the members when
+neither it nor ``--data.input_size`` is given, and :func:`~lightning_ensembles.models.resolution_of` gives the
+same arguments in Python.
 
 Images are read with :class:`torchvision.datasets.ImageFolder` from the standard layout
 ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*.JPEG`` (the validation images sorted into class
@@ -37,9 +41,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from typing_extensions import override
 
+from lightning_ensembles._timm import timm_pretrained_cfg
 from lightning_ensembles._validation import check_int
 from lightning_ensembles.data.sampling import make_loader
-from lightning_ensembles.models.timm_member import timm_pretrained_cfg
 
 __all__ = ["ImageNetDataModule"]
 
@@ -83,6 +87,10 @@ class ImageNetDataModule(LightningDataModule):
     The input size, interpolation, mean/std and evaluation ``crop_pct`` come from timm's pretrained config
     of ``model_name`` (read from timm's registry; no model is built), and ``input_size``/``crop_pct``
     override them. Given only ``input_size``, timm's defaults apply (bicubic, ImageNet mean/std, crop 0.875).
+    One of the two is required: from the command line, :class:`~lightning_ensembles.cli.EnsembleCLI` links
+    ``model_name`` (and ``input_size`` if needed) from the model's largest ``TimmModel`` member when neither
+    is given; in Python, ``ImageNetDataModule(root, **resolution_of(module.members))``
+    (:func:`~lightning_ensembles.models.resolution_of`) does the same.
 
     :attr:`num_classes` is the number of class folders in ``<root>/train``, counted when the module is
     created (so the CLI can link it into ``--model.num_classes``); if that folder does not exist yet it is
@@ -106,7 +114,7 @@ class ImageNetDataModule(LightningDataModule):
         root: Folder holding ``train/`` and ``val/`` (``--data.root``).
         model_name: timm model whose pretrained config sets the image size and crop (e.g.
             ``"tf_efficientnet_b5"``); for a committee, its member with the largest resolution.
-        input_size: Side of the square images, overriding the model's; needed without ``model_name``.
+        input_size: Side of the square images, overriding the model's; required without ``model_name``.
         batch_size: Images per batch, for every loader; even when Mixup/CutMix is on.
         num_workers: DataLoader worker processes (0 loads in the main process).
         auto_augment: timm's augmentation policy string (``"rand-m9-mstd0.5"`` is RandAugment with
@@ -121,7 +129,8 @@ class ImageNetDataModule(LightningDataModule):
         ood_root: An image folder tested as the out-of-distribution set (see above); ``None``: none.
 
     Raises:
-        ValueError: If an argument is out of range, naming its ``--data.*`` flag and the value.
+        ValueError: If an argument is out of range, naming its ``--data.*`` flag and the value, or if neither
+            ``model_name`` nor ``input_size`` is given.
 
     Example:
         >>> dm = ImageNetDataModule(root="no/such/folder", model_name="tf_efficientnet_b3")
@@ -148,6 +157,13 @@ class ImageNetDataModule(LightningDataModule):
         ood_root: str | None = None,
     ) -> None:
         super().__init__()
+        if model_name is None and input_size is None:
+            raise ValueError(
+                "Expected `--data.model_name` (argument `model_name`: a timm model whose pretrained config sets "
+                "the image size and crop, e.g. 'tf_efficientnet_b0') or `--data.input_size` (argument "
+                "`input_size`: an int >= 1), but got neither. EnsembleCLI links `--data.model_name` from the "
+                "model's TimmModel members; in Python, pass `**lightning_ensembles.models.resolution_of(members)`."
+            )
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ValueError(f"Expected `--data.root` to be a non-empty directory path, but got {root!r}.")
         if input_size is not None:
@@ -197,11 +213,10 @@ class ImageNetDataModule(LightningDataModule):
 
         self.data_config: dict[str, Any] = {}
         """timm's data config used: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
-        ``crop_mode`` (empty until known: see :meth:`setup`)."""
+        ``crop_mode``."""
         self.input_shape: tuple[int, int, int] | None = None
         """The shape ``(C, H, W)`` of one image tensor, for training and evaluation alike."""
-        if model_name is not None or input_size is not None:
-            self._configure(model_name)
+        self._configure(model_name)
 
         self.mixup: Mixup | None = None
         """timm's Mixup/CutMix, built in :meth:`setup` once :attr:`num_classes` is known (when enabled)."""
@@ -294,10 +309,9 @@ class ImageNetDataModule(LightningDataModule):
                 f"Supported extensions: {', '.join(IMG_EXTENSIONS)}."
             ) from err
 
-    def _configure(self, model_name: str | None, cfg: dict[str, Any] | None = None) -> None:
-        """Set the image size, crop and transforms from timm's pretrained config of ``model_name`` (or ``cfg``)."""
-        if cfg is None and model_name is not None:
-            cfg = timm_pretrained_cfg(model_name, "--data.model_name")
+    def _configure(self, model_name: str | None) -> None:
+        """Set the image size, crop and transforms from timm's pretrained config of ``model_name``."""
+        cfg = timm_pretrained_cfg(model_name, "--data.model_name") if model_name is not None else None
         args: dict[str, Any] = {}
         if self.input_size is not None:
             args["input_size"] = (3, self.input_size, self.input_size)
@@ -331,24 +345,6 @@ class ImageNetDataModule(LightningDataModule):
         )
         """timm's evaluation transform: resize to ``size / crop_pct``, center crop ``size``."""
 
-    def _configure_from_members(self) -> None:
-        """With neither `--data.model_name` nor `--data.input_size`, take them from the model's timm members.
-
-        The member with the largest native resolution sets them (a committee of mixed resolutions shares one
-        input stream and each member resizes to its own), so the model name is written once, in the model.
-        """
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        members = getattr(module, "members", None) or []
-        sized = [m for m in members if hasattr(m, "native_input_size") and hasattr(m, "data_config")]
-        if not sized:
-            raise ValueError(
-                "Expected `--data.model_name` (a timm model whose pretrained config sets the image size and "
-                "crop, e.g. 'tf_efficientnet_b0') or `--data.input_size` (an int >= 1), or TimmModel members "
-                "to take them from, but got none of these."
-            )
-        largest = max(sized, key=lambda m: tuple(m.native_input_size)[1:])
-        self._configure(None, cfg=dict(largest.data_config))
-
     @override
     def setup(self, stage: str) -> None:
         """Index the images of the splits a stage needs (once; later calls reuse them).
@@ -366,8 +362,6 @@ class ImageNetDataModule(LightningDataModule):
         """
         if stage not in _STAGES:
             raise ValueError(f"Expected `stage` to be one of {', '.join(_STAGES)}, but got {stage!r}.")
-        if self.input_shape is None:
-            self._configure_from_members()
         need_train = stage == "fit"
         train_classes = self._classes_of("train") if need_train else None
         val_classes = self._classes_of("val")
@@ -404,12 +398,6 @@ class ImageNetDataModule(LightningDataModule):
                 label_smoothing=self.label_smoothing,
                 num_classes=self.num_classes,
             )
-            module = getattr(self.trainer, "lightning_module", None)
-            if float(getattr(module, "label_smoothing", 0.0) or 0.0) > 0:
-                rank_zero_warn(
-                    "Mixup/CutMix targets are already smoothed by `--data.label_smoothing`; "
-                    "`--model.label_smoothing` > 0 smooths them a second time. Set it to 0."
-                )
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

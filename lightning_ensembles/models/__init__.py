@@ -4,7 +4,7 @@ the searched MnasNet/EfficientNet-style networks of the NAS recipe (Tan et al., 
 from typing import TYPE_CHECKING, Any
 
 from lightning_ensembles.models.nas import NASArchitecture, NASNet, StageArch
-from lightning_ensembles.models.timm_member import TimmModel
+from lightning_ensembles.models.timm_member import TimmModel, resolution_of
 from lightning_ensembles.models.wide_resnet import WideResNet
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ __all__ = [
     "StageSpace",
     "TimmModel",
     "WideResNet",
+    "resolution_of",
 ]
 
 # The search space moved to `lightning_ensembles.nas.space` (it is the search's, not a member's); these names

@@ -19,7 +19,8 @@ pretrained EfficientNets. :class:`TimmModel` makes any model of the timm registr
 Every EfficientNet has its own native resolution (B0 224 ... B7 600, read from timm's pretrained config).
 A member resizes its input to its native resolution, so a committee of different EfficientNets shares one
 input stream; the datamodule should feed the largest resolution of the committee, and every smaller member
-downsamples it (bilinear with antialiasing).
+downsamples it (bilinear with antialiasing). :func:`resolution_of` names that resolution in the datamodule's
+terms; :class:`~lightning_ensembles.cli.EnsembleCLI` links it into ``--data.model_name``.
 
 Weights: ``pretrained=True`` downloads timm's weights, which needs the internet; offline, ``checkpoint_path``
 loads them from a local file in timm's format (keys without any prefix, e.g. ``conv_stem.weight``: what
@@ -30,20 +31,19 @@ export or for saving timm-format weights.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import timm
 import torch.nn.functional as F
-from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
+from lightning_ensembles._timm import timm_pretrained_cfg
 from lightning_ensembles._validation import check_bool, expected, is_int
 
-__all__ = ["PretrainedWeightsUnavailableError", "TimmModel", "timm_pretrained_cfg"]
+__all__ = ["PretrainedWeightsUnavailableError", "TimmModel", "resolution_of", "timm_pretrained_cfg"]
 
 log = logging.getLogger(__name__)
 
@@ -57,57 +57,6 @@ class PretrainedWeightsUnavailableError(OSError):
 
 def _arg_error(name: str, allowed: str, value: object) -> ValueError:
     return expected(f"{_FLAG}.{name}", allowed, value)
-
-
-def timm_pretrained_cfg(model_name: str, flag: str = f"{_FLAG}.model_name") -> dict[str, Any]:
-    """Look up timm's pretrained config of a model without building it.
-
-    This is the configuration ``timm.create_model(model_name)`` attaches to the model as ``pretrained_cfg``
-    (for a name without a tag, that of timm's default weights), read from timm's registry in microseconds.
-
-    Args:
-        model_name: A timm model name, optionally with a weights tag (``"efficientnet_b0.ra_in1k"``).
-        flag: The argument or CLI flag named in the error message.
-
-    Returns:
-        The config as a dict: ``input_size`` ``(C, H, W)``, ``crop_pct``, ``interpolation``, ``mean``,
-        ``std``, ``hf_hub_id``, ``url``, ...
-
-    Raises:
-        ValueError: If timm does not know the model (suggesting close names) or the tag.
-
-    Example:
-        >>> timm_pretrained_cfg("tf_efficientnet_b7")["input_size"]
-        (3, 600, 600)
-        >>> timm_pretrained_cfg("efficentnet_b0", "--data.model_name")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `--data.model_name` to be a timm model name, but got 'efficentnet_b0'. Did you mean: 'efficientnet_b0', ...
-    """
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError(
-            f"Expected `{flag}` to be a timm model name (e.g. 'efficientnet_b0'), but got {model_name!r}."
-        )
-    architecture, _, tag = model_name.partition(".")
-    if not timm.is_model(architecture):
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
-        hint = (
-            "Did you mean: " + ", ".join(repr(name) for name in close) + "?"
-            if close
-            else "`timm.list_models('*pattern*')` lists the names timm knows."
-        )
-        raise ValueError(f"Expected `{flag}` to be a timm model name, but got {model_name!r}. {hint}")
-    try:
-        cfg = get_pretrained_cfg(model_name)
-    except RuntimeError as err:  # timm: "Invalid pretrained tag (...) for ..."
-        tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{architecture}.*")]
-        raise ValueError(
-            f"Expected `{flag}` to name a weights tag timm has for {architecture!r} "
-            f"({', '.join(map(repr, tags)) or 'none'}), but got {model_name!r} (tag {tag!r})."
-        ) from err
-    if cfg is None:  # a registered architecture always has a config; kept for safety
-        raise ValueError(f"timm has no pretrained config for `{flag}` {model_name!r}.")
-    return cfg.to_dict()
 
 
 def _has_weights(cfg: dict[str, Any]) -> bool:
@@ -357,3 +306,53 @@ class TimmModel(nn.Module):
     def extra_repr(self) -> str:
         """Return the model name and native input size for ``repr``."""
         return f"model_name={self.model_name!r}, native_input_size={self.native_input_size}"
+
+
+def resolution_of(members: Iterable[nn.Module | tuple[str, Sequence[int] | None]]) -> dict[str, Any]:
+    """The ``model_name`` and ``input_size`` that make a datamodule feed a committee of timm members.
+
+    Members of different native resolutions share one input stream and each resizes it to its own, so the
+    data should come at the largest: the member with the largest native ``(H, W)`` is chosen, and its name
+    (with ``input_size`` when it overrides the native one) is what
+    :class:`~lightning_ensembles.data.ImageNetDataModule` takes to choose its size, crop and normalisation.
+    :class:`~lightning_ensembles.cli.EnsembleCLI` applies this when neither ``--data.model_name`` nor
+    ``--data.input_size`` is given; in Python, pass the result to the datamodule yourself.
+
+    Args:
+        members: :class:`TimmModel` members (e.g. ``module.members``; other modules are skipped, having no timm
+            config), or ``(model_name, input_size)`` pairs as they would be passed to :class:`TimmModel`.
+
+    Returns:
+        ``{"model_name": ..., "input_size": ...}``, ``input_size`` being the side of the chosen member's square
+        size when it overrides the native one, else ``None``; an empty dict when no member is a timm model.
+
+    Raises:
+        ValueError: If a pair names a model timm does not know or an invalid ``input_size``, or if the chosen
+            member's overridden size is not square (``input_size`` of the datamodule is one side).
+
+    Example:
+        >>> resolution_of([("tf_efficientnet_b0", None), ("tf_efficientnet_b2", None)])
+        {'model_name': 'tf_efficientnet_b2', 'input_size': None}
+        >>> resolution_of([TimmModel("test_efficientnet", num_classes=3, input_size=(64, 64)), nn.Identity()])
+        {'model_name': 'test_efficientnet', 'input_size': 64}
+    """
+    sized: list[tuple[str, tuple[int, ...]]] = []
+    for member in members:
+        if isinstance(member, TimmModel):
+            sized.append((member.model_name, member.native_input_size))
+        elif isinstance(member, tuple):
+            model_name, input_size = member
+            native = tuple(timm_pretrained_cfg(model_name)["input_size"])
+            sized.append((model_name, TimmModel._check_input_size(input_size, native) or native))
+    if not sized:
+        return {}
+    model_name, size = max(sized, key=lambda named: named[1][1:])
+    if size == tuple(timm_pretrained_cfg(model_name)["input_size"]):
+        return {"model_name": model_name, "input_size": None}
+    if size[1] != size[2]:
+        raise ValueError(
+            f"Expected the largest timm member ({model_name!r}) to have a square input size to feed it as "
+            f"`--data.input_size` (argument `input_size`), but it resizes to {size}. Give `--data.input_size` "
+            "yourself."
+        )
+    return {"model_name": model_name, "input_size": size[1]}

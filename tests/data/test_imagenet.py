@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ from torchvision import transforms
 
 from lightning_ensembles.cli import EnsembleCLI
 from lightning_ensembles.data import ImageNetDataModule
-from lightning_ensembles.models import TimmModel
+from lightning_ensembles.models import TimmModel, resolution_of
 from lightning_ensembles.models.timm_member import timm_pretrained_cfg
 from lightning_ensembles.module import EnsembleLightningModule
 from lightning_ensembles.testing_imagenet import write_fake_imagefolder
@@ -123,6 +124,23 @@ def test_one_training_step_with_mixup_and_timm_members(root: Path) -> None:
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.parametrize("model_smoothing", [0.0, 0.1])
+def test_the_module_warns_when_it_smooths_mixup_targets_again(root: Path, model_smoothing: float) -> None:
+    dm = _dm(root, mixup_alpha=0.2, label_smoothing=0.1)
+    member = functools.partial(TimmModel, model_name=TINY, num_classes=3, input_size=(3, 32, 32))
+    module = EnsembleLightningModule(
+        member=member, num_members=1, num_classes=dm.num_classes, label_smoothing=model_smoothing
+    )
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=2, limit_val_batches=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm)
+    twice = [
+        w for w in caught if "`--model.label_smoothing` > 0 smooths them a second time" in str(w.message)
+    ]
+    assert len(twice) == (1 if model_smoothing > 0 else 0)  # once per run, not per step
+
+
 def test_lightning_cli_links_num_classes_and_builds_timm_members(root: Path, tmp_path: Path) -> None:
     member = {"class_path": "lightning_ensembles.models.TimmModel", "init_args": {"model_name": TINY}}
     member["init_args"].update(num_classes=3, input_size=[3, 32, 32])  # type: ignore[attr-defined]
@@ -204,26 +222,85 @@ def test_bad_arguments_name_their_flag_and_value(root: Path, kwargs: dict[str, A
     assert repr(args[flag]) in str(info.value) or str(args[flag]) in str(info.value)
 
 
-def test_size_and_crop_come_from_the_timm_members_when_not_given(root: Path) -> None:
-    dm = ImageNetDataModule(root=str(root), batch_size=4, num_workers=0, auto_augment=None)
-    assert dm.input_shape is None  # decided at setup, from the model: the model name is written once
+def test_resolution_of_the_timm_members_feeds_the_largest(root: Path) -> None:
     small = functools.partial(TimmModel, model_name=TINY, num_classes=3, input_size=(3, 32, 32))
     large = functools.partial(TimmModel, model_name=TINY, num_classes=3, input_size=(3, 48, 48))
-    module = EnsembleLightningModule(members=[small, large], num_classes=dm.num_classes)
-    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, limit_val_batches=1))
-    trainer.fit(module, datamodule=dm)
+    module = EnsembleLightningModule(members=[small, large], num_classes=len(CLASSES))
+    dm = ImageNetDataModule(
+        root=str(root), batch_size=4, num_workers=0, auto_augment=None, **resolution_of(module.members)
+    )
     assert dm.input_shape == (3, 48, 48)  # the largest member's resolution; the other resizes to its own
     assert dm.data_config["crop_pct"] == timm_pretrained_cfg(TINY, "model_name")["crop_pct"]
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, limit_val_batches=1))
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1
 
 
-def test_model_name_or_input_size_or_timm_members_are_required(root: Path) -> None:
-    dm = ImageNetDataModule(root=str(root), batch_size=4, num_workers=0)
-    module = EnsembleLightningModule(
-        member=functools.partial(torch.nn.Linear, 4, 3), num_classes=dm.num_classes
+def test_resolution_of_skips_other_members_and_rejects_a_non_square_override() -> None:
+    assert resolution_of([torch.nn.Linear(4, 3)]) == {}
+    assert resolution_of([(TINY, None), (TINY, [3, 48, 48])]) == {"model_name": TINY, "input_size": None}
+    with pytest.raises(ValueError, match=r"`--data.input_size`.*\(3, 48, 64\)"):
+        resolution_of([(TINY, [3, 48, 64])])
+
+
+def test_model_name_or_input_size_is_required(root: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"`--data.model_name`.*`--data.input_size`.*got neither.*resolution_of"
+    ):
+        ImageNetDataModule(root=str(root), batch_size=4, num_workers=0)
+
+
+def _cli(root: Path, tmp_path: Path, *args: str, sizes: tuple[int, ...] = (48, 64)) -> EnsembleCLI:
+    members = [
+        {
+            "class_path": "lightning_ensembles.models.TimmModel",
+            "init_args": {"model_name": TINY, "num_classes": 3, "input_size": [3, size, size]},
+        }
+        for size in sizes
+    ]
+    return EnsembleCLI(
+        args=[
+            "--data=lightning_ensembles.data.ImageNetDataModule",
+            f"--data.root={root}",
+            "--data.num_workers=0",
+            f"--model.members={json.dumps(members)}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *args,
+        ]
     )
-    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1))
-    with pytest.raises(ValueError, match=r"`--data.model_name`.*`--data.input_size`.*TimmModel members"):
-        trainer.fit(module, datamodule=dm)
+
+
+def test_cli_links_the_largest_timm_member_into_the_data_when_neither_is_given(
+    root: Path, tmp_path: Path
+) -> None:
+    cli = _cli(root, tmp_path)
+    assert cli.datamodule.input_shape == (3, 64, 64)
+    linked = cli.config.data.init_args
+    assert (linked.model_name, linked.input_size) == (TINY, 64)  # in the config saved with the run
+
+
+@pytest.mark.parametrize(
+    ("flag", "shape"), [("--data.input_size=40", (3, 40, 40)), (f"--data.model_name={TINY}", (3, 160, 160))]
+)
+def test_cli_link_yields_to_a_size_the_user_gives(
+    root: Path, tmp_path: Path, flag: str, shape: tuple[int, ...]
+) -> None:
+    cli = _cli(root, tmp_path, flag)
+    assert cli.datamodule.input_shape == shape
+
+
+def test_cli_without_timm_members_asks_for_the_flags(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"`--data.model_name`.*`--data.input_size`.*got neither"):
+        EnsembleCLI(
+            args=[
+                "--data=lightning_ensembles.data.ImageNetDataModule",
+                f"--data.root={root}",
+                "--model.member=torch.nn.Flatten",
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
 
 
 def test_label_smoothing_without_mixup_warns(root: Path) -> None:

@@ -1,0 +1,111 @@
+"""The package's layers: lower modules never import higher ones (DESIGN.md, "Where things live").
+
+Each rule names a part of the package (a module, or a package and everything under it) and the only parts
+of ``lightning_ensembles`` it may import. Every import is counted, at module level or inside a function or
+an ``if TYPE_CHECKING:`` block, since each of them ties the lower layer to the higher one. To protect
+another layer, add a rule to ``LAYERS``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "lightning_ensembles"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+LAYERS: dict[str, tuple[str, ...]] = {
+    # Data modules know nothing of the model or the strategy: what they need arrives as arguments or CLI
+    # links. Below them: argument checks, timm's registry (names, not models), the training-shard protocol.
+    "lightning_ensembles.data": (
+        "lightning_ensembles.data",
+        "lightning_ensembles._validation",
+        "lightning_ensembles._timm",
+        "lightning_ensembles.sharding",
+    ),
+    # The neutral modules the data and the models or strategies share import nothing of the package.
+    "lightning_ensembles._validation": (),
+    "lightning_ensembles._timm": (),
+    "lightning_ensembles.sharding": (),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _within(name: str, part: str) -> bool:
+    return name == part or name.startswith(part + ".")
+
+
+def package_imports(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """The ``lightning_ensembles`` modules that ``source`` imports, with their line numbers.
+
+    Relative imports are resolved against ``module``; ``from a import b`` counts as importing ``a.b``, which
+    is what it is when ``b`` is a submodule and harmless when it is a name (``a.b`` is within ``a``).
+    """
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - (node.level - 1)]
+                origin = ".".join([*anchor, *([node.module] if node.module else [])])
+            else:
+                origin = node.module or ""
+            found += [(node.lineno, f"{origin}.{alias.name}") for alias in node.names if alias.name != "*"]
+            found += [(node.lineno, origin)] if any(alias.name == "*" for alias in node.names) else []
+    return [(line, name) for line, name in found if _within(name, PACKAGE)]
+
+
+def violations(part: str, allowed: tuple[str, ...]) -> list[str]:
+    """Every import of the package by ``part`` that leaves ``allowed``, as ``file:line imports name``."""
+    relative = Path(*part.split(".")[1:])
+    files = (
+        sorted((ROOT / relative).rglob("*.py")) if (ROOT / relative).is_dir() else [ROOT / f"{relative}.py"]
+    )
+    assert files and all(f.is_file() for f in files), f"The layer {part!r} names no module of {PACKAGE}."
+    found = []
+    for path in files:
+        module = _module_name(path)
+        for line, name in package_imports(path.read_text(encoding="utf-8"), module, path.stem == "__init__"):
+            if not any(_within(name, ok) for ok in allowed):
+                found.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("part", sorted(LAYERS))
+def test_layer_imports_only_what_is_below_it(part: str) -> None:
+    allowed = LAYERS[part]
+    found = violations(part, allowed)
+    assert not found, (
+        f"{part} may import only {', '.join(allowed) or 'nothing of ' + PACKAGE}, but:\n  "
+        + "\n  ".join(found)
+        + "\nPass what it needs as an argument or a CLI link (EnsembleCLI), or move the shared piece below "
+        "both layers (see DESIGN.md, 'Where things live')."
+    )
+
+
+def test_the_rule_sees_every_kind_of_import() -> None:
+    source = (
+        "import lightning_ensembles.distributed\n"
+        "from lightning_ensembles.module import EnsembleLightningModule\n"
+        "from .sampling import make_loader\n"
+        "from .. import cli\n"
+        "def f():\n"
+        "    from lightning_ensembles.models import TimmModel\n"
+        "import torch\n"
+    )
+    names = [name for _, name in package_imports(source, "lightning_ensembles.data.example")]
+    assert names == [
+        "lightning_ensembles.distributed",
+        "lightning_ensembles.module.EnsembleLightningModule",
+        "lightning_ensembles.data.sampling.make_loader",
+        "lightning_ensembles.cli",
+        "lightning_ensembles.models.TimmModel",
+    ]
