@@ -12,7 +12,9 @@ How the argument is named (the ``flag`` every helper takes):
   which reads ``EnsembleSizeAblation(num_subsets=...)`` and is the ``init_args`` key of the YAML;
 - functions and other classes: the bare argument name, ``"input_shape"``.
 
-"Is this an ensemble module?" is asked in one way, :func:`as_ensemble`, which raises ``TypeError``.
+"Is this an ensemble module?" is asked in one way, :func:`lightning_ensembles.module.as_ensemble`, which
+raises ``TypeError``. It lives beside the class it checks: this module is the lowest layer and imports
+nothing of the package.
 """
 
 from __future__ import annotations
@@ -23,10 +25,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
-
-if TYPE_CHECKING:
-    from lightning_ensembles.module import EnsembleLightningModule
+from typing import Any, Literal, overload
 
 
 def expected(flag: str, allowed: str, value: object) -> ValueError:
@@ -267,41 +266,6 @@ def check_int_sequence(values: object, flag: str, minimum: int) -> tuple[int, ..
                 f"Expected every entry of `{flag}` to be an int >= {minimum}, but got {value!r}."
             )
     return tuple(values)
-
-
-def as_ensemble(obj: object, who: str, hint: str = "") -> EnsembleLightningModule:
-    """Return ``obj`` if it is an :class:`~lightning_ensembles.EnsembleLightningModule`; raise ``TypeError`` if not.
-
-    The one check for "is this an ensemble module?" (a subclass is one; a LightningModule that merely has a
-    ``members`` attribute is not).
-
-    Args:
-        obj: the module to check.
-        who: what needs the ensemble, as the user spells it: a callback's class name (it checks the trainer's
-            model), ``"CascadeEnsemble(module=...)"`` for an argument, or a CLI flag.
-        hint: an optional sentence appended to the message, e.g. what to use instead.
-
-    Returns:
-        ``obj``, typed as an ensemble module.
-
-    Raises:
-        TypeError: if ``obj`` is not an ensemble module.
-
-    Example:
-        >>> from torch import nn
-        >>> as_ensemble(nn.Linear(4, 3), "LatencyMonitor")
-        Traceback (most recent call last):
-        ...
-        TypeError: LatencyMonitor needs an EnsembleLightningModule, but got Linear.
-    """
-    from lightning_ensembles.module import (
-        EnsembleLightningModule,
-    )  # imported here: module.py imports this file
-
-    if not isinstance(obj, EnsembleLightningModule):
-        extra = f" {hint}" if hint else ""
-        raise TypeError(f"{who} needs an EnsembleLightningModule, but got {type(obj).__name__}.{extra}")
-    return obj
 
 
 @contextlib.contextmanager

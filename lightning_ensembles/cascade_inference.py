@@ -41,7 +41,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.cascade import (
     Thresholds,
@@ -51,7 +50,7 @@ from lightning_ensembles.cascade import (
     cascade_order,
 )
 from lightning_ensembles.cost import count_macs
-from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
 
 __all__ = ["CascadeEnsemble", "CascadeLightningModule", "CascadeOutput"]
 

@@ -47,14 +47,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._compat import uncompiled
-from lightning_ensembles._validation import (
-    as_ensemble,
-    check_bool,
-    check_choice,
-    check_shape,
-    command_line_errors,
-)
-from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles._validation import check_bool, check_choice, check_shape, command_line_errors
+from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
 from lightning_ensembles.results import atomic_write_text
 
 __all__ = ["FORMATS", "VERIFY_BATCH_SIZES", "ExportResult", "ExportableEnsemble", "export_ensemble", "main"]

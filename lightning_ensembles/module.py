@@ -54,7 +54,7 @@ from lightning_ensembles.metrics import EnsembleMetrics, MemberLossMean
 from lightning_ensembles.ood import OODMetrics
 from lightning_ensembles.uncertainty import uncertainty_scores
 
-__all__ = ["EnsembleLightningModule"]
+__all__ = ["EnsembleLightningModule", "as_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -1173,3 +1173,34 @@ def _autocast_disabled() -> Iterator[None]:
             if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+def as_ensemble(obj: object, who: str, hint: str = "") -> EnsembleLightningModule:
+    """Return ``obj`` if it is an :class:`~lightning_ensembles.EnsembleLightningModule`; raise ``TypeError`` if not.
+
+    The one check for "is this an ensemble module?" (a subclass is one; a LightningModule that merely has a
+    ``members`` attribute is not).
+
+    Args:
+        obj: the module to check.
+        who: what needs the ensemble, as the user spells it: a callback's class name (it checks the trainer's
+            model), ``"CascadeEnsemble(module=...)"`` for an argument, or a CLI flag.
+        hint: an optional sentence appended to the message, e.g. what to use instead.
+
+    Returns:
+        ``obj``, typed as an ensemble module.
+
+    Raises:
+        TypeError: if ``obj`` is not an ensemble module.
+
+    Example:
+        >>> from torch import nn
+        >>> as_ensemble(nn.Linear(4, 3), "LatencyMonitor")
+        Traceback (most recent call last):
+        ...
+        TypeError: LatencyMonitor needs an EnsembleLightningModule, but got Linear.
+    """
+    if not isinstance(obj, EnsembleLightningModule):
+        extra = f" {hint}" if hint else ""
+        raise TypeError(f"{who} needs an EnsembleLightningModule, but got {type(obj).__name__}.{extra}")
+    return obj

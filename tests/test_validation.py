@@ -14,7 +14,6 @@ from torch import nn
 
 from lightning_ensembles import EnsembleLightningModule, latency
 from lightning_ensembles._validation import (
-    as_ensemble,
     check_bool,
     check_choice,
     check_float,
@@ -35,6 +34,7 @@ from lightning_ensembles.callbacks import (
 )
 from lightning_ensembles.cascade_inference import CascadeEnsemble
 from lightning_ensembles.export import ExportableEnsemble
+from lightning_ensembles.module import as_ensemble
 from tests.helpers import trainer_kwargs
 
 

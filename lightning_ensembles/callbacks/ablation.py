@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassCalibrationError
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble, check_int, init_arg
+from lightning_ensembles._validation import check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import (
     evaluation_outputs,
@@ -56,6 +56,7 @@ from lightning_ensembles.metrics import (
     RiskAtCoverage,
     nll_per_sample,
 )
+from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.ood import ood_scores
 from lightning_ensembles.results import atomic_write_text, run_directory
 

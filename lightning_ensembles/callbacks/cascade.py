@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble, check_int, check_shape, init_arg
+from lightning_ensembles._validation import check_int, check_shape, init_arg
 from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
 from lightning_ensembles.cascade import (
     NEVER_EXIT,
@@ -58,6 +58,7 @@ from lightning_ensembles.cascade import (
     cascade_stages,
 )
 from lightning_ensembles.cost import count_macs
+from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 __all__ = ["CascadeMonitor", "cascade_figure"]

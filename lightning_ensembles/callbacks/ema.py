@@ -20,7 +20,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble, check_float, check_int, init_arg
+from lightning_ensembles._validation import check_float, check_int, init_arg
+from lightning_ensembles.module import as_ensemble
 
 __all__ = ["MemberEMA"]
 

@@ -36,9 +36,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble, check_bool, check_shape, init_arg
+from lightning_ensembles._validation import check_bool, check_shape, init_arg
 from lightning_ensembles.callbacks._shared import resolve_input_shape
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
+from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.results import member_name
 
 __all__ = ["FlopsMonitor"]

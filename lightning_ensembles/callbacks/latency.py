@@ -38,14 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ensembles._validation import (
-    as_ensemble,
-    check_choice,
-    check_int,
-    check_int_sequence,
-    check_shape,
-    init_arg,
-)
+from lightning_ensembles._validation import check_choice, check_int, check_int_sequence, check_shape, init_arg
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.callbacks._shared import measuring_on_trainer
 from lightning_ensembles.cascade import NEVER_EXIT, Thresholds
@@ -62,7 +55,7 @@ from lightning_ensembles.latency import (
     measure_ensemble_latency,
     time_runs,
 )
-from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
 from lightning_ensembles.parallel import check_devices
 
 __all__ = ["CALLBACK_MODES", "LatencyMonitor"]

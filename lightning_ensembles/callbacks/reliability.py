@@ -37,10 +37,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_ensembles._validation import as_ensemble, check_int, init_arg
+from lightning_ensembles._validation import check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import evaluation_outputs
 from lightning_ensembles.metrics import ECE_BINS
+from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 STAGES = ("val", "test")
