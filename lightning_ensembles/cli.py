@@ -34,7 +34,7 @@ from lightning_ensembles._help import CompactHelpFormatter
 from lightning_ensembles._validation import check_checkpoint_file
 from lightning_ensembles.distributed import plan_members
 from lightning_ensembles.models.timm_member import TimmModel, resolution_of
-from lightning_ensembles.module import EnsembleLightningModule
+from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
 from lightning_ensembles.results import build_results, format_table, run_directory, write_results
 
 __all__ = [
@@ -319,10 +319,7 @@ class EnsembleCLI(LightningCLI):
         # One dict per test loader: [in-distribution, OOD] when the datamodule has an OOD set.
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics = {key: value for per_loader in tested for key, value in per_loader.items()}
-        if not isinstance(model, EnsembleLightningModule):
-            raise TypeError(
-                f"Expected the model to be an EnsembleLightningModule, but got {type(model).__name__}."
-            )
+        model = as_ensemble(model, "EnsembleCLI's results table")
         results = build_results(
             list(model.members),
             metrics,

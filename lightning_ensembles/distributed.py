@@ -222,15 +222,13 @@ class MemberParallelStrategy(DDPStrategy):
         return TrainingShard(self.global_rank % layout.group_size, layout.group_size, offset)
 
     def _ensemble(self) -> EnsembleLightningModule:
-        from lightning_ensembles.module import EnsembleLightningModule
+        from lightning_ensembles.module import as_ensemble
 
-        module = self.lightning_module
-        if not isinstance(module, EnsembleLightningModule):
-            raise TypeError(
-                "`--trainer.strategy member_parallel` places ensemble members on processes and needs an "
-                f"EnsembleLightningModule, but got {type(module).__name__}. Use `ddp` for other modules."
-            )
-        return module
+        return as_ensemble(
+            self.lightning_module,
+            "`--trainer.strategy member_parallel`",
+            hint="It places ensemble members on processes; use `ddp` for other modules.",
+        )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
