@@ -32,6 +32,40 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 
 
+_TOP = ("callbacks", "cli", "compare", "sweep", "nas", "export", "cascade_inference")
+NEVER: dict[str, tuple[str, ...]] = {
+    # Primitives know nothing of callbacks, the CLI, the cross-run tools, the search or deployment wrappers.
+    **{
+        f"{PACKAGE}.{name}": tuple(f"{PACKAGE}.{top}" for top in _TOP)
+        for name in (
+            "aggregation",
+            "calibration",
+            "cascade",
+            "cost",
+            "fused",
+            "latency",
+            "members",
+            "metrics",
+            "ood",
+            "parallel",
+            "results",
+            "schedules",
+            "stats",
+            "uncertainty",
+        )
+    },
+    # Members know nothing of the ensemble module, the data, strategies or the search. (The package's
+    # `__init__` keeps a lazy re-export of the moved search space, so it is not listed.)
+    **{
+        f"{PACKAGE}.models.{name}": tuple(
+            f"{PACKAGE}.{top}" for top in ("module", "data", "distributed", "callbacks", "cli", "nas")
+        )
+        for name in ("nas", "timm_member", "wide_resnet")
+    },
+}
+"""Parts of the package, and the parts they must never import (for layers whose allowed set is wide)."""
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -88,6 +122,22 @@ def test_layer_imports_only_what_is_below_it(part: str) -> None:
         + "\n  ".join(found)
         + "\nPass what it needs as an argument or a CLI link (EnsembleCLI), or move the shared piece below "
         "both layers (see DESIGN.md, 'Where things live')."
+    )
+
+
+@pytest.mark.parametrize("part", sorted(NEVER))
+def test_layer_never_imports_a_higher_one(part: str) -> None:
+    relative = Path(*part.split(".")[1:])
+    path = ROOT / f"{relative}.py"
+    forbidden = NEVER[part]
+    found = [
+        f"{path.relative_to(ROOT.parent)}:{line} imports {name}"
+        for line, name in package_imports(path.read_text(encoding="utf-8"), part)
+        if any(_within(name, bad) for bad in forbidden)
+    ]
+    assert not found, (
+        f"{part} must not import {', '.join(forbidden)}, but:\n  " + "\n  ".join(found) + "\nSee DESIGN.md, "
+        "'Where things live': lower layers never import higher ones."
     )
 
 
