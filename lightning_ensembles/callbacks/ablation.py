@@ -38,6 +38,7 @@ from lightning_ensembles.callbacks._shared import (
     evaluation_outputs,
     measuring_on_trainer,
     resolve_input_shape,
+    restore_class_keyed_state,
 )
 from lightning_ensembles.cost import count_macs
 from lightning_ensembles.latency import (
@@ -195,6 +196,19 @@ class EnsembleSizeAblation(Callback):
         self._ood_loader = False  # whether this test has an OOD loader (index 1)
         # Host clock of the latency measurement off CUDA; None means `time.perf_counter`. Tests fake it.
         self._clock: Callable[[], float] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            metrics=self.metric_names,
+            num_subsets=self.num_subsets,
+            seed=self.seed,
+            stages=self.stages,
+            input_shape=self.input_shape,
+            latency_batch_size=self.latency_batch_size,
+            latency_modes=self.latency_modes,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -485,6 +499,12 @@ class EnsembleSizeAblation(Callback):
             for mode, values in state_dict.get("latency_ms_by_mode", {}).items()
         }
         self.history = list(state_dict.get("history", []))
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        restore_class_keyed_state(self, checkpoint)
 
 
 def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metrics: Sequence[str]) -> str:

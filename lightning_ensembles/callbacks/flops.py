@@ -37,7 +37,12 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool
-from lightning_ensembles.callbacks._shared import FLAG, is_shape, resolve_input_shape
+from lightning_ensembles.callbacks._shared import (
+    FLAG,
+    is_shape,
+    resolve_input_shape,
+    restore_class_keyed_state,
+)
 from lightning_ensembles.cost import count_macs, count_params, count_training_macs
 from lightning_ensembles.results import member_name
 
@@ -104,6 +109,11 @@ class FlopsMonitor(Callback):
         self.results: dict[str, Any] = {}
         self._logged = False
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(input_shape=self.input_shape, count_training=self.count_training)
+
     # ------------------------------------------------------------------ hooks
 
     @override
@@ -130,6 +140,12 @@ class FlopsMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = copy.deepcopy(dict(state_dict))
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        restore_class_keyed_state(self, checkpoint)
 
     # ------------------------------------------------------------------ counting
 
