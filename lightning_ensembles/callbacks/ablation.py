@@ -58,6 +58,7 @@ from lightning_ensembles.metrics import (
     nll_per_sample,
 )
 from lightning_ensembles.ood import ood_scores
+from lightning_ensembles.plotting import close, figure_writers, log_figure, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 if TYPE_CHECKING:
@@ -432,21 +433,15 @@ class EnsembleSizeAblation(Callback):
             rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, shown))
 
     def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        writers = figure_writers(trainer.loggers)
         if not writers or "top1" not in self.metric_names:
             return
         for axis, label in (("gmacs", "GMACs (multiply-adds) per sample"), ("latency_ms", "latency (ms)")):
             if not all(f"first_{axis}" in r or axis in r for r in rows):
                 continue
             figure = accuracy_figure(rows, axis, label, title=f"{stage}: one point per ensemble size k")
-            for writer in writers:
-                writer.add_figure(
-                    f"ablation/{stage}/accuracy_vs_{axis}", figure, trainer.global_step, close=False
-                )
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+            log_figure(writers, f"ablation/{stage}/accuracy_vs_{axis}", figure, trainer.global_step)
+            close(figure)
 
     def _write(self, directory: Path, stage: str) -> None:
         rows = [row for row in self.history if row["stage"] == stage]
@@ -566,12 +561,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], axis: str, label: str, title
     Returns:
         A matplotlib ``Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    figure, ax = pyplot().subplots(figsize=(5.5, 4.0), dpi=100)
     for kind, marker in (("first", "o-"), ("random", "s--")):
         xs = [r[f"{kind}_gmacs"] if axis == "gmacs" else r["latency_ms"] for r in rows]
         ys = [100 * r[f"{kind}_top1"] for r in rows]
@@ -583,9 +573,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], axis: str, label: str, title
                 ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    style_axes(ax, title)
     figure.tight_layout()
     return figure
 

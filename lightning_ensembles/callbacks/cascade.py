@@ -58,6 +58,7 @@ from lightning_ensembles.cascade import (
     cascade_stages,
 )
 from lightning_ensembles.cost import count_macs
+from lightning_ensembles.plotting import close, figure_writers, log_figure, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 __all__ = ["CascadeMonitor", "cascade_figure"]
@@ -361,18 +362,12 @@ class CascadeMonitor(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
 
     def _draw(self, trainer: Trainer, stage: str, report: dict[str, Any]) -> None:
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        writers = figure_writers(trainer.loggers)
         if not writers:
             return
         figure = cascade_figure(report, title=f"{stage}: cascade, cheapest member first")
-        for writer in writers:
-            writer.add_figure(
-                f"cascade/{stage}/accuracy_vs_expected_gmacs", figure, trainer.global_step, close=False
-            )
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        log_figure(writers, f"cascade/{stage}/accuracy_vs_expected_gmacs", figure, trainer.global_step)
+        close(figure)
 
     # ------------------------------------------------------------------ state
 
@@ -443,13 +438,9 @@ def cascade_figure(report: dict[str, Any], title: str = "") -> Any:
     Returns:
         A matplotlib ``Figure`` with a logarithmic x-axis.
     """
-    import matplotlib
+    figure, ax = pyplot().subplots(figsize=(5.5, 4.0), dpi=100)
     import matplotlib.ticker
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
     curve = report["curve"]
     ax.plot(
         [p["expected_gmacs"] for p in curve],
@@ -478,8 +469,6 @@ def cascade_figure(report: dict[str, Any], title: str = "") -> Any:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_tick_label))
     ax.set_xlabel("expected GMACs (multiply-adds) per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    style_axes(ax, title, grid="both")
     figure.tight_layout()
     return figure
