@@ -4,12 +4,12 @@ Kondratyuk et al. 2020 draw one point per ensemble size, accuracy against multip
 callback computes those points from one run: for every k, the metrics of the first k members, and their
 average over random subsets of size k, which removes the luck of which members happen to come first (all
 subsets are used when there are at most ``num_subsets`` of them). Each point carries its multiply-adds
-(counted on the meta device) and, optionally, its measured latency in every requested mode (sequential,
-fused, parallel; :mod:`lightning_ensembles.latency`), measured once per Trainer and shared with
-:class:`~lightning_ensembles.callbacks.LatencyMonitor` through the latency layer, so that both log the same
-numbers. Results go to the loggers as scalars,
-to TensorBoard as figures (accuracy vs GMACs, accuracy vs latency), and to ``ablation_{stage}.csv`` /
-``.json`` in the run directory.
+(counted on the meta device once per Trainer by :func:`~lightning_ensembles.cost.member_macs`, the counts
+``FlopsMonitor`` and ``CascadeMonitor`` read too) and, optionally, its measured latency in every requested
+mode (sequential, fused, parallel; :mod:`lightning_ensembles.latency`), measured once per Trainer and shared
+with :class:`~lightning_ensembles.callbacks.LatencyMonitor` through the latency layer, so that both log the
+same numbers. Results go to the loggers as scalars, to TensorBoard as figures (accuracy vs GMACs, accuracy
+vs latency), and to ``ablation_{stage}.csv`` / ``.json`` in the run directory.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lightning_ensembles.callbacks._shared import (
     resolve_input_shape,
     restore_class_keyed_state,
 )
-from lightning_ensembles.cost import count_macs
+from lightning_ensembles.cost import member_macs
 from lightning_ensembles.latency import (
     DEFAULT_REPEATS,
     DEFAULT_WARMUP,
@@ -240,7 +240,7 @@ class EnsembleSizeAblation(Callback):
         self._device = torch.device("cpu")
         shape = resolve_input_shape(trainer, self.input_shape, "EnsembleSizeAblation", required=False)
         if shape is not None and len(self.macs) != num_members:
-            self.macs = [count_macs(member, shape) for member in members]
+            self.macs = [member_macs(member, shape, scope=trainer) for member in members]  # one count per run
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -9,9 +9,10 @@ that on a real run, from the member logits the evaluation steps already return (
   or ``cost_budget_gmacs``, the threshold calibrated on the validation data;
 - at test end: the test curve and the calibrated threshold applied to the test data.
 
-Each member's cost is counted once with :func:`~lightning_ensembles.cost.count_macs` (multiply-adds per
-sample, reported in GMACs); members run cheapest first. Keys logged through ``trainer.loggers`` (global rank
-zero), ``{stage}`` being ``val`` or ``test``:
+Each member's cost is counted once per Trainer by :func:`~lightning_ensembles.cost.member_macs`
+(multiply-adds per sample, reported in GMACs; the counts ``FlopsMonitor`` and ``EnsembleSizeAblation`` read
+too); members run cheapest first. Keys logged through ``trainer.loggers`` (global rank zero), ``{stage}``
+being ``val`` or ``test``:
 
 - ``cascade/{stage}/full/top1``, ``cascade/{stage}/full/nll``, ``cascade/{stage}/full/gmacs``: the full
   ensemble;
@@ -57,7 +58,7 @@ from lightning_ensembles.cascade import (
     cascade_order,
     cascade_stages,
 )
-from lightning_ensembles.cost import count_macs
+from lightning_ensembles.cost import member_macs
 from lightning_ensembles.plotting import close, figure_writers, log_figure, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text, run_directory
 
@@ -170,7 +171,7 @@ class CascadeMonitor(Callback):
             )
         if len(self.member_gmacs) != len(members):
             shape = self._input_shape(trainer)
-            self.member_gmacs = [count_macs(member, shape) / 1e9 for member in members]
+            self.member_gmacs = [member_macs(member, shape, scope=trainer) / 1e9 for member in members]
             self.order = list(cascade_order(self.member_gmacs))
         if self.cost_budget_gmacs is not None:
             cheapest = self.order[0]

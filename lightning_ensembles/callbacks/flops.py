@@ -20,7 +20,9 @@ sum of its members (every member sees every sample). The keys logged, each with 
 
 Counting uses :func:`~lightning_ensembles.cost.count_macs`,
 :func:`~lightning_ensembles.cost.count_training_macs` and :func:`~lightning_ensembles.cost.count_params` on
-``meta``-device copies of the members: no real compute and the trained members are untouched. On a 2-core CPU
+``meta``-device copies of the members: no real compute and the trained members are untouched. Multiply-adds
+come from the run's one cost source, :func:`~lightning_ensembles.cost.member_macs` with ``scope=trainer``:
+``EnsembleSizeAblation`` and ``CascadeMonitor`` in the same Trainer read the same counts. On a 2-core CPU
 EfficientNet-B7 at 600x600 takes about 0.5 s (forward) plus 2.5 s (training step) to count.
 """
 
@@ -43,7 +45,7 @@ from lightning_ensembles.callbacks._shared import (
     resolve_input_shape,
     restore_class_keyed_state,
 )
-from lightning_ensembles.cost import count_macs, count_params, count_training_macs
+from lightning_ensembles.cost import count_params, member_macs
 from lightning_ensembles.results import member_name
 
 __all__ = ["FlopsMonitor"]
@@ -155,7 +157,7 @@ class FlopsMonitor(Callback):
         members = self._members(pl_module)
         shape = self._resolve_input_shape(trainer)
         if self._needs_count(members, shape):
-            self.results = self._count(members, shape)
+            self.results = self._count(members, shape, trainer)
         metrics = self._metrics()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -197,17 +199,19 @@ class FlopsMonitor(Callback):
             return True
         return self.count_training and "train_macs" not in results.get("ensemble", {})
 
-    def _count(self, members: nn.ModuleList, shape: tuple[int, ...]) -> dict[str, Any]:
+    def _count(self, members: nn.ModuleList, shape: tuple[int, ...], scope: pl.Trainer) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for i, member in enumerate(members):
             try:
                 row: dict[str, Any] = {
                     "name": member_name(member),
-                    "macs": count_macs(member, shape),
+                    "macs": member_macs(member, shape, scope=scope),
                     "params": count_params(member),
                 }
                 if self.count_training:
-                    row["train_macs"] = count_training_macs(member, shape, batch_size=_TRAIN_BATCH)
+                    row["train_macs"] = member_macs(
+                        member, shape, training=True, batch_size=_TRAIN_BATCH, scope=scope
+                    )
             except ValueError as err:
                 raise ValueError(
                     f"Expected `input_shape` {list(shape)} (one sample, without the batch axis; "
