@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_ensembles._validation import command_line_errors
+from lightning_ensembles.plotting import close, png_bytes, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text
 from lightning_ensembles.stats import PairedDifference, format_difference, paired_difference, spread, verdict
 
@@ -423,13 +424,8 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
     Returns:
         A matplotlib ``Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     scale = 100.0 if metric == "top1" else 1.0
-    figure, ax = plt.subplots(figsize=(6.5, 4.7), dpi=110)
+    figure, ax = pyplot().subplots(figsize=(6.5, 4.7), dpi=110)
     modes = latency_modes(lines) if axis == "latency_ms" else []
     series = []
     for architecture, rows in lines.items():
@@ -456,9 +452,9 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
         "GMACs (multiply-adds) per sample, log scale" if axis == "gmacs" else "latency (ms), batch 1"
     )
     ax.set_ylabel(_LABELS.get(metric, metric) + ", mean ± std over runs")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, title="architecture (k: ensemble size)", title_fontsize=7)
+    style_axes(
+        ax, title, title_size=8, grid="both", title="architecture (k: ensemble size)", title_fontsize=7
+    )
     figure.tight_layout()
     return figure
 
@@ -535,12 +531,9 @@ def pair_verdicts(pairs: Sequence[Pair], metric: str = "top1") -> list[str]:
 
 
 def _png(figure: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    data = png_bytes(figure)
+    close(figure)
+    return data
 
 
 def _title(runs: Sequence[Run], stage: str, curve: str) -> str:

@@ -21,12 +21,18 @@ convolution as if it had ``groups = 1``, which makes EfficientNet's training cos
 too high (41.7 x its forward instead of about 3 x); this module replaces that formula with one that is exact
 for any ``groups``: the input gradient and the weight gradient of a convolution each cost as many
 multiply-adds as its forward pass.
+
+:func:`member_macs` is the one cost source of a run: a count asked for within a scope (``scope=trainer``
+in the callbacks and the module) is made once per member and configuration and read by everyone after, so
+``FlopsMonitor``, ``EnsembleSizeAblation`` and ``CascadeMonitor`` count each member once between them and
+log the same numbers.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import weakref
+from collections.abc import Hashable, Sequence
 from math import prod
 from typing import Any
 
@@ -38,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_ensembles._compat import private_aten_ops
 from lightning_ensembles._validation import check_int, check_shape
 
-__all__ = ["count_macs", "count_params", "count_training_macs"]
+__all__ = ["count_macs", "count_params", "count_training_macs", "member_macs"]
 
 _aten = torch.ops.aten
 
@@ -287,3 +293,66 @@ def _meta_loss(model: nn.Module, out: object, batch_size: int, num_classes: int 
         )
     target = torch.empty((out.shape[0], *out.shape[2:]), dtype=torch.long, device=out.device)
     return F.cross_entropy(out, target)
+
+
+# scope -> member -> configuration -> multiply-adds per sample: counts shared within a scope (e.g. a Trainer).
+_SHARED: weakref.WeakKeyDictionary[object, weakref.WeakKeyDictionary[nn.Module, dict[Hashable, int]]]
+_SHARED = weakref.WeakKeyDictionary()
+
+
+def member_macs(
+    member: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    training: bool = False,
+    batch_size: int = 1,
+    scope: object | None = None,
+) -> int:
+    """Multiply-adds per sample of one member, counted once per ``scope``.
+
+    :func:`count_macs` (or, with ``training``, :func:`count_training_macs`) of ``member``; with a ``scope``
+    (any object that can be weakly referenced; the callbacks pass the Trainer) a count already made for this
+    member object in this scope, with the same shape, batch size and (for a training step) the same
+    trainable parameters, is returned without counting again. What is stored lives as long as the scope.
+
+    Args:
+        member: the network to cost.
+        input_shape: one sample's shape without the batch axis.
+        training: count one training step (forward and backward) instead of the forward pass.
+        batch_size: batch size of the counted pass; the result is per sample.
+        scope: share counts within this object's lifetime, or ``None`` to always count.
+
+    Returns:
+        Multiply-adds per sample.
+
+    Raises:
+        ValueError: as :func:`count_macs` and :func:`count_training_macs`, or for a ``scope`` that cannot be
+            weakly referenced.
+
+    Example:
+        >>> class Run: ...
+        >>> run, layer = Run(), nn.Linear(4, 3)
+        >>> member_macs(layer, (4,), scope=run), member_macs(layer, (4,), training=True, scope=run)
+        (12, 24)
+    """
+    shape = tuple(input_shape)
+    trainable = tuple(p.requires_grad for p in member.parameters()) if training else ()
+    key: Hashable = (training, shape, batch_size, trainable)
+    store = None
+    if scope is not None:
+        try:
+            store = _SHARED.setdefault(scope, weakref.WeakKeyDictionary()).setdefault(member, {})
+        except TypeError:
+            raise ValueError(
+                "Expected `scope` to be None or an object that can be weakly referenced (e.g. the Trainer), "
+                f"but got {type(scope).__name__}."
+            ) from None
+        if key in store:
+            return store[key]
+    if training:
+        macs = count_training_macs(member, shape, batch_size=batch_size)
+    else:
+        macs = count_macs(member, shape, batch_size=batch_size)
+    if store is not None:
+        store[key] = macs
+    return macs

@@ -435,7 +435,7 @@ class EnsembleLightningModule(LightningModule):
             ``width`` when every member has them and they agree, ``member_gmacs`` (mean) and
             ``ensemble_gmacs`` when ``input_shape`` is given.
         """
-        from lightning_ensembles.cost import count_macs
+        from lightning_ensembles.cost import member_macs
         from lightning_ensembles.results import member_name
 
         names = sorted({member_name(m) for m in self.members})
@@ -445,7 +445,7 @@ class EnsembleLightningModule(LightningModule):
             if len(values) == 1 and isinstance(next(iter(values)), int):
                 info[attribute] = values.pop()
         if input_shape is not None:
-            macs = [count_macs(m, input_shape) for m in self.members]
+            macs = [member_macs(m, input_shape, scope=self._trainer) for m in self.members]  # shared in a run
             info["member_gmacs"] = sum(macs) / len(macs) / 1e9
             info["ensemble_gmacs"] = sum(macs) / 1e9
         return info

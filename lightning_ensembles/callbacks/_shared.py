@@ -1,5 +1,5 @@
-"""What the cost callbacks share: finding the shape of one sample to count multiply-adds at, and the setting
-a latency is measured in."""
+"""What the callbacks share: finding the shape of one sample to count multiply-adds at, the setting a latency
+is measured in, and restoring state from checkpoints written under an older ``state_key``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 
 from lightning_ensembles._compat import loop_data_source
@@ -140,3 +141,23 @@ def measuring_on_trainer(trainer: Any, module: nn.Module) -> Iterator[None]:
             yield
     finally:
         module.to(found_on)
+
+
+def restore_class_keyed_state(callback: Callback, checkpoint: dict[str, Any]) -> None:
+    """Let a checkpoint written before ``callback`` had a ``state_key`` of its own restore it.
+
+    ``FlopsMonitor``, ``EnsembleSizeAblation`` and ``MemberEMA`` used to keep their state under their class
+    name (Lightning's default ``state_key``); they now key it by their configuration, so that two instances
+    can share a Trainer. Lightning's own fallback (``Callback._legacy_state_key``) covers only
+    checkpoints of Lightning < 1.5, so the state found under the class name is given to the callback's new
+    key, in the loaded checkpoint, before Lightning calls ``load_state_dict``. Call it from
+    ``on_load_checkpoint``.
+
+    Args:
+        callback: the callback being restored.
+        checkpoint: the loaded checkpoint (changed in place).
+    """
+    states = checkpoint.get("callbacks")
+    old_key = type(callback).__qualname__
+    if isinstance(states, dict) and old_key in states and callback.state_key not in states:
+        states[callback.state_key] = states[old_key]

@@ -4,12 +4,12 @@ Kondratyuk et al. 2020 draw one point per ensemble size, accuracy against multip
 callback computes those points from one run: for every k, the metrics of the first k members, and their
 average over random subsets of size k, which removes the luck of which members happen to come first (all
 subsets are used when there are at most ``num_subsets`` of them). Each point carries its multiply-adds
-(counted on the meta device) and, optionally, its measured latency in every requested mode (sequential,
-fused, parallel; :mod:`lightning_ensembles.latency`), measured once per Trainer and shared with
-:class:`~lightning_ensembles.callbacks.LatencyMonitor` through the latency layer, so that both log the same
-numbers. Results go to the loggers as scalars,
-to TensorBoard as figures (accuracy vs GMACs, accuracy vs latency), and to ``ablation_{stage}.csv`` /
-``.json`` in the run directory.
+(counted on the meta device once per Trainer by :func:`~lightning_ensembles.cost.member_macs`, the counts
+``FlopsMonitor`` and ``CascadeMonitor`` read too) and, optionally, its measured latency in every requested
+mode (sequential, fused, parallel; :mod:`lightning_ensembles.latency`), measured once per Trainer and shared
+with :class:`~lightning_ensembles.callbacks.LatencyMonitor` through the latency layer, so that both log the
+same numbers. Results go to the loggers as scalars, to TensorBoard as figures (accuracy vs GMACs, accuracy
+vs latency), and to ``ablation_{stage}.csv`` / ``.json`` in the run directory.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from lightning_ensembles.callbacks._shared import (
     evaluation_outputs,
     measuring_on_trainer,
     resolve_input_shape,
+    restore_class_keyed_state,
 )
-from lightning_ensembles.cost import count_macs
+from lightning_ensembles.cost import member_macs
 from lightning_ensembles.latency import (
     DEFAULT_REPEATS,
     DEFAULT_WARMUP,
@@ -58,6 +59,7 @@ from lightning_ensembles.metrics import (
 )
 from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.ood import ood_scores
+from lightning_ensembles.plotting import close, figure_writers, log_figure, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 if TYPE_CHECKING:
@@ -204,6 +206,19 @@ class EnsembleSizeAblation(Callback):
         # Host clock of the latency measurement off CUDA; None means `time.perf_counter`. Tests fake it.
         self._clock: Callable[[], float] | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            metrics=self.metric_names,
+            num_subsets=self.num_subsets,
+            seed=self.seed,
+            stages=self.stages,
+            input_shape=self.input_shape,
+            latency_batch_size=self.latency_batch_size,
+            latency_modes=self.latency_modes,
+        )
+
     # ------------------------------------------------------------------ setup
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -228,7 +243,7 @@ class EnsembleSizeAblation(Callback):
         self._device = torch.device("cpu")
         shape = resolve_input_shape(trainer, self.input_shape, "EnsembleSizeAblation", required=False)
         if shape is not None and len(self.macs) != num_members:
-            self.macs = [count_macs(member, shape) for member in members]
+            self.macs = [member_macs(member, shape, scope=trainer) for member in members]  # one count per run
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -421,21 +436,15 @@ class EnsembleSizeAblation(Callback):
             rank_zero_info(format_ablation(rows, stage, trainer.current_epoch, shown))
 
     def _draw(self, trainer: Trainer, stage: str, rows: list[dict[str, Any]]) -> None:
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        writers = figure_writers(trainer.loggers)
         if not writers or "top1" not in self.metric_names:
             return
         for axis, label in (("gmacs", "GMACs (multiply-adds) per sample"), ("latency_ms", "latency (ms)")):
             if not all(f"first_{axis}" in r or axis in r for r in rows):
                 continue
             figure = accuracy_figure(rows, axis, label, title=f"{stage}: one point per ensemble size k")
-            for writer in writers:
-                writer.add_figure(
-                    f"ablation/{stage}/accuracy_vs_{axis}", figure, trainer.global_step, close=False
-                )
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+            log_figure(writers, f"ablation/{stage}/accuracy_vs_{axis}", figure, trainer.global_step)
+            close(figure)
 
     def _write(self, directory: Path, stage: str) -> None:
         rows = [row for row in self.history if row["stage"] == stage]
@@ -488,6 +497,12 @@ class EnsembleSizeAblation(Callback):
             for mode, values in state_dict.get("latency_ms_by_mode", {}).items()
         }
         self.history = list(state_dict.get("history", []))
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        restore_class_keyed_state(self, checkpoint)
 
 
 def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metrics: Sequence[str]) -> str:
@@ -549,12 +564,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], axis: str, label: str, title
     Returns:
         A matplotlib ``Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    figure, ax = pyplot().subplots(figsize=(5.5, 4.0), dpi=100)
     for kind, marker in (("first", "o-"), ("random", "s--")):
         xs = [r[f"{kind}_gmacs"] if axis == "gmacs" else r["latency_ms"] for r in rows]
         ys = [100 * r[f"{kind}_top1"] for r in rows]
@@ -566,9 +576,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], axis: str, label: str, title
                 ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    style_axes(ax, title)
     figure.tight_layout()
     return figure
 

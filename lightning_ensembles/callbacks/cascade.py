@@ -9,9 +9,10 @@ that on a real run, from the member logits the evaluation steps already return (
   or ``cost_budget_gmacs``, the threshold calibrated on the validation data;
 - at test end: the test curve and the calibrated threshold applied to the test data.
 
-Each member's cost is counted once with :func:`~lightning_ensembles.cost.count_macs` (multiply-adds per
-sample, reported in GMACs); members run cheapest first. Keys logged through ``trainer.loggers`` (global rank
-zero), ``{stage}`` being ``val`` or ``test``:
+Each member's cost is counted once per Trainer by :func:`~lightning_ensembles.cost.member_macs`
+(multiply-adds per sample, reported in GMACs; the counts ``FlopsMonitor`` and ``EnsembleSizeAblation`` read
+too); members run cheapest first. Keys logged through ``trainer.loggers`` (global rank zero), ``{stage}``
+being ``val`` or ``test``:
 
 - ``cascade/{stage}/full/top1``, ``cascade/{stage}/full/nll``, ``cascade/{stage}/full/gmacs``: the full
   ensemble;
@@ -57,8 +58,9 @@ from lightning_ensembles.cascade import (
     cascade_order,
     cascade_stages,
 )
-from lightning_ensembles.cost import count_macs
+from lightning_ensembles.cost import member_macs
 from lightning_ensembles.module import as_ensemble
+from lightning_ensembles.plotting import close, figure_writers, log_figure, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 __all__ = ["CascadeMonitor", "cascade_figure"]
@@ -162,7 +164,7 @@ class CascadeMonitor(Callback):
         members = as_ensemble(pl_module, "CascadeMonitor").members
         if len(self.member_gmacs) != len(members):
             shape = self._input_shape(trainer)
-            self.member_gmacs = [count_macs(member, shape) / 1e9 for member in members]
+            self.member_gmacs = [member_macs(member, shape, scope=trainer) / 1e9 for member in members]
             self.order = list(cascade_order(self.member_gmacs))
         if self.cost_budget_gmacs is not None:
             cheapest = self.order[0]
@@ -354,18 +356,12 @@ class CascadeMonitor(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
 
     def _draw(self, trainer: Trainer, stage: str, report: dict[str, Any]) -> None:
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        writers = figure_writers(trainer.loggers)
         if not writers:
             return
         figure = cascade_figure(report, title=f"{stage}: cascade, cheapest member first")
-        for writer in writers:
-            writer.add_figure(
-                f"cascade/{stage}/accuracy_vs_expected_gmacs", figure, trainer.global_step, close=False
-            )
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        log_figure(writers, f"cascade/{stage}/accuracy_vs_expected_gmacs", figure, trainer.global_step)
+        close(figure)
 
     # ------------------------------------------------------------------ state
 
@@ -436,13 +432,9 @@ def cascade_figure(report: dict[str, Any], title: str = "") -> Any:
     Returns:
         A matplotlib ``Figure`` with a logarithmic x-axis.
     """
-    import matplotlib
+    figure, ax = pyplot().subplots(figsize=(5.5, 4.0), dpi=100)
     import matplotlib.ticker
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
     curve = report["curve"]
     ax.plot(
         [p["expected_gmacs"] for p in curve],
@@ -471,8 +463,6 @@ def cascade_figure(report: dict[str, Any], title: str = "") -> Any:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_tick_label))
     ax.set_xlabel("expected GMACs (multiply-adds) per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    style_axes(ax, title, grid="both")
     figure.tight_layout()
     return figure

@@ -5,8 +5,9 @@ EMA of the weights (``--model-ema --model-ema-decay 0.9999``) and report the EMA
 member keeps its own EMA, built with timm's ``ModelEmaV3``, so members stay independent. During validation,
 test and predict the EMA weights stand in for the members; the trained weights are put back afterwards, so
 training, and checkpoints' ``state_dict``, keep the raw weights. The EMA weights travel in the callback's
-state, so a resumed run continues them. As in timm, the first update copies the weights and later ones
-average with ``decay``.
+state, so a resumed run continues them; under member-parallel training every process sends the EMAs of the
+members it trains when a checkpoint is written (in ``on_save_checkpoint``, never in ``state_dict``). As in
+timm, the first update copies the weights and later ones average with ``decay``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_float, check_int, init_arg
+from lightning_ensembles.callbacks._shared import restore_class_keyed_state
 from lightning_ensembles.module import as_ensemble
 
 __all__ = ["MemberEMA"]
@@ -54,7 +56,13 @@ class MemberEMA(Callback):
         self.emas: dict[int, ModelEmaV3] = {}
         self._restored: dict[int, dict[str, torch.Tensor]] = {}
         self._backup: dict[int, dict[str, torch.Tensor]] | None = None
-        self._trainer: Trainer | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            decay=self.decay, warmup=self.warmup, every_n_steps=self.every_n_steps
+        )
 
     @staticmethod
     def _members(pl_module: LightningModule) -> nn.ModuleList:
@@ -89,17 +97,23 @@ class MemberEMA(Callback):
             if i in local:
                 ema.update(members[i], step=trainer.global_step)
 
-    def _share(self, trainer: Trainer | None, members: bool = False) -> None:
+    def _share(self, trainer: Trainer, members: bool = False) -> bool:
         """Under member-parallel training, give every process every member's EMA (and, with ``members``, its
         trained weights, so that what the swap backs up is current) from the process that trains that
-        member. A collective, reached by every process in the same hooks."""
+        member. A collective, reached by every process in the same hooks.
+
+        Returns:
+            Whether anything was shared (only under member-parallel training).
+        """
         from lightning_ensembles.distributed import MemberParallelStrategy
 
-        strategy = getattr(trainer, "strategy", None)
-        if isinstance(strategy, MemberParallelStrategy):
-            if members:
-                strategy.synchronize_members()
-            strategy.broadcast_from_owners({i: ema.module for i, ema in self.emas.items()})
+        strategy = trainer.strategy
+        if not isinstance(strategy, MemberParallelStrategy):
+            return False
+        if members:
+            strategy.synchronize_members()
+        strategy.broadcast_from_owners({i: ema.module for i, ema in self.emas.items()})
+        return True
 
     # ------------------------------------------------------------------ evaluate with the EMA weights
 
@@ -161,19 +175,29 @@ class MemberEMA(Callback):
             for i, state in self._backup.items():
                 for key, value in state.items():
                     checkpoint["state_dict"][f"members.{i}.{key}"] = value
+        # Under member-parallel training each process updates only the EMAs of the members it trains. Every
+        # process runs this hook when a checkpoint is written (after `state_dict`, which stays local), so the
+        # EMAs are shared here and the checkpoint gets every member's from its owner.
+        states = checkpoint.get("callbacks")
+        if self._share(trainer) and isinstance(states, dict):
+            states[self.state_key] = self.state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        restore_class_keyed_state(self, checkpoint)
 
     # ------------------------------------------------------------------ state
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._trainer = trainer
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        self._share(self._trainer)  # Lightning asks every process when it writes a checkpoint
         return {
             "decay": self.decay,
-            "members": {i: copy.deepcopy(ema.module.state_dict()) for i, ema in self.emas.items()},
+            "members": {  # with the restored EMAs of members not trained yet in this run
+                **copy.deepcopy(self._restored),
+                **{i: copy.deepcopy(ema.module.state_dict()) for i, ema in self.emas.items()},
+            },
         }
 
     @override

@@ -20,7 +20,9 @@ sum of its members (every member sees every sample). The keys logged, each with 
 
 Counting uses :func:`~lightning_ensembles.cost.count_macs`,
 :func:`~lightning_ensembles.cost.count_training_macs` and :func:`~lightning_ensembles.cost.count_params` on
-``meta``-device copies of the members: no real compute and the trained members are untouched. On a 2-core CPU
+``meta``-device copies of the members: no real compute and the trained members are untouched. Multiply-adds
+come from the run's one cost source, :func:`~lightning_ensembles.cost.member_macs` with ``scope=trainer``:
+``EnsembleSizeAblation`` and ``CascadeMonitor`` in the same Trainer read the same counts. On a 2-core CPU
 EfficientNet-B7 at 600x600 takes about 0.5 s (forward) plus 2.5 s (training step) to count.
 """
 
@@ -37,8 +39,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_shape, init_arg
-from lightning_ensembles.callbacks._shared import resolve_input_shape
-from lightning_ensembles.cost import count_macs, count_params, count_training_macs
+from lightning_ensembles.callbacks._shared import resolve_input_shape, restore_class_keyed_state
+from lightning_ensembles.cost import count_params, member_macs
 from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.results import member_name
 
@@ -99,6 +101,11 @@ class FlopsMonitor(Callback):
         self.results: dict[str, Any] = {}
         self._logged = False
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(input_shape=self.input_shape, count_training=self.count_training)
+
     # ------------------------------------------------------------------ hooks
 
     @override
@@ -126,6 +133,12 @@ class FlopsMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = copy.deepcopy(dict(state_dict))
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        restore_class_keyed_state(self, checkpoint)
+
     # ------------------------------------------------------------------ counting
 
     def _count_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,7 +147,7 @@ class FlopsMonitor(Callback):
         members = self._members(pl_module)
         shape = self._resolve_input_shape(trainer)
         if self._needs_count(members, shape):
-            self.results = self._count(members, shape)
+            self.results = self._count(members, shape, trainer)
         metrics = self._metrics()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -164,17 +177,19 @@ class FlopsMonitor(Callback):
             return True
         return self.count_training and "train_macs" not in results.get("ensemble", {})
 
-    def _count(self, members: nn.ModuleList, shape: tuple[int, ...]) -> dict[str, Any]:
+    def _count(self, members: nn.ModuleList, shape: tuple[int, ...], scope: pl.Trainer) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for i, member in enumerate(members):
             try:
                 row: dict[str, Any] = {
                     "name": member_name(member),
-                    "macs": count_macs(member, shape),
+                    "macs": member_macs(member, shape, scope=scope),
                     "params": count_params(member),
                 }
                 if self.count_training:
-                    row["train_macs"] = count_training_macs(member, shape, batch_size=_TRAIN_BATCH)
+                    row["train_macs"] = member_macs(
+                        member, shape, training=True, batch_size=_TRAIN_BATCH, scope=scope
+                    )
             except ValueError as err:
                 raise ValueError(
                     f"Expected `input_shape` {list(shape)} (one sample, without the batch axis; "

@@ -24,7 +24,6 @@ curve: bins, counts, accuracy, confidence, ECE) atomically into the run director
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -42,6 +41,15 @@ from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import evaluation_outputs
 from lightning_ensembles.metrics import ECE_BINS
 from lightning_ensembles.module import as_ensemble
+from lightning_ensembles.plotting import (
+    GRID_ALPHA,
+    close,
+    figure_writers,
+    log_figure,
+    pyplot,
+    save_png,
+    style_axes,
+)
 from lightning_ensembles.results import atomic_write_text, run_directory
 
 STAGES = ("val", "test")
@@ -310,23 +318,17 @@ class ReliabilityDiagram(Callback):
 
     def _draw(self, trainer: Trainer, directory: Path | None, result: dict[str, Any]) -> None:
         stage = result["stage"]
-        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers: list[Any] = [e for e in experiments if hasattr(e, "add_figure")]
+        writers = figure_writers(trainer.loggers)
         if not writers and directory is None:
             return
         figure = reliability_figure(
             result["curves"],
             title=f"{stage} after epoch {result['epoch']}: {result['n_bins']} equal-width confidence bins",
         )
-        for writer in writers:
-            writer.add_figure(f"reliability/{stage}", figure, trainer.global_step, close=False)
+        log_figure(writers, f"reliability/{stage}", figure, trainer.global_step)
         if directory is not None:
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png")
-            atomic_write_text(directory / f"reliability_{stage}.png", buffer.getvalue())
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+            save_png(figure, directory / f"reliability_{stage}.png")
+        close(figure)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -360,12 +362,7 @@ def reliability_figure(curves: dict[str, dict[str, Any]], title: str = "") -> An
     Returns:
         A matplotlib ``Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(
+    figure, axes = pyplot().subplots(
         2,
         len(curves),
         figsize=(4.0 * len(curves), 5.0),
@@ -402,9 +399,9 @@ def reliability_figure(curves: dict[str, dict[str, Any]], title: str = "") -> An
             )
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set(xlim=(0, 1.02), ylim=(0, 1), ylabel="accuracy")
-        top.set_title(f"{name}: ECE {100 * curve['ece']:.2f}%", fontsize=10)
-        top.grid(alpha=0.3)
-        top.legend(fontsize=7, loc="upper left")
+        style_axes(
+            top, f"{name}: ECE {100 * curve['ece']:.2f}%", title_size=10, legend_size=7, loc="upper left"
+        )
         bottom.bar(
             [curve["bins"][i][0] for i in range(n_bins)],
             curve["count"][:n_bins],
@@ -416,7 +413,7 @@ def reliability_figure(curves: dict[str, dict[str, Any]], title: str = "") -> An
         if saturated:
             bottom.bar([1.0], [saturated], width=width / 4, color="C1")
         bottom.set(xlabel="confidence (top-1 probability)", ylabel="samples")
-        bottom.grid(alpha=0.3)
+        bottom.grid(alpha=GRID_ALPHA)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
