@@ -17,7 +17,7 @@ from typing_extensions import override
 import lightning_ensembles.cost as cost
 from lightning_ensembles.callbacks import CascadeMonitor, EnsembleSizeAblation, FlopsMonitor
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.conftest import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
+from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_loader, trainer_kwargs
 
 SHAPE = (IN_FEATURES,)
 

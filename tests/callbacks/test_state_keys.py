@@ -24,7 +24,7 @@ from lightning_ensembles.callbacks import (
     ReliabilityDiagram,
 )
 from lightning_ensembles.distributed import MemberParallelStrategy
-from tests.conftest import make_loader, trainer_kwargs
+from tests.helpers import make_loader, trainer_kwargs
 from tests.fixtures import write_callback_states as fixture
 
 OLD_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "callback_states_c2755a2.pt"
