@@ -228,9 +228,9 @@ class EnsembleSizeAblation(Callback):
             check_fused_members(list(members), init_arg("EnsembleSizeAblation", "latency_modes"))
         if len({m for s in self.subsets.values() for subset in s for m in subset}) != num_members:
             self.subsets = choose_subsets(num_members, self.num_subsets, self.seed)
-        unique = sorted(
-            {subset for subsets in self.subsets.values() for subset in subsets}, key=lambda s: (len(s), s)
-        )
+        # the random subsets, and the first-k members of every size (a random pick may miss those)
+        chosen = {subset for subsets in self.subsets.values() for subset in subsets}
+        unique = sorted(chosen | {tuple(range(k)) for k in self.subsets}, key=lambda s: (len(s), s))
         num_classes = cast(int, pl_module.num_classes)
         self._metrics = nn.ModuleDict(
             {

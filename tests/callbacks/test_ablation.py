@@ -63,6 +63,19 @@ def test_size_metrics_equal_the_modules_own_metrics(tmp_path: Path) -> None:
     assert all(rows[k]["latency_ms"] > 0 for k in (1, 2, 3))
 
 
+def test_first_k_rows_exist_when_the_random_subsets_miss_them(tmp_path: Path) -> None:
+    # one random subset per size: for k = 1 and 2 it is not the first-k subset with this seed, which once
+    # made the rows fail with a KeyError
+    picked = choose_subsets(M, 1, seed=5)
+    assert picked[1] == [(2,)] and picked[2] == [(1, 2)]
+    module, ablation, trainer = _run(tmp_path, num_subsets=1, seed=5, latency_batch_size=None)
+    (results,) = trainer.test(module, datamodule=TinyData(), verbose=False)
+    rows = {row["k"]: row for row in ablation.history if row["stage"] == "test"}
+    for k in (1, 2):
+        assert rows[k]["num_subsets"] == 1
+        assert rows[k]["first_top1"] == pytest.approx(results[f"test/size_{k}/top1"], abs=1e-6)
+
+
 def test_logs_scalars_figures_files_and_hparams(tmp_path: Path) -> None:
     module, _, trainer = _run(tmp_path)
     trainer.test(module, datamodule=TinyData(), verbose=False)
