@@ -185,3 +185,21 @@ def sgd(**kwargs: Any) -> Any:
     defaults = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     defaults.update(kwargs)
     return functools.partial(torch.optim.SGD, **defaults)
+
+
+def assert_identical(got: Any, expected: Any, where: str = "state") -> None:
+    """Nested dicts, lists and tuples of tensors and plain values are equal to the bit (NaN equals NaN), tensors
+    of the same dtype; ``where`` names the first place that differs."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, where
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=where)
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            assert_identical(got[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_identical(a, b, f"{where}[{i}]")
+    else:
+        assert got == expected or (got != got and expected != expected), where  # nan == nan

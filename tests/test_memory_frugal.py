@@ -21,7 +21,15 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from lightning_ensembles.module import EnsembleLightningModule
-from tests.helpers import NUM_CLASSES, TinyConvNet, TinyNet, make_loader, sgd, trainer_kwargs
+from tests.helpers import (
+    NUM_CLASSES,
+    TinyConvNet,
+    TinyNet,
+    assert_identical,
+    make_loader,
+    sgd,
+    trainer_kwargs,
+)
 
 Dropout = functools.partial(TinyNet, dropout=0.3)  # BatchNorm and dropout: RNG and statistics order matter
 
@@ -33,23 +41,6 @@ class HookedNet(TinyNet):
     def __init__(self) -> None:
         super().__init__(dropout=0.3)
         self.head.weight.register_hook(lambda grad: grad @ torch.eye(grad.shape[1]))
-
-
-def _assert_identical(got: Any, expected: Any, where: str = "") -> None:
-    """Exact equality of nested dicts/lists of tensors (NaN equal to NaN: a skipped AMP step has inf grads)."""
-    if isinstance(expected, Tensor):
-        assert isinstance(got, Tensor) and got.dtype == expected.dtype, where
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=where)
-    elif isinstance(expected, dict):
-        assert isinstance(got, dict) and got.keys() == expected.keys(), where
-        for key in expected:
-            _assert_identical(got[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(got, (list, tuple)) and len(got) == len(expected), where
-        for i, (a, b) in enumerate(zip(got, expected)):
-            _assert_identical(a, b, f"{where}[{i}]")
-    else:
-        assert got == expected, where
 
 
 class RecordSteps(pl.Callback):
@@ -134,15 +125,13 @@ def test_gradients_steps_and_optimizer_state_equal_the_summed_backward(case: str
     frugal = _run(True, **CASES[case])
     (m_sum, t_sum, r_sum), (m_fru, t_fru, r_fru) = summed, frugal
     assert len(r_fru.grads) == len(r_sum.grads) > 0
-    _assert_identical(r_fru.grads, r_sum.grads, "grads")
-    _assert_identical(r_fru.losses, r_sum.losses, "losses")
-    _assert_identical(r_fru.scales, r_sum.scales, "scales")
-    _assert_identical(
-        m_fru.state_dict(), m_sum.state_dict(), "state_dict"
-    )  # weights and BatchNorm statistics
-    _assert_identical(t_fru.optimizers[0].state_dict(), t_sum.optimizers[0].state_dict(), "optimizer")
-    _assert_identical(t_fru.precision_plugin.state_dict(), t_sum.precision_plugin.state_dict(), "scaler")
-    _assert_identical(dict(t_fru.callback_metrics), dict(t_sum.callback_metrics), "logged")
+    assert_identical(r_fru.grads, r_sum.grads, "grads")
+    assert_identical(r_fru.losses, r_sum.losses, "losses")
+    assert_identical(r_fru.scales, r_sum.scales, "scales")
+    assert_identical(m_fru.state_dict(), m_sum.state_dict(), "state_dict")  # weights and BatchNorm statistics
+    assert_identical(t_fru.optimizers[0].state_dict(), t_sum.optimizers[0].state_dict(), "optimizer")
+    assert_identical(t_fru.precision_plugin.state_dict(), t_sum.precision_plugin.state_dict(), "scaler")
+    assert_identical(dict(t_fru.callback_metrics), dict(t_sum.callback_metrics), "logged")
     if case == "fp16_gradscaler_clip_accumulate":
         assert min(r_sum.scales) < max(r_sum.scales)  # the scale backed off at least once: a step was skipped
     if case == "frozen_member":
@@ -213,11 +202,11 @@ def test_nonfinite_loss_is_reported_as_by_default() -> None:
         trainer = pl.Trainer(max_epochs=1, **trainer_kwargs())
         with pytest.raises(FloatingPointError, match=r"Member 1 .*global step 0") as error:
             trainer.fit(module, make_loader())
-        _assert_identical(dict(module.named_parameters()), before)  # raised before any optimizer step
+        assert_identical(dict(module.named_parameters()), before)  # raised before any optimizer step
         messages.append(str(error.value))
         states.append(module.state_dict())
     assert messages[0] == messages[1]
-    _assert_identical(states[1], states[0])  # BatchNorm statistics of the forward passes included
+    assert_identical(states[1], states[0])  # BatchNorm statistics of the forward passes included
 
 
 def test_checkpoints_are_identical_and_resume_across_the_option(tmp_path: Path) -> None:
@@ -246,7 +235,7 @@ def test_checkpoints_are_identical_and_resume_across_the_option(tmp_path: Path) 
     summed = torch.load(tmp_path / "summed" / "last.ckpt", weights_only=True)
     frugal = torch.load(tmp_path / "frugal" / "last.ckpt", weights_only=True)
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "lightning_ensembles_rng", "loops"):
-        _assert_identical(frugal[key], summed[key], key)
+        assert_identical(frugal[key], summed[key], key)
     assert frugal["hyper_parameters"]["memory_frugal"] is True
     assert summed["hyper_parameters"]["memory_frugal"] is False
 
@@ -255,7 +244,7 @@ def test_checkpoints_are_identical_and_resume_across_the_option(tmp_path: Path) 
         resumed = fit(
             memory_frugal, 3, tmp_path / f"resumed_{source}_{memory_frugal}", tmp_path / source / "last.ckpt"
         )
-        _assert_identical(resumed.state_dict(), straight.state_dict(), f"{source} -> {memory_frugal}")
+        assert_identical(resumed.state_dict(), straight.state_dict(), f"{source} -> {memory_frugal}")
     loaded = EnsembleLightningModule.load_from_checkpoint(
         tmp_path / "frugal" / "last.ckpt", member=Dropout, memory_frugal=False
     )
@@ -316,6 +305,6 @@ def test_member_parallel_layouts_equal_the_summed_backward(num_members: int) -> 
         trainer = _fit(module, Data(batch_size=16), devices=2, max_epochs=1, limit_val_batches=0)
         runs.append((module, trainer.callback_metrics))
     (summed, summed_metrics), (frugal, frugal_metrics) = runs
-    _assert_identical(frugal.state_dict(), summed.state_dict())  # every member, gathered from its process
+    assert_identical(frugal.state_dict(), summed.state_dict())  # every member, gathered from its process
     assert {f"train/member_{i}/loss_epoch" for i in range(num_members)} <= set(summed_metrics)
-    _assert_identical(dict(frugal_metrics), dict(summed_metrics))
+    assert_identical(dict(frugal_metrics), dict(summed_metrics))

@@ -1,5 +1,6 @@
 """What the callbacks share: finding the shape of one sample to count multiply-adds at, the setting a latency
-is measured in, and restoring state from checkpoints written under an older ``state_key``."""
+is measured in, restoring state from checkpoints written under an older ``state_key``, and one hook for the
+outputs of every evaluation batch."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ensembles._compat import loop_data_source
 from lightning_ensembles._validation import check_shape, init_arg
@@ -161,3 +163,48 @@ def restore_class_keyed_state(callback: Callback, checkpoint: dict[str, Any]) ->
     old_key = type(callback).__qualname__
     if isinstance(states, dict) and old_key in states and callback.state_key not in states:
         states[callback.state_key] = states[old_key]
+
+
+class EvaluationBatchCallback(Callback):
+    """A callback that reads the outputs of every validation and test batch through one method.
+
+    Lightning has one hook per stage with the same six arguments; subclasses override
+    :meth:`on_evaluation_batch` instead, which is told the stage (``"val"`` or ``"test"``) and the loader.
+    """
+
+    def on_evaluation_batch(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str, dataloader_idx: int
+    ) -> None:
+        """Called after every validation (``stage="val"``) and test (``stage="test"``) batch.
+
+        Args:
+            trainer: the Trainer.
+            pl_module: the model.
+            outputs: what the evaluation step returned.
+            stage: ``"val"`` or ``"test"``.
+            dataloader_idx: which of the stage's loaders the batch came from.
+        """
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.on_evaluation_batch(trainer, pl_module, outputs, "val", dataloader_idx)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.on_evaluation_batch(trainer, pl_module, outputs, "test", dataloader_idx)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, Metric
@@ -35,6 +35,7 @@ from typing_extensions import override
 from lightning_ensembles._validation import check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import (
+    EvaluationBatchCallback,
     evaluation_outputs,
     measuring_on_trainer,
     resolve_input_shape,
@@ -118,7 +119,7 @@ def choose_subsets(num_members: int, num_subsets: int, seed: int) -> dict[int, l
     return chosen
 
 
-class EnsembleSizeAblation(Callback):
+class EnsembleSizeAblation(EvaluationBatchCallback):
     """Metrics, multiply-adds and latency for every ensemble size, at validation and test end.
 
     Needs an :class:`~lightning_ensembles.EnsembleLightningModule` (it reads the logits its evaluation steps
@@ -301,29 +302,14 @@ class EnsembleSizeAblation(Callback):
             cast(Metric, cast(nn.ModuleDict, group)["ood_auroc"]).update(score, positives)
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_evaluation_batch(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str, dataloader_idx: int
     ) -> None:
-        if self._active(trainer, "val"):
+        if not self._active(trainer, stage):
+            return
+        if stage == "val":
             self._update(outputs, pl_module)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "test") and dataloader_idx in (0, 1):  # loader 1: an OOD set (ood.py)
+        elif dataloader_idx in (0, 1):  # test loader 1: an OOD set (ood.py)
             self._update(outputs, pl_module, ood_loader=dataloader_idx == 1)
 
     # ------------------------------------------------------------------ report

@@ -44,13 +44,17 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int, check_shape, init_arg
-from lightning_ensembles.callbacks._shared import evaluation_outputs, resolve_input_shape
+from lightning_ensembles.callbacks._shared import (
+    EvaluationBatchCallback,
+    evaluation_outputs,
+    resolve_input_shape,
+)
 from lightning_ensembles.cascade import (
     NEVER_EXIT,
     CascadeResult,
@@ -70,7 +74,7 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-class CascadeMonitor(Callback):
+class CascadeMonitor(EvaluationBatchCallback):
     """Cascade curve, calibrated threshold and its test accuracy and expected multiply-adds.
 
     Needs an :class:`~lightning_ensembles.EnsembleLightningModule` (it reads the ``{"logits": (M, B, C),
@@ -211,29 +215,12 @@ class CascadeMonitor(Callback):
         self._reset()
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_evaluation_batch(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str, dataloader_idx: int
     ) -> None:
-        if not trainer.sanity_checking:
+        if stage == "val" and not trainer.sanity_checking:
             self._collect(trainer, pl_module, outputs)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if dataloader_idx == 0:  # loader 1 is an OOD set (lightning_ensembles.ood)
+        elif stage == "test" and dataloader_idx == 0:  # loader 1 is an OOD set (lightning_ensembles.ood)
             self._collect(trainer, pl_module, outputs)
 
     def _gathered(self, trainer: Trainer, pl_module: LightningModule) -> CascadeStages | None:

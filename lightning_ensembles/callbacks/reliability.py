@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_int, init_arg
 from lightning_ensembles.aggregation import cumulative_log_probs
-from lightning_ensembles.callbacks._shared import evaluation_outputs
+from lightning_ensembles.callbacks._shared import EvaluationBatchCallback, evaluation_outputs
 from lightning_ensembles.metrics import ECE_BINS
 from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.plotting import (
@@ -168,7 +168,7 @@ def reliability_curve(sums: dict[str, Tensor]) -> dict[str, Any]:
     }
 
 
-class ReliabilityDiagram(Callback):
+class ReliabilityDiagram(EvaluationBatchCallback):
     """Reliability diagrams of the ensemble and chosen members, at validation and/or test end.
 
     Needs an :class:`~lightning_ensembles.EnsembleLightningModule` (it reads the logits its evaluation steps
@@ -266,29 +266,10 @@ class ReliabilityDiagram(Callback):
             bins[f"member_{i}"].update(logits[i].log_softmax(dim=-1).exp(), target)
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_evaluation_batch(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str, dataloader_idx: int
     ) -> None:
-        if self._active(trainer, "val"):
-            self._update(outputs, pl_module)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "test") and dataloader_idx == 0:  # loader 1: an OOD set (ood.py)
+        if self._active(trainer, stage) and (stage == "val" or dataloader_idx == 0):  # test loader 1: OOD
             self._update(outputs, pl_module)
 
     # ------------------------------------------------------------------ report

@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.testing import assert_close
 
 from lightning_ensembles.callbacks import (
     CascadeMonitor,
@@ -24,8 +23,8 @@ from lightning_ensembles.callbacks import (
     ReliabilityDiagram,
 )
 from lightning_ensembles.distributed import MemberParallelStrategy
-from tests.helpers import make_loader, trainer_kwargs
 from tests.fixtures import write_callback_states as fixture
+from tests.helpers import assert_identical, make_loader, trainer_kwargs
 
 OLD_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "callback_states_c2755a2.pt"
 SHAPE = fixture.SHAPE
@@ -74,24 +73,9 @@ def _restore(callbacks: list[Callback], ckpt_path: Path, root: Path) -> dict[str
     return probe.states
 
 
-def _assert_same(actual: Any, expected: Any, where: str = "state") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert_close(actual, expected, rtol=0, atol=0, msg=where)
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), where
-        for key in expected:
-            _assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            _assert_same(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected or (actual != actual and expected != expected), where  # nan == nan
-
-
 def _differ(a: Any, b: Any) -> bool:
     try:
-        _assert_same(a, b)
+        assert_identical(a, b)
     except AssertionError:
         return True
     return False
@@ -118,7 +102,7 @@ def test_two_instances_round_trip_a_checkpoint(name: str, tmp_path: Path, one_to
     states = _restore([again_second, again_first], path, tmp_path / "restored")
     for original, again in ((first, again_first), (second, again_second)):
         assert again.state_key == original.state_key
-        _assert_same(states[again.state_key], saved[original.state_key], f"{name}.state_dict()")
+        assert_identical(states[again.state_key], saved[original.state_key], f"{name}.state_dict()")
 
 
 def test_checkpoint_written_before_the_state_keys_restores_every_callback(
@@ -133,7 +117,7 @@ def test_checkpoint_written_before_the_state_keys_restores_every_callback(
         name = type(callback).__name__
         expected = saved.get(callback.state_key, saved.get(name))
         assert expected, name
-        _assert_same(states[callback.state_key], expected, f"{name}.state_dict()")
+        assert_identical(states[callback.state_key], expected, f"{name}.state_dict()")
 
 
 def test_member_ema_shares_when_the_checkpoint_is_written_not_in_state_dict() -> None:

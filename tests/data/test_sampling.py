@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles.data import EpochSeededRandomSampler
+from tests.helpers import trainer_kwargs
 
 
 def test_is_a_permutation_of_the_dataset() -> None:
@@ -106,15 +107,7 @@ def _loader() -> DataLoader[tuple[torch.Tensor, ...]]:
 
 
 def _trainer(max_epochs: int) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return Trainer(max_epochs=max_epochs, **trainer_kwargs())
 
 
 def test_lightning_sets_the_epoch_and_a_resumed_run_sees_the_same_order(tmp_path: Path) -> None:
