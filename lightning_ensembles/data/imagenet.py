@@ -42,7 +42,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from typing_extensions import override
 
 from lightning_ensembles._timm import timm_pretrained_cfg
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_float, check_int
 from lightning_ensembles.data.sampling import make_loader
 
 __all__ = ["ImageNetDataModule"]
@@ -67,18 +67,6 @@ def _class_folders(split_dir: str) -> list[str]:
 def _few(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_SHOWN])
     return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
-
-
-def _fraction(value: object, flag: str, upper_open: bool = False) -> float:
-    upper_ok = (lambda v: v < 1.0) if upper_open else (lambda v: v <= 1.0)
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not (0.0 <= value and upper_ok(value))
-    ):
-        allowed = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"Expected `{flag}` to be a float in {allowed}, but got {value!r}.")
-    return float(value)
 
 
 class ImageNetDataModule(LightningDataModule):
@@ -180,13 +168,14 @@ class ImageNetDataModule(LightningDataModule):
                 f"but got {auto_augment!r}."
             )
         self.auto_augment = auto_augment or None
-        self.re_prob = _fraction(re_prob, "--data.re_prob")
+        self.re_prob = check_float(re_prob, "--data.re_prob", 0.0, 1.0)
         for flag, alpha in (("--data.mixup_alpha", mixup_alpha), ("--data.cutmix_alpha", cutmix_alpha)):
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0.0:
-                raise ValueError(f"Expected `{flag}` to be a float >= 0 (0 disables it), but got {alpha!r}.")
+            check_float(alpha, flag, 0.0)  # 0 disables it
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
-        self.label_smoothing = _fraction(label_smoothing, "--data.label_smoothing", upper_open=True)
+        self.label_smoothing = check_float(
+            label_smoothing, "--data.label_smoothing", 0.0, 1.0, include_maximum=False
+        )
         if crop_pct is not None:
             if not isinstance(crop_pct, (int, float)) or isinstance(crop_pct, bool) or not 0 < crop_pct <= 1:
                 raise ValueError(

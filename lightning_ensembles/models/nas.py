@@ -44,7 +44,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_int, is_int
 
 __all__ = ["NASArchitecture", "NASNet", "StageArch"]
 
@@ -52,18 +52,14 @@ _MEMBER_FLAG = "--model.member.init_args"
 _STRIDES = (1, 2)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_kernel(value: object, flag: str) -> int:
-    if not _is_int(value) or value < 1 or value % 2 == 0:  # type: ignore[operator]
+    if not is_int(value) or value < 1 or value % 2 == 0:  # type: ignore[operator]
         raise ValueError(f"Expected `{flag}` to be an odd int >= 1 (3, 5, 7, ...), but got {value!r}.")
     return value  # type: ignore[return-value]
 
 
 def _check_stride(value: object, flag: str) -> int:
-    if not _is_int(value) or value not in _STRIDES:
+    if not is_int(value) or value not in _STRIDES:
         raise ValueError(f"Expected `{flag}` to be 1 or 2, but got {value!r}.")
     return value  # type: ignore[return-value]
 
@@ -280,7 +276,7 @@ def _check_input_size(value: Sequence[int] | None) -> tuple[int, int] | None:
     if value is None:
         return None
     size = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
-    if len(size) != 2 or not all(_is_int(v) and v >= 1 for v in size):
+    if len(size) != 2 or not all(is_int(v) and v >= 1 for v in size):
         raise ValueError(
             f"Expected `{_MEMBER_FLAG}.input_size` to be (H, W) of ints >= 1, or null (no resizing), but got "
             f"{value!r}."
