@@ -95,32 +95,13 @@ def _check_cascade_thresholds(value: Any) -> float | tuple[float, ...] | None:
     )
 
 
-def metric_name(mode: str, size: int, batch_size: int, statistic: str) -> str:
-    """The logged key of one statistic, e.g. ``latency/sequential/size_2/batch1_ms_p50``.
-
-    Args:
-        mode: how members are run, e.g. ``"sequential"``.
-        size: ensemble size ``k``.
-        batch_size: samples per run.
-        statistic: ``"ms_p50"``, ``"ms_p10"``, ``"ms_p90"`` or ``"samples_per_s"``.
-
-    Returns:
-        The key (:func:`~lightning_ensembles.latency.latency_metric_name`).
-
-    Example:
-        >>> metric_name("sequential", 2, 256, "samples_per_s")
-        'latency/sequential/size_2/batch256_samples_per_s'
-    """
-    return latency_metric_name(mode, size, batch_size, statistic)
-
-
 def _metrics(mode: str, size: int, stats: LatencyStats) -> dict[str, float]:
     b = stats.batch_size
     return {
-        metric_name(mode, size, b, "ms_p50"): stats.p50_ms,
-        metric_name(mode, size, b, "ms_p10"): stats.p10_ms,
-        metric_name(mode, size, b, "ms_p90"): stats.p90_ms,
-        metric_name(mode, size, b, "samples_per_s"): stats.throughput,
+        latency_metric_name(mode, size, b, "ms_p50"): stats.p50_ms,
+        latency_metric_name(mode, size, b, "ms_p10"): stats.p10_ms,
+        latency_metric_name(mode, size, b, "ms_p90"): stats.p90_ms,
+        latency_metric_name(mode, size, b, "samples_per_s"): stats.throughput,
     }
 
 
