@@ -17,8 +17,16 @@ must cost nothing measurable. The stages, in order:
 5. ``data_pipeline``: the device-resident loader vs a DataLoader, as a share of a WRN-16-4 step (goal <= 5%).
 6. ``latency_memory``: latency per ensemble size with CUDA events (``measure_ensemble_latency``) and peak
    memory (``torch.cuda.max_memory_allocated``) of 4 x WRN-16-2 (loop, vmap) and one WRN-16-4.
-7. ``end_to_end``: ``Trainer.fit`` of 4 x WRN-16-2 on a CIFAR-10-sized set held on the device, bf16-mixed.
-8. ``compile``: ``EnsembleLightningModule(compile=True)`` vs eager, and what the first step costs.
+7. ``parallel_latency``: 2 x WRN-16-2 at batch 1 and 64, sequential (``member_logits`` then ``aggregate``)
+   vs :class:`~lightning_ensembles.parallel.ParallelEnsemble` (one CUDA stream per worker), with
+   ``measure_ensemble_latency`` in alternating rounds, and the largest difference of their outputs (goal:
+   parallel / sequential <= 0.6; 0.5 is the floor for two members).
+8. ``training_memory``: peak ``torch.cuda.max_memory_allocated`` of a few ``Trainer.fit`` steps of 4 x WRN-16-2
+   at batch 128, default vs ``memory_frugal=True`` vs one member alone (``training_memory.child`` in this
+   process; ``reset_peak_memory_stats`` isolates the candidates) (goal: frugal / (1.3 x one + the other
+   members' weights and optimizer state) <= 1). Off CUDA the steps run but no peak is recorded.
+9. ``end_to_end``: ``Trainer.fit`` of 4 x WRN-16-2 on a CIFAR-10-sized set held on the device, bf16-mixed.
+10. ``compile``: ``EnsembleLightningModule(compile=True)`` vs eager, and what the first step costs.
 
 Every result is a ratio or a median measured within this run, candidates interleaved, with 10th-90th
 percentile spreads; no goal is an absolute time. The wall-clock budget (``--budget-s``) is shared out among
@@ -66,6 +74,7 @@ import fused_vs_loop  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import training_memory  # noqa: E402
 from _timing import peak_memory_mb, ratio, summary, time_interleaved  # noqa: E402
 
 from lightning_ensembles.aggregation import aggregate  # noqa: E402
@@ -76,6 +85,7 @@ from lightning_ensembles.latency import measure_ensemble_latency  # noqa: E402
 from lightning_ensembles.members import build_members  # noqa: E402
 from lightning_ensembles.models import WideResNet  # noqa: E402
 from lightning_ensembles.module import EnsembleLightningModule  # noqa: E402
+from lightning_ensembles.parallel import ParallelEnsemble  # noqa: E402
 from lightning_ensembles.results import atomic_write_text, environment  # noqa: E402
 
 NAME = "gpu_suite"
@@ -112,6 +122,9 @@ class Plan:
     latency_batches: tuple[int, ...] = (1, 128)
     latency_repeats: int = 20
     latency_rounds: int = 3
+    parallel_members: int = 2  # M of the parallel-latency goal, with members plan.pair[0]
+    parallel_batches: tuple[int, ...] = (1, 64)
+    memory: tuple[int, int, int] = (128, 3, 2)  # training_memory: batch, steps per fit, rounds
     e2e: tuple[int, int, int, int] = (50_000, 10_000, 512, 2)  # train, test, batch, epochs
     compile_batch: int = 256
     compile_backend: str = "inductor"
@@ -122,7 +135,8 @@ TINY = Plan(
     members=2, image=8, archs=("WRN-10-1",), goal_archs=("WRN-10-1",), batches=(2,), big_arch="WRN-10-2",
     big_batch=2, big_variants=("bf16+channels_last",), repeats=2, warmup=1, pair=("WRN-10-1", "WRN-10-2"),
     pair_batches=(2,), pair_variants=("bf16+channels_last",), overhead=(10, 1, 4, 4, 1),
-    data=(8, 2, 0, 1, 64), latency_batches=(1, 2), latency_repeats=2, latency_rounds=2, e2e=(48, 16, 16, 2),
+    data=(8, 2, 0, 1, 64), latency_batches=(1, 2), latency_repeats=2, latency_rounds=2, parallel_batches=(1, 2),
+    memory=(4, 2, 1), e2e=(48, 16, 16, 2),
     compile_batch=2, compile_backend="eager",
 )  # fmt: skip
 
@@ -543,6 +557,132 @@ def stage_latency_memory(stage: Stage) -> None:
             stage.cell(label, functools.partial(_latency_cell, stage, dtype, batch))
 
 
+def _parallel_cell(stage: Stage, batch: int) -> list[dict[str, Any]]:
+    """Sequential vs :class:`ParallelEnsemble` p50 latency of M members in alternating rounds, and their outputs."""
+    plan, dev = stage.plan, stage.device
+    members, small = plan.parallel_members, plan.pair[0]
+    module = _ensemble(
+        plan, small, dev, members, execution="loop"
+    )  # sequential means one member after another
+    shape = (3, plan.image, plan.image)
+    p50: dict[str, list[float]] = {"sequential": [], "parallel": []}
+    for index in range(plan.latency_rounds):  # rounds alternate the modes, so drift hits both alike
+        if index > 0 and stage.expired():
+            break
+        for mode in p50:
+            stats = measure_ensemble_latency(
+                module, shape, sizes=[members], batch_size=batch, warmup=plan.warmup, repeats=plan.latency_repeats,
+                mode=mode, workers=members if mode == "parallel" else None,
+            )  # fmt: skip
+            p50[mode].append(stats[members].p50_ms)
+    x, _ = _batch(dev, batch, plan.image, False)
+    module.eval()
+    with torch.inference_mode(), ParallelEnsemble(list(module.members), workers=members) as parallel:
+        sequential = module.member_logits(x)
+        concurrent = parallel(x).to(sequential.device)
+        probs = (aggregate(sequential, module.aggregation), aggregate(concurrent, module.aggregation))
+        workers, worker_devices = parallel.workers, [str(d) for d in parallel.devices]
+    module.train()
+    row = {
+        "members": f"{members}x{small}", "batch": batch, "rounds": len(p50["sequential"]), "workers": workers,
+        "worker_devices": worker_devices,
+        "p50_ms": {k: _median(v) for k, v in p50.items()}, "p50_ms_range": {k: [min(v), max(v)] for k, v in p50.items()},
+        "parallel_over_sequential": ratio(p50["parallel"], p50["sequential"]),
+        "max_abs_diff_logits": float((sequential.float() - concurrent.float()).abs().max()),
+        "max_abs_diff_probs": float((probs[0].float() - probs[1].float()).abs().max()),
+    }  # fmt: skip
+    _free(dev)
+    return [row]
+
+
+def stage_parallel_latency(stage: Stage) -> None:
+    """M members run one after another vs concurrently (:class:`ParallelEnsemble`, a CUDA stream per worker)."""
+    plan, dev = stage.plan, stage.device
+    stage.settings.update(clock="cuda events" if dev.type == "cuda" else "time.perf_counter",
+                          members=f"{plan.parallel_members}x{plan.pair[0]}", sequential="member_logits (execution='loop') + aggregate",
+                          repeats=plan.latency_repeats, rounds=plan.latency_rounds, warmup=plan.warmup)  # fmt: skip
+    for batch in plan.parallel_batches:
+        stage.cell(
+            f"{plan.parallel_members}x{plan.pair[0]} batch {batch}",
+            functools.partial(_parallel_cell, stage, batch),
+        )
+    for row in stage.rows:
+        value = row["parallel_over_sequential"]["median"]
+        stage.goal(
+            f"parallel / sequential latency, {row['members']} batch {row['batch']}", value, "<= 0.6 (floor 0.5)",
+            value <= 0.6,
+            f"p50 sequential {row['p50_ms']['sequential']:.2f} ms, parallel {row['p50_ms']['parallel']:.2f} ms; "
+            f"{row['workers']} workers on {', '.join(row['worker_devices'])}",
+        )  # fmt: skip
+    if stage.rows:
+        worst = max(stage.rows, key=lambda r: r["max_abs_diff_probs"])
+        stage.goal(
+            "parallel outputs equal sequential (max abs diff of probabilities)", worst["max_abs_diff_probs"],
+            "<= 1e-5", worst["max_abs_diff_probs"] <= 1e-5,
+            f"worst at batch {worst['batch']}; logits max abs diff {max(r['max_abs_diff_logits'] for r in stage.rows):.2e}",
+        )  # fmt: skip
+
+
+def _memory_round(stage: Stage, index: int, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One round of ``training_memory.child`` per candidate (default, frugal, one), in this process."""
+    dev = stage.device
+    cuda = dev.type == "cuda"
+    results = {}
+    for name in training_memory.CANDIDATES:
+        _free(dev)
+        results[name] = training_memory.child({**config, "candidate": name})
+    others = {k: v / 2**20 for k, v in results["frugal"]["other_members_bytes"].items()}
+    row: dict[str, Any] = {
+        "round": index, "fit_s": {k: r["fit_s"] for k, r in results.items()}, "other_members_mb": others,
+        "peak_mb": None, "goal_ratio": None,
+        "reason": None if cuda else "peak memory is measured with CUDA's allocator only: in one process a "
+        "CPU's resident set is not isolated per candidate (benchmarks/training_memory.py measures a CPU)",
+    }  # fmt: skip
+    if cuda:
+        peak = {k: r["peak_above_imports_bytes"] / 2**20 for k, r in results.items()}
+        allowance = others["weights"] + others["optimizer_state"]
+        row.update(peak_mb=peak, goal_ratio=peak["frugal"] / (1.3 * peak["one"] + allowance))
+    _free(dev)
+    return [row]
+
+
+def stage_training_memory(stage: Stage) -> None:
+    """Peak memory of ``Trainer.fit`` steps: default vs ``memory_frugal=True`` vs one member, in rounds."""
+    plan, dev = stage.plan, stage.device
+    batch, steps, rounds = plan.memory
+    depth, width = fused_vs_loop.depth_width(plan.pair[0])
+    config = dict(device=dev.type, members=plan.members, depth=depth, width=width, batch=batch, image=plan.image,
+                  steps=steps, threads=torch.get_num_threads())  # fmt: skip
+    stage.settings.update(
+        members=f"{plan.members}x{plan.pair[0]}", batch=batch, steps=steps, rounds=rounds, image=plan.image,
+        measure="cuda max_memory_allocated during fit - memory_allocated before the model" if dev.type == "cuda" else None,
+    )  # fmt: skip
+    for index in range(rounds):
+        stage.cell(f"round {index + 1}", functools.partial(_memory_round, stage, index, config))
+    measured = [r for r in stage.rows if r["peak_mb"] is not None]
+    if not measured:
+        if stage.rows:
+            stage.goal("memory_frugal peak within 1.3x one member + others' state", None, "<= 1.0", None,
+                       stage.rows[0]["reason"])  # fmt: skip
+        return
+    peak = {k: [r["peak_mb"][k] for r in measured] for k in training_memory.CANDIDATES}
+    goal = [r["goal_ratio"] for r in measured]
+    stage.settings["summary"] = {
+        "peak_mb": {k: _median(v) for k, v in peak.items()},
+        "frugal_over_default": ratio(peak["frugal"], peak["default"]),
+        "default_over_one": ratio(peak["default"], peak["one"]),
+        "goal_ratio": _median(goal),
+    }  # fmt: skip
+    value = _median(goal)
+    others = measured[0]["other_members_mb"]
+    stage.goal(
+        "memory_frugal peak within 1.3x one member + others' state", value,
+        "<= 1.0 (frugal / (1.3 x one + weights and optimizer state of the others))", value <= 1.0,
+        f"frugal / default {stage.settings['summary']['frugal_over_default']['median']:.2f}; others' weights "
+        f"{others['weights']:.1f} MiB, optimizer state {others['optimizer_state']:.1f} MiB",
+    )  # fmt: skip
+
+
 class _EpochTimer(pl.Callback):
     """Seconds of every training epoch, and a stop once the stage deadline passes."""
 
@@ -671,6 +811,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("ensemble_overhead", stage_ensemble_overhead, 0.08, 20.0),
     StageSpec("data_pipeline", stage_data_pipeline, 0.07, 20.0),
     StageSpec("latency_memory", stage_latency_memory, 0.07, 15.0),
+    StageSpec("parallel_latency", stage_parallel_latency, 0.05, 15.0),
+    StageSpec("training_memory", stage_training_memory, 0.05, 20.0),
     StageSpec("end_to_end", stage_end_to_end, 0.08, 25.0),
     StageSpec("compile", stage_compile, 0.13, 60.0),
 )
@@ -985,6 +1127,36 @@ def _render_stages(reports: dict[str, dict[str, Any]]) -> list[str]:
             ["members", "dtype", "batch", "p50 ms by size", "full / single", "inference MiB", "train MiB"],
             body,
         )
+    par = reports.get("parallel_latency")
+    if par and par["rows"]:
+        s = par["settings"]
+        lines += ["### Parallel vs sequential latency (`ParallelEnsemble`)", "",
+                  f"{s['members']}: p50 latency ({s['clock']}), median over rounds; sequential is {s['sequential']}, "
+                  "parallel one worker per member (a CUDA stream each on a GPU). Max abs diff of the outputs.", ""]  # fmt: skip
+        lines += _table(["members", "batch", "sequential ms", "parallel ms", "parallel / sequential", "workers",
+                         "logits diff", "probs diff"],
+                        [[r["members"], str(r["batch"]), _fmt(r["p50_ms"]["sequential"]), _fmt(r["p50_ms"]["parallel"]),
+                          _ratio(r["parallel_over_sequential"]), str(r["workers"]), f"{r['max_abs_diff_logits']:.1e}",
+                          f"{r['max_abs_diff_probs']:.1e}"] for r in par["rows"]])  # fmt: skip
+    mem = reports.get("training_memory")
+    if mem and mem["rows"]:
+        s = mem["settings"]
+        lines += [
+            f"### Training memory ({s['members']}, batch {s['batch']}, {s['steps']} steps of `Trainer.fit`)",
+            "",
+        ]
+        if s.get("measure"):
+            lines += [f"Peak MiB per round ({s['measure']}); goal ratio = frugal / (1.3 x one + the other "
+                      "members' weights and optimizer state).", ""]  # fmt: skip
+        else:
+            lines += [f"Not measured: {mem['rows'][0]['reason']}.", ""]
+        names = training_memory.CANDIDATES
+        lines += _table(["round", *(f"{k} MiB" for k in names), "frugal / default", "goal ratio", "others' weights MiB",
+                         "others' optimizer state MiB"],
+                        [[str(r["round"] + 1), *(_fmt((r["peak_mb"] or {}).get(k), 0) for k in names),
+                          _fmt(r["peak_mb"]["frugal"] / r["peak_mb"]["default"] if r["peak_mb"] else None),
+                          _fmt(r["goal_ratio"]), _fmt(r["other_members_mb"]["weights"], 1),
+                          _fmt(r["other_members_mb"]["optimizer_state"], 1)] for r in mem["rows"]])  # fmt: skip
     e2e = reports.get("end_to_end")
     if e2e and e2e["rows"]:
         r = e2e["rows"][0]

@@ -65,7 +65,52 @@ def test_every_stage_writes_its_json_with_the_environment_and_budget(
         "fused_vs_loop",
         "ensemble_overhead",
         "data_pipeline",
+        "parallel_latency",
+        "training_memory",
     }
+
+
+def test_the_deployment_stages_compare_parallel_outputs_and_record_no_cpu_peak(
+    tiny_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, _, _ = tiny_run
+    parallel = json.loads((out / "parallel_latency.json").read_text())
+    assert [row["batch"] for row in parallel["rows"]] == [1, 2]
+    for row in parallel["rows"]:
+        assert row["workers"] == 2 and set(row["p50_ms"]) == {"sequential", "parallel"}
+        assert row["max_abs_diff_probs"] <= 1e-5 and row["parallel_over_sequential"]["median"] > 0
+    memory = json.loads((out / "training_memory.json").read_text())
+    (row,) = memory["rows"]
+    assert set(row["fit_s"]) == {"default", "frugal", "one"} and row["other_members_mb"]["weights"] > 0
+    if not torch.cuda.is_available():  # a CPU's resident set is not per candidate: no number, a reason
+        assert row["peak_mb"] is None and row["goal_ratio"] is None and "CUDA" in row["reason"]
+        assert memory["goals"][0]["value"] is None and memory["goals"][0]["met"] is None
+
+
+def test_the_training_memory_goal_ratio_on_cuda_numbers(
+    suite: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA path without a GPU: ``training_memory.child`` faked, the ratios and the rendered table checked."""
+    mib = 2**20
+    peaks = {"default": 400 * mib, "frugal": 120 * mib, "one": 100 * mib}
+    others = {"weights": 3 * mib, "optimizer_state": 3 * mib, "gradients": 3 * mib}
+
+    def child(config: dict[str, Any]) -> dict[str, Any]:
+        assert config["device"] == "cuda" and config["members"] == 2
+        return {"candidate": config["candidate"], "peak_above_imports_bytes": peaks[config["candidate"]],
+                "fit_s": 0.1, "other_members_bytes": others}  # fmt: skip
+
+    monkeypatch.setattr(suite.training_memory, "child", child)
+    monkeypatch.setattr(suite, "_free", lambda device: None)
+    stage = suite.Stage("training_memory", torch.device("cuda"), suite.TINY, float("inf"), None)
+    suite.stage_training_memory(stage)
+    (goal,) = stage.goals
+    assert goal["value"] == pytest.approx(120 / (1.3 * 100 + 6)) and goal["met"] is True
+    assert stage.settings["summary"]["frugal_over_default"]["median"] == pytest.approx(120 / 400)
+    text = "\n".join(
+        suite._render_stages({"training_memory": {"rows": stage.rows, "settings": stage.settings}})
+    )
+    assert "| 1 | 400 | 120 | 100 | 0.30 | 0.88 | 3.0 | 3.0 |" in text
 
 
 def test_the_tests_stage_runs_the_gpu_tests_which_skip_without_cuda(
@@ -112,6 +157,8 @@ def test_the_section_renders_and_replaces_only_the_marked_part(
         "### Goals",
         "### Loop vs fused",
         "### Latency and peak memory",
+        "### Parallel vs sequential latency",
+        "### Training memory",
         "### torch.compile",
     ):
         assert heading in section
