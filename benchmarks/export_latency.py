@@ -32,18 +32,9 @@ from _timing import ratio, save, summary, time_interleaved
 from lightning_ensembles import EnsembleLightningModule
 from lightning_ensembles.export import ExportableEnsemble, export_ensemble
 from lightning_ensembles.models import WideResNet
+from lightning_ensembles.results import cpu_model
 
 INPUT_SHAPE = (1, 8, 8)
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _version(name: str) -> str | None:
@@ -144,7 +135,7 @@ def run(
                 "per_call": {name: summary(values) for name, values in per_call.items()},
                 "over_eager": {name: ratio(samples[name], samples["eager"]) for name in runners},
                 "versions": {name: _version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")},
-                "cpu_model": _cpu_model(),
+                "cpu_model": cpu_model(),
             }
         )  # fmt: skip
     return save("export_latency", rows, out)

@@ -25,71 +25,31 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 
 import torch
-from _timing import save, summary
+from _timing import ratio, save, summary
 from torch import Tensor, nn
 
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.models import WideResNet
-from lightning_ensembles.parallel import ParallelEnsemble
-
-
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+from lightning_ensembles.parallel import ParallelEnsemble, thread_count_after_overwrite
+from lightning_ensembles.results import cpu_model
 
 
 def thread_probe() -> dict[str, int]:
     """``torch.get_num_threads()`` of a thread that asked for 1, after another thread set 2 process-wide: with and
     without first letting torch initialise the thread (see :mod:`lightning_ensembles.parallel`)."""
 
-    def probe(prime: bool) -> int:
-        asked, overwritten = threading.Event(), threading.Event()
-        seen: list[int] = []
-
-        def a() -> None:
-            if prime:
-                torch.get_num_threads()
-            torch.set_num_threads(1)
-            asked.set()
-            overwritten.wait(30)
-            seen.append(torch.get_num_threads())
-
-        def b() -> None:
-            torch.get_num_threads()
-            asked.wait(30)
-            torch.set_num_threads(2)
-            overwritten.set()
-
-        threads = [threading.Thread(target=a), threading.Thread(target=b)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return seen[0]
-
     saved = torch.get_num_threads()
     try:
-        return {"initialised_then_set_1": probe(True), "set_1_before_initialisation": probe(False)}
+        return {
+            "initialised_then_set_1": thread_count_after_overwrite(True),
+            "set_1_before_initialisation": thread_count_after_overwrite(False),
+        }
     finally:
         torch.set_num_threads(saved)
-
-
-def per_round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
-    per = sorted(n / d for n, d in zip(numerator, denominator, strict=True))
-    q = statistics.quantiles(per, n=10) if len(per) >= 2 else [per[0]] * 9
-    return {"median": statistics.median(per), "p10": q[0], "p90": q[-1]}
 
 
 def run(
@@ -151,9 +111,9 @@ def run(
                     "workers": parallel.workers, "worker_threads": list(parallel.worker_threads),
                     "parallel_equals_sequential_1t": same, "max_abs_difference": max_abs,
                     "ms": {name: summary(v) for name, v in values.items()},
-                    "parallel_over_sequential_1t": per_round_ratio(values["parallel_2x1"], values["sequential_1t"]),
-                    "parallel_over_sequential_2t": per_round_ratio(values["parallel_2x1"], values["sequential_2t"]),
-                    "sequential_2t_over_1t": per_round_ratio(values["sequential_2t"], values["sequential_1t"]),
+                    "parallel_over_sequential_1t": ratio(values["parallel_2x1"], values["sequential_1t"]),
+                    "parallel_over_sequential_2t": ratio(values["parallel_2x1"], values["sequential_2t"]),
+                    "sequential_2t_over_1t": ratio(values["sequential_2t"], values["sequential_1t"]),
                 }
             )  # fmt: skip
     torch.set_num_threads(saved_threads)

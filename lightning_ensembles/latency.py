@@ -38,7 +38,7 @@ from torch import Tensor
 from lightning_ensembles._validation import check_choice, check_int, check_shape
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.fused import check_fusable, vmap_forward
-from lightning_ensembles.parallel import ParallelEnsemble, check_devices
+from lightning_ensembles.parallel import ParallelEnsemble, check_layout
 
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
@@ -331,37 +331,6 @@ def _shared_store(scope: object | None, module: torch.nn.Module) -> dict[Hashabl
     return per_module.setdefault(module, {})
 
 
-def _check_parallel(
-    num_members: int,
-    workers: int | None,
-    threads_per_worker: int | None,
-    devices: Sequence[str | torch.device] | None,
-) -> list[torch.device] | None:
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= num_members
-    ):
-        raise ValueError(
-            f"Expected `workers` to be None or an int in [1, M={num_members}] (at most one worker per member), "
-            f"but got {workers!r}."
-        )
-    if threads_per_worker is not None:
-        check_int(threads_per_worker, "threads_per_worker", 1)
-    if devices is None:
-        return None
-    checked = check_devices(devices)
-    if len(checked) > num_members:
-        raise ValueError(
-            f"Expected `devices` to hold at most M={num_members} entries (at most one worker per member), but "
-            f"got {len(checked)}: {list(devices)!r}."
-        )
-    if workers is not None and workers != len(checked):
-        raise ValueError(
-            f"Expected `workers` to be None or len(devices)={len(checked)} (one worker per entry of `devices`), "
-            f"but got {workers!r}."
-        )
-    return checked
-
-
 def measure_ensemble_latency(
     module: EnsembleLightningModule,
     input_shape: Sequence[int],
@@ -443,7 +412,7 @@ def measure_ensemble_latency(
     check_int(warmup, "warmup", 0)
     check_int(repeats, "repeats", 1)
     check_mode(mode)
-    worker_devices = _check_parallel(num_members, workers, threads_per_worker, devices)
+    worker_devices = check_layout(num_members, workers, threads_per_worker, devices)
     if mode == "fused":
         check_fused_members(list(module.members[: max(checked_sizes)]), "mode")
     clock = time.perf_counter if clock is None else clock

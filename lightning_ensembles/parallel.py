@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from lightning_ensembles._validation import check_int
 
-__all__ = ["ParallelEnsemble", "check_devices"]
+__all__ = ["ParallelEnsemble", "check_devices", "check_layout", "thread_count_after_overwrite"]
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -102,6 +102,100 @@ def check_devices(devices: Sequence[str | torch.device], flag: str = "devices") 
             )
         assert device is not None
         checked.append(device)
+    return checked
+
+
+def thread_count_after_overwrite(prime: bool) -> int:
+    """What ``torch.get_num_threads()`` reads in a thread that asked for 1 after another thread set 2.
+
+    The finding :class:`ParallelEnsemble`'s workers rely on: torch's intra-op thread count is per thread once
+    torch has initialised the thread, but that lazy initialisation (on its first parallel operation or query)
+    copies the process-wide value, which every ``torch.set_num_threads`` call overwrites, over a count set
+    before it. So a worker queries the count (``prime``) before setting it. Events order the two threads'
+    steps, so the answer does not depend on scheduling. The caller's process-wide count is overwritten (2).
+
+    Args:
+        prime: let torch initialise the asking thread (``torch.get_num_threads()``) before it asks for 1.
+
+    Returns:
+        The asking thread's count at the end: 1 when primed, 2 when not (with torch's OpenMP backend).
+    """
+    asked, overwritten = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def ask_for_one() -> None:
+        if prime:
+            torch.get_num_threads()
+        torch.set_num_threads(1)
+        asked.set()
+        overwritten.wait(30)
+        seen.append(torch.get_num_threads())
+
+    def set_two() -> None:
+        torch.get_num_threads()
+        asked.wait(30)
+        torch.set_num_threads(2)
+        overwritten.set()
+
+    threads = [threading.Thread(target=ask_for_one), threading.Thread(target=set_two)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return seen[0]
+
+
+def check_layout(
+    num_members: int,
+    workers: int | None,
+    threads_per_worker: int | None,
+    devices: Sequence[str | torch.device] | None,
+) -> list[torch.device] | None:
+    """Validate how ``num_members`` members are spread over workers: at most one worker per member.
+
+    Args:
+        num_members: the number of members ``M``.
+        workers: the number of workers, or ``None`` for the default.
+        threads_per_worker: intra-op threads of every CPU worker, or ``None`` for the default.
+        devices: one device per worker (see :func:`check_devices`), or ``None``.
+
+    Returns:
+        The checked devices, or ``None`` without ``devices``.
+
+    Raises:
+        ValueError: for more workers or devices than members, a worker count that is not ``len(devices)``, or
+            any other invalid value, naming the argument.
+
+    Example:
+        >>> check_layout(3, None, None, ["cpu", "cpu"])
+        [device(type='cpu'), device(type='cpu')]
+        >>> check_layout(3, 4, None, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `workers` to be None or an int in [1, M=3] (at most one worker per member), but got 4.
+    """
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= num_members
+    ):
+        raise ValueError(
+            f"Expected `workers` to be None or an int in [1, M={num_members}] (at most one worker per member), "
+            f"but got {workers!r}."
+        )
+    if threads_per_worker is not None:
+        check_int(threads_per_worker, "threads_per_worker", 1)
+    if devices is None:
+        return None
+    checked = check_devices(devices)
+    if len(checked) > num_members:
+        raise ValueError(
+            f"Expected `devices` to hold at most M={num_members} entries (at most one worker per member), but "
+            f"got {len(checked)}: {list(devices)!r}."
+        )
+    if workers is not None and workers != len(checked):
+        raise ValueError(
+            f"Expected `workers` to be None or len(devices)={len(checked)} (one worker per entry of `devices`), "
+            f"but got {workers!r}."
+        )
     return checked
 
 
@@ -235,7 +329,7 @@ class ParallelEnsemble:
         >>> ParallelEnsemble(members, workers=4)
         Traceback (most recent call last):
         ...
-        ValueError: Expected `workers` to be an int in [1, M=3] (at most one worker per member), but got 4.
+        ValueError: Expected `workers` to be None or an int in [1, M=3] (at most one worker per member), but got 4.
     """
 
     def __init__(
@@ -251,28 +345,12 @@ class ParallelEnsemble:
         if not members:
             raise ValueError("Expected `members` to hold at least one member, but got none.")
         num_members = len(members)
-        worker_devices: list[torch.device] | None = None
-        if devices is not None:
-            worker_devices = check_devices(devices)
-            if len(worker_devices) > num_members:
-                raise ValueError(
-                    f"Expected `devices` to hold at most M={num_members} entries (one worker per device entry, "
-                    f"at most one worker per member), but got {len(worker_devices)}: {list(devices)!r}."
-                )
-            if workers is not None and workers != len(worker_devices):
-                raise ValueError(
-                    f"Expected `workers` to be None or len(devices)={len(worker_devices)} (one worker per "
-                    f"entry of `devices`), but got {workers!r}."
-                )
+        worker_devices = check_layout(num_members, workers, threads_per_worker, devices)
+        if worker_devices is not None:
             workers = len(worker_devices)
         elif workers is None:
             on_cuda = _module_device(members[0]).type == "cuda"
             workers = num_members if on_cuda else min(num_members, torch.get_num_threads())
-        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= num_members:
-            raise ValueError(
-                f"Expected `workers` to be an int in [1, M={num_members}] (at most one worker per member), "
-                f"but got {workers!r}."
-            )
         if threads_per_worker is None:
             threads_per_worker = max(1, torch.get_num_threads() // workers)
         self.threads_per_worker = check_int(threads_per_worker, "threads_per_worker", 1)

@@ -25,6 +25,7 @@ __all__ = [
     "ENSEMBLE_KEYS",
     "atomic_write_text",
     "build_results",
+    "cpu_model",
     "environment",
     "format_table",
     "member_name",
@@ -99,6 +100,21 @@ def member_name(member: nn.Module) -> str:
     return name if isinstance(name, str) else type(member).__name__
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (as ``lscpu`` prints it), or ``None`` where there is none.
+
+    Returns:
+        e.g. ``"Intel(R) Xeon(R) Processor"``, or ``None``.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment() -> dict[str, Any]:
     """Hardware and library versions, recorded with every result."""
     import lightning
@@ -112,6 +128,7 @@ def environment() -> dict[str, Any]:
         "torchmetrics": torchmetrics.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count(),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ensembles.parallel import ParallelEnsemble, check_devices
+from lightning_ensembles.parallel import ParallelEnsemble, check_devices, thread_count_after_overwrite
 
 
 @pytest.fixture
@@ -170,13 +170,13 @@ def test_members_on_their_device_are_not_copied():
     [
         (
             {"workers": 0},
-            "Expected `workers` to be an int in [1, M=3] (at most one worker per member), but got 0.",
+            "Expected `workers` to be None or an int in [1, M=3] (at most one worker per member), but got 0.",
         ),
         (
             {"workers": 4},
-            "Expected `workers` to be an int in [1, M=3] (at most one worker per member), but got 4.",
+            "Expected `workers` to be None or an int in [1, M=3] (at most one worker per member), but got 4.",
         ),
-        ({"workers": True}, "Expected `workers` to be an int in [1, M=3]"),
+        ({"workers": True}, "Expected `workers` to be None or an int in [1, M=3]"),
         ({"threads_per_worker": 0}, "Expected `threads_per_worker` to be an int >= 1, but got 0."),
         (
             {"devices": ["cuda:99"]},
@@ -213,34 +213,6 @@ def test_check_devices_names_the_flag():
         check_devices(["cuda:99"], flag="--trainer.callbacks.init_args.devices")
 
 
-def _count_after_another_thread_sets_two(prime: bool) -> int:
-    """Thread A asks for one thread (first letting torch initialise it, or not), then thread B sets the process-wide
-    count to two, then A reads its own count. Events order the steps: nothing depends on scheduling."""
-    asked, overwritten = threading.Event(), threading.Event()
-    seen: list[int] = []
-
-    def a() -> None:
-        if prime:
-            torch.get_num_threads()
-        torch.set_num_threads(1)
-        asked.set()
-        overwritten.wait(30)
-        seen.append(torch.get_num_threads())
-
-    def b() -> None:
-        torch.get_num_threads()
-        asked.wait(30)
-        torch.set_num_threads(2)
-        overwritten.set()
-
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return seen[0]
-
-
 @pytest.mark.skipif(
     "OpenMP" not in torch.__config__.parallel_info(), reason="the finding is about torch's OpenMP backend"
 )
@@ -248,8 +220,8 @@ def test_torch_initialises_a_thread_lazily_from_the_process_wide_count(two_threa
     # Why a worker calls torch.get_num_threads() before torch.set_num_threads(): the count is per thread once
     # torch has initialised the thread, but that lazy initialisation (on the first parallel op or query) copies
     # the process-wide value, which every set_num_threads call overwrites, over a count set before it.
-    assert _count_after_another_thread_sets_two(prime=True) == 1
-    assert _count_after_another_thread_sets_two(prime=False) == 2
+    assert thread_count_after_overwrite(prime=True) == 1
+    assert thread_count_after_overwrite(prime=False) == 2
 
 
 def test_calls_from_several_threads_at_once_each_get_their_own_results():
