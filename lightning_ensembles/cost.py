@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ensembles._compat import private_aten_ops
+from lightning_ensembles._scope import scoped_store
 from lightning_ensembles._validation import check_int, check_shape
 
 __all__ = ["count_macs", "count_params", "count_training_macs", "member_macs"]
@@ -338,17 +339,9 @@ def member_macs(
     shape = tuple(input_shape)
     trainable = tuple(p.requires_grad for p in member.parameters()) if training else ()
     key: Hashable = (training, shape, batch_size, trainable)
-    store = None
-    if scope is not None:
-        try:
-            store = _SHARED.setdefault(scope, weakref.WeakKeyDictionary()).setdefault(member, {})
-        except TypeError:
-            raise ValueError(
-                "Expected `scope` to be None or an object that can be weakly referenced (e.g. the Trainer), "
-                f"but got {type(scope).__name__}."
-            ) from None
-        if key in store:
-            return store[key]
+    store = scoped_store(_SHARED, scope, member)
+    if store is not None and key in store:
+        return store[key]
     if training:
         macs = count_training_macs(member, shape, batch_size=batch_size)
     else:

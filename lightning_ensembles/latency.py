@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_ensembles._scope import scoped_store
 from lightning_ensembles._validation import check_choice, check_int, check_shape
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.fused import check_fusable, vmap_forward
@@ -317,20 +318,6 @@ def time_runs(
     return durations
 
 
-def _shared_store(scope: object | None, module: torch.nn.Module) -> dict[Hashable, Any] | None:
-    """The measurements shared in ``scope`` for ``module`` (created empty), or ``None`` without a scope."""
-    if scope is None:
-        return None
-    try:
-        per_module = _SHARED.setdefault(scope, weakref.WeakKeyDictionary())
-    except TypeError:
-        raise ValueError(
-            f"Expected `scope` to be None or an object that can be weakly referenced (e.g. the Trainer), but got "
-            f"{type(scope).__name__}."
-        ) from None
-    return per_module.setdefault(module, {})
-
-
 def measure_ensemble_latency(
     module: EnsembleLightningModule,
     input_shape: Sequence[int],
@@ -416,7 +403,7 @@ def measure_ensemble_latency(
     if mode == "fused":
         check_fused_members(list(module.members[: max(checked_sizes)]), "mode")
     clock = time.perf_counter if clock is None else clock
-    store = _shared_store(scope, module)
+    store = scoped_store(_SHARED, scope, module)
 
     device, dtype = device_and_dtype(module)
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None

@@ -28,6 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The neutral modules the data and the models or strategies share import nothing of the package.
     "lightning_ensembles._validation": (),
     "lightning_ensembles._timm": (),
+    "lightning_ensembles._scope": (),
     "lightning_ensembles.sharding": (),
 }
 
