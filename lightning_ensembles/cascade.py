@@ -507,6 +507,7 @@ def cascade_stages(
     costs: Sequence[float],
     order: Sequence[int] | None = None,
     aggregation: str = "mean_probs",
+    first_k_log_probs: Tensor | None = None,
 ) -> CascadeStages:
     """Reduce member logits to what every stage of the cascade predicts for every sample.
 
@@ -517,13 +518,17 @@ def cascade_stages(
         order: member indices in running order; default ascending cost, ties by index.
         aggregation: ``"mean_probs"``, ``"mean_logits"`` or ``"vote"``, as in
             :func:`~lightning_ensembles.aggregation.cumulative_log_probs`.
+        first_k_log_probs: ``cumulative_log_probs(logits, aggregation)``, ``(M, N, C)``, when already computed
+            (an ``EnsembleLightningModule``'s evaluation step returns it); used only when the running order is
+            the member order, where the stages are exactly the first ``k`` members.
 
     Returns:
         The stage outcomes, ``(M, N)`` tensors on the CPU.
 
     Raises:
         ValueError: for logits that are not ``(M, N, C)``, a target that does not match them, costs that are
-            not ``M`` values > 0, an ``order`` that is not a permutation, or an unknown aggregation.
+            not ``M`` values > 0, an ``order`` that is not a permutation, an unknown aggregation, or
+            ``first_k_log_probs`` of another shape than ``logits``.
 
     Example:
         >>> logits = torch.tensor([[[0.0, 3.0]], [[3.0, 0.0]], [[0.0, 0.0]]])  # M=3, N=1, C=2
@@ -535,13 +540,23 @@ def cascade_stages(
     _check_inputs(logits, target)
     checked = _check_costs(costs, logits.shape[0])
     running = cascade_order(checked, order)
+    if first_k_log_probs is not None and tuple(first_k_log_probs.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"Expected `first_k_log_probs` to have the shape of the logits, {tuple(logits.shape)}, but got "
+            f"{tuple(first_k_log_probs.shape)}."
+        )
+    reuse = first_k_log_probs is not None and running == tuple(range(logits.shape[0]))
     index = torch.tensor(running, device=logits.device)
     parts: list[tuple[Tensor, ...]] = []
     with torch.no_grad():
         # In chunks of samples, so the float32 copies of (M, chunk, C) stay small for any N.
         for start in range(0, logits.shape[1], _CHUNK):
-            chunk = logits[:, start : start + _CHUNK].detach().index_select(0, index)
-            log_probs = cumulative_log_probs(chunk, aggregation)  # (M, chunk, C)
+            if reuse:
+                assert first_k_log_probs is not None
+                log_probs = first_k_log_probs[:, start : start + _CHUNK].detach().float()
+            else:
+                chunk = logits[:, start : start + _CHUNK].detach().index_select(0, index)
+                log_probs = cumulative_log_probs(chunk, aggregation)  # (M, chunk, C)
             labels = target[start : start + _CHUNK].to(log_probs.device, torch.long)
             confidence, prediction = log_probs.exp().clamp(0.0, 1.0).max(dim=-1)  # ties: the lowest class
             nll = nll_per_sample(log_probs, labels)

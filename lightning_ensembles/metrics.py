@@ -334,9 +334,13 @@ class EnsembleMetrics(nn.Module):
         """The metric called ``name`` (see the class docstring)."""
         return cast(Metric, self.metrics[name])
 
+    def __contains__(self, name: object) -> bool:
+        """Whether there is a metric called ``name`` (``"size_1/mutual_information"`` is not one)."""
+        return isinstance(name, str) and name in self.metrics
+
     @torch.no_grad()
-    def update(self, logits: Tensor, target: Tensor, temperature: Tensor | float | None = None) -> None:
-        """Accumulate one batch.
+    def update(self, logits: Tensor, target: Tensor, temperature: Tensor | float | None = None) -> Tensor:
+        """Accumulate one batch, and return the first-``k`` ensembles it aggregated.
 
         Args:
             logits: member logits, shape ``(M, B, C)``.
@@ -344,6 +348,12 @@ class EnsembleMetrics(nn.Module):
             temperature: the ensemble's temperature (:mod:`lightning_ensembles.calibration`), applied to the
                 aggregate of all ``M`` members (the ensemble's metrics and ``size_M``); member temperatures are
                 applied to ``logits`` by the caller.
+
+        Returns:
+            The log-probabilities of the first ``k`` members for every ``k = 1..M``, ``(M, B, C)``
+            (:func:`~lightning_ensembles.aggregation.cumulative_log_probs` of ``logits``, before the ensemble's
+            temperature): the module hands them to the callbacks, so that the first-``k`` ensembles are
+            aggregated once per batch.
 
         Raises:
             ValueError: if the shapes do not match ``(M, B, C)`` and ``(B,)`` for this ensemble.
@@ -355,7 +365,7 @@ class EnsembleMetrics(nn.Module):
             )
         logits = logits.detach().float()
         member_log_probs = logits.log_softmax(dim=-1)
-        size_log_probs = cumulative_log_probs(logits, self.aggregation)  # (M, B, C)
+        size_log_probs = first_k = cumulative_log_probs(logits, self.aggregation)  # (M, B, C)
         if temperature is not None:
             last = torch.log_softmax(size_log_probs[-1] / temperature, dim=-1)
             size_log_probs = torch.cat([size_log_probs[:-1], last.unsqueeze(0)])
@@ -380,6 +390,7 @@ class EnsembleMetrics(nn.Module):
             self["top5"].update(probs, target)
         if "disagreement" in self.metrics:
             self["disagreement"].update(disagreement_per_sample(logits))
+        return first_k
 
     def items(self) -> Iterator[tuple[str, Metric]]:
         """Yield ``(name, metric)`` pairs, in the naming scheme of the class docstring.

@@ -631,12 +631,28 @@ class EnsembleLightningModule(LightningModule):
         logits = self(x)
         if calibrated and self.temperature_scaling != "none":
             logits = self._with_member_temperatures(logits)
-            metrics.update(logits, y, temperature=self.ensemble_temperature)
+            first_k = metrics.update(logits, y, temperature=self.ensemble_temperature)
         else:
-            metrics.update(logits, y)
-        # Returned so callbacks (e.g. the ensemble-size ablation) read them in `on_*_batch_end`: the members'
-        # logits, with their temperatures at test (the ensemble's temperature acts on the aggregate only).
-        return {"logits": logits.detach(), "target": y}
+            first_k = metrics.update(logits, y)
+        # Returned so callbacks (the ensemble-size ablation, the cascade monitor) read them in
+        # `on_*_batch_end`: the members' logits, with their temperatures at test (the ensemble's temperature
+        # acts on the aggregate only), and the first-k ensembles the metrics aggregated, so that no callback
+        # aggregates them again.
+        return {"logits": logits.detach(), "target": y, "first_k_log_probs": first_k}
+
+    def evaluation_metrics(self, stage: str) -> EnsembleMetrics:
+        """The metrics this module accumulates over the current ``"val"`` or ``"test"`` epoch.
+
+        Callbacks read their values (``size_{k}/...``: the first ``k`` members) in their own
+        ``on_*_epoch_end``, which Lightning calls before the module's, where they are logged and reset;
+        :meth:`~torchmetrics.Metric.compute` caches, so they are synchronised across processes once.
+
+        Raises:
+            ValueError: for another stage.
+        """
+        if stage not in ("val", "test"):
+            raise ValueError(f"Expected `stage` to be 'val' or 'test', but got {stage!r}.")
+        return self.val_metrics if stage == "val" else self.test_metrics
 
     def calibrated_log_probs(self, logits: Tensor) -> Tensor:
         """The ensemble's log-probabilities ``(B, C)`` from member logits ``(M, B, C)``, at the fitted
@@ -753,8 +769,9 @@ class EnsembleLightningModule(LightningModule):
         :mod:`~lightning_ensembles.ood`): the OOD metrics' positives only, its labels (if any) ignored.
 
         Returns:
-            ``{"logits": (M, B, C), "target": (B,)}`` for loader 0, ``{"logits": (M, B, C)}`` for loader 1
-            (``None`` when ``ood_criteria`` is ``[]``).
+            ``{"logits": (M, B, C), "target": (B,), "first_k_log_probs": (M, B, C)}`` for loader 0 (see
+            :meth:`~lightning_ensembles.metrics.EnsembleMetrics.update`), ``{"logits": (M, B, C)}`` for loader
+            1 (``None`` when ``ood_criteria`` is ``[]``).
 
         Raises:
             ValueError: for a third test loader, or an OOD batch whose per-sample shape differs from loader 0's.

@@ -312,3 +312,28 @@ def test_stages_built_batch_by_batch_equal_the_whole_and_give_the_ensemble_sizes
         CascadeStages.cat([parts[0], cascade_stages(logits[:, :10], target[:10], COSTS)])
     with pytest.raises(ValueError, match="at least one"):
         CascadeStages.cat([])
+
+
+@pytest.mark.parametrize("aggregation", ["mean_probs", "mean_logits", "vote"])
+def test_stages_reuse_the_first_k_ensembles_only_in_member_order(aggregation: str) -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 40, 5), torch.randint(0, 5, (40,))
+    first_k = cumulative_log_probs(logits, aggregation)
+    costs = [1.0, 1.0, 1.0]  # ties run in index order: the stages are the first k members
+    reused = cascade_stages(logits, target, costs, aggregation=aggregation, first_k_log_probs=first_k)
+    fresh = cascade_stages(logits, target, costs, aggregation=aggregation)
+    for name in ("confidence", "prediction", "correct", "nll"):
+        assert torch.equal(getattr(reused, name), getattr(fresh, name))
+    # another running order: the first-k ensembles are not its stages, so they are ignored
+    shuffled = cascade_stages(
+        logits, target, [3.0, 1.0, 2.0], aggregation=aggregation, first_k_log_probs=first_k
+    )
+    expected = cascade_stages(logits, target, [3.0, 1.0, 2.0], aggregation=aggregation)
+    assert torch.equal(shuffled.nll, expected.nll) and shuffled.order == (1, 2, 0)
+    # negative control: wrong first-k ensembles change the result, so they really are read
+    wrong = cascade_stages(logits, target, costs, aggregation=aggregation, first_k_log_probs=first_k.flip(0))
+    assert not torch.equal(wrong.nll, fresh.nll)
+    with pytest.raises(
+        ValueError, match=r"`first_k_log_probs` to have the shape of the logits, \(3, 40, 5\)"
+    ):
+        cascade_stages(logits, target, costs, first_k_log_probs=first_k[:, :10])

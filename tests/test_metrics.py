@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lightning_ensembles.aggregation import aggregate, cumulative_probs
+from lightning_ensembles.aggregation import aggregate, cumulative_log_probs, cumulative_probs
 from lightning_ensembles.metrics import EnsembleMetrics
 
 M, B, C = 4, 97, 6
@@ -164,3 +164,12 @@ def test_wrong_logit_shape_is_reported() -> None:
         metrics.update(torch.zeros(3, 4, 3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="Expected `--model.aggregation`"):
         aggregate(torch.zeros(2, 4, 3), "median")
+
+
+def test_update_returns_the_first_k_ensembles_before_the_temperature() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 8, 4), torch.randint(0, 4, (8,))
+    metrics = EnsembleMetrics(3, 4)
+    first_k = metrics.update(logits, target, temperature=2.0)
+    assert torch.equal(first_k, cumulative_log_probs(logits))
+    assert "size_2/top1" in metrics and "size_1/mutual_information" not in metrics

@@ -255,3 +255,11 @@ def test_member_logits_validates_the_indices() -> None:
             ValueError, match=r"`indices` of member_logits .* in \[0, 1\] .* 2 members\), but got"
         ):
             model.member_logits(x, bad)
+
+
+def test_evaluation_metrics_by_stage() -> None:
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd())
+    assert module.evaluation_metrics("val") is module.val_metrics
+    assert module.evaluation_metrics("test") is module.test_metrics
+    with pytest.raises(ValueError, match="Expected `stage` to be 'val' or 'test', but got 'fit'"):
+        module.evaluation_metrics("fit")

@@ -202,6 +202,7 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         self.latency_ms_by_mode: dict[str, dict[int, float]] = {}
         self.history: list[dict[str, Any]] = []
         self._metrics: nn.ModuleDict | None = None
+        self._from_module: dict[str, tuple[str, ...]] = {}  # subset key -> names read from the module
         self._device = torch.device("cpu")
         self._ood_loader = False  # whether this test has an OOD loader (index 1)
         # Host clock of the latency measurement off CUDA; None means `time.perf_counter`. Tests fake it.
@@ -232,11 +233,25 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         # the random subsets, and the first-k members of every size (a random pick may miss those)
         chosen = {subset for subsets in self.subsets.values() for subset in subsets}
         unique = sorted(chosen | {tuple(range(k)) for k in self.subsets}, key=lambda s: (len(s), s))
+        # The first k members' metrics the module computes itself (`size_{k}/...`) are read from it, not
+        # computed again; the ablation keeps metrics of its own for the other subsets and names.
+        computed = as_ensemble(pl_module, "EnsembleSizeAblation").evaluation_metrics("val")
+        self._from_module = {
+            _key(subset): tuple(
+                name for name in self.metric_names if f"size_{len(subset)}/{name}" in computed
+            )
+            for subset in unique
+            if subset == tuple(range(len(subset)))
+        }
         num_classes = cast(int, pl_module.num_classes)
         self._metrics = nn.ModuleDict(
             {
                 _key(subset): nn.ModuleDict(
-                    {name: _make_metric(name, num_classes) for name in self.metric_names}
+                    {
+                        name: _make_metric(name, num_classes)
+                        for name in self.metric_names
+                        if name not in self._from_module.get(_key(subset), ())
+                    }
                 )
                 for subset in unique
             }
@@ -261,14 +276,20 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
             return
         logits, target = evaluation_outputs(outputs, "EnsembleSizeAblation")
         logits = logits.float()
+        first_k = outputs.get("first_k_log_probs")  # aggregated by the module's metrics already
         assert self._metrics is not None
         if self._device != logits.device:  # setup() runs before Lightning moves the model to its device
             self._metrics.to(logits.device)
             self._device = logits.device
         aggregation = getattr(pl_module, "aggregation", "mean_probs")
         for key, group in self._metrics.items():
+            if not len(cast(nn.ModuleDict, group)):  # every metric of this subset is read from the module
+                continue
             subset = [int(i) for i in key.split("_")]
-            log_probs = cumulative_log_probs(logits[subset], aggregation)[-1]
+            if isinstance(first_k, torch.Tensor) and key in self._from_module:
+                log_probs = first_k[len(subset) - 1].float()
+            else:
+                log_probs = cumulative_log_probs(logits[subset], aggregation)[-1]
             probs = log_probs.exp().clamp(0.0, 1.0)
             for name, metric in _metrics_of(group):
                 if name == "nll":
@@ -297,6 +318,8 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         aggregation = getattr(pl_module, "aggregation", "mean_probs")
         positives = torch.ones(logits.shape[1], dtype=torch.long, device=logits.device)
         for key, group in self._metrics.items():
+            if "ood_auroc" not in cast(nn.ModuleDict, group):
+                continue
             subset = [int(i) for i in key.split("_")]
             score = ood_scores(logits[subset], [OOD_CRITERION], aggregation)[OOD_CRITERION]
             cast(Metric, cast(nn.ModuleDict, group)["ood_auroc"]).update(score, positives)
@@ -314,8 +337,9 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
 
     # ------------------------------------------------------------------ report
 
-    def _compute(self) -> dict[str, dict[str, float]]:
+    def _compute(self, pl_module: LightningModule, stage: str) -> dict[str, dict[str, float]]:
         assert self._metrics is not None
+        computed = as_ensemble(pl_module, "EnsembleSizeAblation").evaluation_metrics(stage)
         values = {}
         for key, group in self._metrics.items():
             values[key] = {
@@ -325,6 +349,10 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
             }
             for _, metric in _metrics_of(group):
                 metric.reset()
+            # the first k members: the module's own values (it logs and resets them after this hook)
+            k = len(key.split("_"))
+            for name in self._from_module.get(key, ()):
+                values[key][name] = float(computed[f"size_{k}/{name}"].compute())
         return values
 
     def _rows(
@@ -388,7 +416,7 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         return scalars
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        values = self._compute()  # every rank: torchmetrics synchronises the states
+        values = self._compute(pl_module, stage)  # every rank: torchmetrics synchronises the states
         directory = run_directory(trainer)  # every rank: a collective under DDP
         if not trainer.is_global_zero:
             return

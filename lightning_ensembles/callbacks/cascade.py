@@ -78,7 +78,8 @@ class CascadeMonitor(EvaluationBatchCallback):
     """Cascade curve, calibrated threshold and its test accuracy and expected multiply-adds.
 
     Needs an :class:`~lightning_ensembles.EnsembleLightningModule` (it reads the ``{"logits": (M, B, C),
-    "target": (B,)}`` its evaluation steps return). Does nothing during the sanity check. The calibrated
+    "target": (B,)}`` its evaluation steps return, and, when members run in index order, the first-k
+    ensembles they aggregated, ``first_k_log_probs``). Does nothing during the sanity check. The calibrated
     threshold and the last results are kept in :meth:`state_dict`, so a resumed run, or a ``trainer.test``
     after ``trainer.fit``, uses the threshold calibrated on validation data.
 
@@ -189,6 +190,9 @@ class CascadeMonitor(EvaluationBatchCallback):
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, outputs: Any) -> None:
         logits, target = evaluation_outputs(outputs, "CascadeMonitor")
+        # the first-k ensembles the module's metrics aggregated: the stages, when members run in index order
+        first_k = outputs.get("first_k_log_probs")
+        first_k = first_k.detach() if isinstance(first_k, torch.Tensor) else None
         limit = math.ceil(self.max_samples / max(trainer.world_size, 1))
         room = limit - self._num_collected
         if logits.shape[1] > room:
@@ -199,10 +203,15 @@ class CascadeMonitor(EvaluationBatchCallback):
                 )
                 self._warned_truncation = True
             logits, target = logits[:, :room], target[:room]
+            first_k = None if first_k is None else first_k[:, :room]
         if target.numel() == 0:
             return
         aggregation = str(getattr(pl_module, "aggregation", "mean_probs"))
-        self._parts.append(cascade_stages(logits, target, self.member_gmacs, self.order, aggregation))
+        self._parts.append(
+            cascade_stages(
+                logits, target, self.member_gmacs, self.order, aggregation, first_k_log_probs=first_k
+            )
+        )
         self._num_collected += target.shape[0]
 
     @override

@@ -54,10 +54,10 @@ def test_size_metrics_equal_the_modules_own_metrics(tmp_path: Path) -> None:
     for name in ("top1", "nll"):
         mean = sum(results[f"test/member_{i}/{name}"] for i in range(M)) / M
         assert rows[1][f"random_{name}"] == pytest.approx(mean, abs=1e-6)
-    # first-k rows are the module's own per-size metrics.
+    # first-k rows are the module's own per-size metrics, read from it rather than computed again.
     for k in (1, 2):
-        assert rows[k]["first_top1"] == pytest.approx(results[f"test/size_{k}/top1"], abs=1e-6)
-        assert rows[k]["first_nll"] == pytest.approx(results[f"test/size_{k}/nll"], abs=1e-6)
+        for name in ("top1", "nll", "ece", "aece", "aurc", "risk80"):
+            assert rows[k][f"first_{name}"] == results[f"test/size_{k}/{name}"]
     member_gmacs = count_macs(module.members[0], (IN_FEATURES,)) / 1e9
     assert [rows[k]["first_gmacs"] for k in (1, 2, 3)] == pytest.approx([member_gmacs * k for k in (1, 2, 3)])
     assert all(rows[k]["latency_ms"] > 0 for k in (1, 2, 3))
@@ -272,3 +272,56 @@ def test_unknown_latency_modes_are_named() -> None:
         match=r"Expected `EnsembleSizeAblation\(latency_modes=\.\.\.\)` to be a non-empty sequence of mode names",
     ):
         EnsembleSizeAblation(latency_modes="sequential")
+
+
+def test_first_k_ensembles_are_aggregated_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The module's metrics aggregate the first k members for every k; the ablation and the cascade monitor
+    # reuse those, so only the ablation's other subsets are aggregated again.
+    import lightning_ensembles.callbacks.ablation as ablation_module
+    import lightning_ensembles.cascade as cascade_module
+    import lightning_ensembles.metrics as metrics_module
+    from lightning_ensembles.aggregation import cumulative_log_probs
+    from lightning_ensembles.callbacks import CascadeMonitor
+
+    calls: dict[str, list[int]] = {"metrics": [], "ablation": [], "cascade": []}
+
+    def counting(where: str):
+        def wrapped(logits, aggregation="mean_probs"):
+            calls[where].append(logits.shape[0])
+            return cumulative_log_probs(logits, aggregation)
+
+        return wrapped
+
+    module, ablation, trainer = _run(tmp_path, callbacks=[CascadeMonitor()], latency_batch_size=None)
+    for where, owner in (
+        ("metrics", metrics_module),
+        ("ablation", ablation_module),
+        ("cascade", cascade_module),
+    ):
+        monkeypatch.setattr(owner, "cumulative_log_probs", counting(where))
+    trainer.test(module, datamodule=TinyData(), verbose=False)
+    batches = 4  # 50 test samples in batches of 16
+    assert calls["metrics"] == [M] * batches
+    # every subset but the first-k ones (0,), (0, 1), (0, 1, 2): (1,), (2,), (0, 2), (1, 2)
+    assert sorted(calls["ablation"]) == sorted([1, 1, 2, 2] * batches)
+    assert calls["cascade"] == []  # equal members run in index order: the stages are the first k
+
+
+def test_full_ensemble_row_carries_the_ensemble_temperature(tmp_path: Path) -> None:
+    # The k = M point is the ensemble as tested: with a fitted ensemble temperature, its NLL is test/nll.
+    module = EnsembleLightningModule(
+        member=TinyNet,
+        num_members=M,
+        num_classes=NUM_CLASSES,
+        optimizer=sgd(),
+        temperature_scaling="ensemble",
+    )
+    ablation = EnsembleSizeAblation(latency_batch_size=None, stages=["test"])
+    trainer = pl.Trainer(max_epochs=1, **trainer_kwargs(callbacks=[ablation], default_root_dir=tmp_path))
+    trainer.fit(module, datamodule=TinyData())
+    assert float(module.ensemble_temperature) != 1.0
+    (results,) = trainer.test(module, datamodule=TinyData(), verbose=False)
+    rows = {row["k"]: row for row in ablation.history}
+    assert rows[M]["first_nll"] == rows[M]["random_nll"] == results["test/nll"]
