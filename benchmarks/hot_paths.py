@@ -1,4 +1,5 @@
-"""The two hot-path fixes of issue 16, new / old time in one run: ``aggregate`` and ``vmap_forward``.
+"""The hot-path fixes of issue 16, new / old time in one run: ``aggregate``, ``vmap_forward`` and the
+first-k ensembles of an evaluation batch.
 
     python benchmarks/hot_paths.py [--threads 1] [--repeats 15] [--out benchmarks/results] [--tiny]
 
@@ -10,6 +11,12 @@
   vmapped call after the stacking did not change, so both use the library's); 4 x
   WRN-16-1 on 3x32x32, batch 1 and 64, forward under ``inference_mode`` and forward + backward (training
   mode), plus the stacking alone.
+- ``first_k``: the work of one evaluation batch after the members ran, with ``EnsembleSizeAblation`` (every
+  subset of 4 members) and ``CascadeMonitor``: the module's metrics, then the two callbacks. Old: the
+  callbacks aggregated the first-k ensembles again and the ablation kept first-k metrics of its own (the
+  same callbacks with nothing to reuse: ``first_k_log_probs`` left out of the outputs and no metrics read
+  from the module); new: the library's path. One sample is an evaluation epoch of 10 batches of 256 and
+  its end (the ablation's and the module's compute), C = 10 and 1000, mean of probabilities.
 
 The old implementations are kept below, verbatim, as the reference. Rows give each path's median time with
 its 10th-90th percentile spread and ``new_over_old``, the median of the per-repeat ratios (< 1: the new path
@@ -22,6 +29,7 @@ import argparse
 import functools
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,9 +37,12 @@ from _timing import ratio, save, summary, time_interleaved
 from torch import Tensor, nn
 
 from lightning_ensembles.aggregation import AGGREGATIONS, aggregate, cumulative_probs
+from lightning_ensembles.callbacks import CascadeMonitor, EnsembleSizeAblation
+from lightning_ensembles.callbacks.ablation import METRICS, _make_metric
 from lightning_ensembles.fused import _run_stacked, _stack_by_name, vmap_forward
 from lightning_ensembles.members import build_members
 from lightning_ensembles.models import WideResNet
+from lightning_ensembles.module import EnsembleLightningModule
 
 # --------------------------------------------------------------------------------------------------------
 # REFERENCE: the implementations before issue 16, kept verbatim (only renamed) for the comparison; the
@@ -174,6 +185,62 @@ def bench_vmap_forward(
     return rows
 
 
+def _evaluation_epoch(
+    module: EnsembleLightningModule, logits: Tensor, target: Tensor, reuse: bool, batches: int
+) -> Callable[[], None]:
+    """``batches`` evaluation batches' metrics and callbacks, then every state reset; ``reuse``: the
+    library's path, else the old one."""
+    trainer = SimpleNamespace(datamodule=None, world_size=1)  # no shape: no multiply-adds to count
+    ablation = EnsembleSizeAblation(latency_batch_size=None, metrics=[m for m in METRICS if m != "ood_auroc"])
+    ablation._prepare(trainer, module)  # type: ignore[arg-type]
+    assert ablation._metrics is not None
+    if not reuse:  # the old ablation: metrics of its own for the first-k subsets too
+        for key in ablation._from_module:
+            ablation._metrics[key] = nn.ModuleDict(
+                {name: _make_metric(name, module.num_classes) for name in ablation.metric_names}
+            )
+        ablation._from_module = {}
+    cascade = CascadeMonitor(input_shape=(1,))
+    cascade.member_gmacs, cascade.order = [1.0] * logits.shape[0], list(range(logits.shape[0]))
+    metrics = module.evaluation_metrics("test")
+
+    def run() -> None:
+        for _ in range(batches):
+            first_k = metrics.update(logits, target)
+            outputs = {"logits": logits, "target": target}
+            if reuse:
+                outputs["first_k_log_probs"] = first_k
+            ablation._update(outputs, module)
+            cascade._collect(trainer, module, outputs)  # type: ignore[arg-type]
+        ablation._compute(module, "test")  # the epoch's end: the ablation's hook runs first, and resets
+        metrics.compute()  # the module logs its metrics (the values the ablation read are cached)
+        metrics.reset()
+        cascade._reset()
+
+    return run
+
+
+def bench_first_k(
+    members: int, batch: int, classes_list: Sequence[int], repeats: int, calls: int
+) -> list[dict[str, Any]]:
+    rows = []
+    cpu = torch.device("cpu")
+    for classes in classes_list:
+        module = EnsembleLightningModule(
+            member=functools.partial(nn.Linear, 4, classes), num_members=members, num_classes=classes
+        )
+        logits = torch.randn(members, batch, classes, generator=torch.Generator().manual_seed(0))
+        target = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1))
+        candidates = {
+            "old": _evaluation_epoch(module, logits, target, reuse=False, batches=calls),
+            "new": _evaluation_epoch(module, logits, target, reuse=True, batches=calls),
+        }
+        samples = time_interleaved(candidates, repeats=repeats, warmup=1, device=cpu)
+        config = {"members": members, "batch": batch, "classes": classes, "phase": "metrics + callbacks"}
+        rows.append(_row("first_k", config, samples, calls))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -188,10 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         rows = bench_aggregate([(2, 1, 3)], ["mean_probs"], repeats=2, target_s=1e-4)
         rows += bench_vmap_forward(10, 1, 8, [2], repeats=2, target_s=1e-4)
+        rows += bench_first_k(3, 4, [3], repeats=2, calls=2)
     else:
         shapes = [(m, b, c) for m in (4, 8) for b in (1, 256) for c in (10, 1000)]
         rows = bench_aggregate(shapes, AGGREGATIONS, args.repeats, target_s=5e-3)
         rows += bench_vmap_forward(16, 1, 32, [1, 64], args.repeats, target_s=5e-3)
+        rows += bench_first_k(4, 256, [10, 1000], args.repeats, calls=10)
     for row in rows:
         row["threads"] = torch.get_num_threads()
     return save("hot_paths", rows, args.out)
