@@ -25,13 +25,6 @@ ELSEWHERE: dict[str, tuple[str, ...]] = {
     "members.py": ("test_member_specs.py", "test_checkpoints.py"),
     "testing.py": ("data/test_cifar.py",),  # the fake CIFAR-10 and SVHN files, read by the real loaders
     "testing_imagenet.py": ("data/test_imagenet.py",),  # the fake ImageFolder, read by the real loader
-    # the NAS package's tests predate its split into modules: one file for the search, one for the space
-    "callbacks/optuna_pruning.py": ("test_nas.py",),
-    "nas/export.py": ("test_nas.py",),
-    "nas/search.py": ("test_nas.py", "test_nas_recipe.py"),
-    "nas/selection.py": ("test_nas.py",),
-    "nas/space.py": ("test_nas.py", "models/test_nas.py"),
-    "nas/storage.py": ("test_nas.py",),
 }
 """Modules without a mirrored test file, and where their tests are."""
 
