@@ -12,7 +12,7 @@ from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.nas.search import NASSearch
 from lightning_ensembles.nas.space import NASSearchSpace, StageSpace
 
-__all__ = ["FAST", "SPACE", "digits", "make_search"]
+__all__ = ["FAST", "SPACE", "THREE_STAGES", "digits", "make_search"]
 
 SPACE = NASSearchSpace(
     stages=[
@@ -21,6 +21,19 @@ SPACE = NASSearchSpace(
     ],
     stem_channels=8,
     num_features=32,
+)
+# Three stages, each field with one or several choices (its size is the product of their counts): the
+# space of the space's own tests and of the NASNet member's.
+THREE_STAGES = NASSearchSpace(
+    stages=[
+        StageSpace(channels=[8, 16], kernel_sizes=[3, 5], expand_ratios=[1], max_blocks=1),
+        StageSpace(
+            channels=[16, 24], stride=2, kernel_sizes=[3, 5, 7], expand_ratios=[1, 3, 6], max_blocks=3
+        ),
+        StageSpace(channels=[24, 40], stride=2, expand_ratios=[3, 6], min_blocks=2, max_blocks=3, se=[True]),
+    ],
+    stem_channels=8,
+    num_features=64,
 )
 FAST = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}
 

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ensembles.nas.space import NASSearchSpace, StageSpace
+from lightning_ensembles.nas.space import NASSearchSpace
+from tests.nas.common import THREE_STAGES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Three stages, each field with one or several choices: the size below is the product of their counts.
-SPACE = NASSearchSpace(
-    stages=[
-        StageSpace(channels=[8, 16], kernel_sizes=[3, 5], expand_ratios=[1], max_blocks=1),
-        StageSpace(
-            channels=[16, 24], stride=2, kernel_sizes=[3, 5, 7], expand_ratios=[1, 3, 6], max_blocks=3
-        ),
-        StageSpace(channels=[24, 40], stride=2, expand_ratios=[3, 6], min_blocks=2, max_blocks=3, se=[True]),
-    ],
-    stem_channels=8,
-    num_features=64,
-)
+SPACE = THREE_STAGES
 
 
 def test_space_size_counts_every_choice() -> None:
