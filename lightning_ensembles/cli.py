@@ -44,6 +44,7 @@ __all__ = [
     "check_devices",
     "check_strategy",
     "log_run_summary",
+    "recipe_main",
     "run_recipe",
 ]
 
@@ -423,4 +424,27 @@ def run_recipe(
     cli = EnsembleCLI(args=args, **cli_kwargs)
     results = cli.fit_test_report()
     results["table"] = format_table(results)
+    return results
+
+
+def recipe_main(
+    args: Sequence[str] | None, default_config: str | os.PathLike[str], **cli_kwargs: Any
+) -> dict[str, Any]:
+    """The ``main`` of a training recipe: :func:`run_recipe`, then the results table on stdout (rank 0).
+
+    Every reproduction script is its docstring, its default config and ``main = recipe_main(args,
+    DEFAULT_CONFIG)``; ``--help`` is :class:`EnsembleCLI`'s and a bad flag exits with status 2, as
+    jsonargparse reports it. Only rank 0 of a multi-device run prints (the one that wrote the results file).
+
+    Args:
+        args: command-line arguments; ``None`` reads ``sys.argv[1:]``.
+        default_config: the recipe's default config (see :func:`run_recipe`).
+        **cli_kwargs: forwarded to :class:`EnsembleCLI`.
+
+    Returns:
+        What :func:`run_recipe` returns.
+    """
+    results = run_recipe(args, default_config=default_config, **cli_kwargs)
+    if "results_file" in results:  # rank 0 only
+        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
     return results

@@ -31,7 +31,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule
 
-from lightning_ensembles.cli import run_recipe
+from lightning_ensembles.cli import recipe_main, run_recipe
 from lightning_ensembles.compare import compare
 from lightning_ensembles.nas import NASSearch, export_search
 
@@ -187,10 +187,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         return search(rest)
     if stage == "compare":
         return compare_arms(rest)
-    results = run_recipe(rest, default_config=TRAIN_CONFIG)
-    if "results_file" in results:
-        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
-    return results
+    return recipe_main(rest, TRAIN_CONFIG)
 
 
 if __name__ == "__main__":
