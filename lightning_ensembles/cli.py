@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
@@ -46,6 +46,7 @@ __all__ = [
     "log_run_summary",
     "recipe_main",
     "run_recipe",
+    "split_own_flags",
 ]
 
 log = logging.getLogger(__name__)
@@ -448,3 +449,43 @@ def recipe_main(
     if "results_file" in results:  # rank 0 only
         print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
     return results
+
+
+def split_own_flags(parser: ArgumentParser, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``args`` into the flags ``parser`` defines and the rest, which a tool forwards to a recipe.
+
+    jsonargparse has no ``parse_known_args`` (a typo would go unnoticed); a tool that takes a few flags of its
+    own and passes every other one to :func:`run_recipe` (which reports a bad one, exit status 2) splits
+    them with this first, then parses its own with ``parser``. The tool's flags are ``-h``/``--help`` and
+    ``--<key>`` for each key of ``parser.get_defaults()``, each taking one value (``--out runs`` or
+    ``--out=runs``); abbreviations are not recognised.
+
+    Args:
+        parser: the tool's own parser.
+        args: the command line after the tool's name.
+
+    Returns:
+        ``(own, rest)``, each in the order given.
+
+    Example:
+        >>> from jsonargparse import ArgumentParser
+        >>> parser = ArgumentParser()
+        >>> _ = parser.add_argument("--out", type=str, default="runs")
+        >>> split_own_flags(parser, ["--out", "x", "--trainer.max_epochs=3", "--config", "a.yaml", "-h"])
+        (['--out', 'x', '-h'], ['--trainer.max_epochs=3', '--config', 'a.yaml'])
+    """
+    takes_value = {"-h": False, "--help": False, **{f"--{key}": True for key in parser.get_defaults().keys()}}
+    own: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = arg.split("=", 1)[0]
+        if name in takes_value:
+            value = takes_value[name] and "=" not in arg and i + 1 < len(args)
+            own.extend(args[i : i + 2] if value else [arg])
+            i += 2 if value else 1
+        else:
+            rest.append(arg)
+            i += 1
+    return own, rest
