@@ -26,6 +26,7 @@ from lightning_ensembles.cli import EnsembleCLI, recipe_main, split_own_flags
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "reproductions"))
 
+import checkpoint_selection  # noqa: E402
 import cifar_wrn  # noqa: E402
 import imagenet_efficientnet  # noqa: E402
 import quickstart  # noqa: E402
@@ -176,6 +177,18 @@ def test_seed_sweep_scripts_document_every_flag_and_the_recipe_flags(
         assert f" {flag} " in shown and doc in shown, flag
     code, _, err = _exit(script.main, ["--seeds", "2", "--bogus_flag", "1"], capsys)
     assert code == 2 and err.startswith("usage: ")
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "--bogus_flag" in line
+
+
+def test_checkpoint_selection_help_and_bad_flag(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _exit(checkpoint_selection.main, ["--help"], capsys)
+    shown = " ".join(out.split())
+    assert code == 0 and out.startswith("usage: ") and "--config CONFIG" in shown
+    assert "Test every run of a seed sweep at its three checkpoints" in shown
+    assert re.search(r"\ssweep\s+the sweep's folder", shown)
+    code, _, err = _exit(checkpoint_selection.main, ["runs", "--bogus_flag"], capsys)
+    assert code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "--bogus_flag" in line
 
