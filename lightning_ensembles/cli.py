@@ -2,10 +2,10 @@
 
 A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.devices N]`` with no
 subcommand: it trains, tests the final weights (``--test_weights best``: the best checkpoint on a validation
-split), then prints and saves the results table
-(:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
-are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module, and a
-timm member's name is given once, in the model, and linked into ``--data.model_name``
+split), then prints and saves the results table (:mod:`lightning_ensembles.results`); its ``main`` is
+:func:`recipe_main`. The typed ``__init__`` signatures of the module and the datamodule are the
+configuration; ``num_classes`` is given once, by the datamodule, and linked into the module, and a timm
+member's name is given once, in the model, and linked into ``--data.model_name``
 (:func:`link_member_resolution`).
 """
 
