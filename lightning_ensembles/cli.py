@@ -2,10 +2,10 @@
 
 A reproduction is ``python reproductions/<name>.py [--config ...] [--trainer.devices N]`` with no
 subcommand: it trains, tests the final weights (``--test_weights best``: the best checkpoint on a validation
-split), then prints and saves the results table
-(:mod:`lightning_ensembles.results`). The typed ``__init__`` signatures of the module and the datamodule
-are the configuration; ``num_classes`` is given once, by the datamodule, and linked into the module, and a
-timm member's name is given once, in the model, and linked into ``--data.model_name``
+split), then prints and saves the results table (:mod:`lightning_ensembles.results`); its ``main`` is
+:func:`recipe_main`. The typed ``__init__`` signatures of the module and the datamodule are the
+configuration; ``num_classes`` is given once, by the datamodule, and linked into the module, and a timm
+member's name is given once, in the model, and linked into ``--data.model_name``
 (:func:`link_member_resolution`).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
@@ -44,7 +44,9 @@ __all__ = [
     "check_devices",
     "check_strategy",
     "log_run_summary",
+    "recipe_main",
     "run_recipe",
+    "split_own_flags",
 ]
 
 log = logging.getLogger(__name__)
@@ -424,3 +426,66 @@ def run_recipe(
     results = cli.fit_test_report()
     results["table"] = format_table(results)
     return results
+
+
+def recipe_main(
+    args: Sequence[str] | None, default_config: str | os.PathLike[str], **cli_kwargs: Any
+) -> dict[str, Any]:
+    """The ``main`` of a training recipe: :func:`run_recipe`, then the results table on stdout (rank 0).
+
+    Every reproduction script is its docstring, its default config and ``main = recipe_main(args,
+    DEFAULT_CONFIG)``; ``--help`` is :class:`EnsembleCLI`'s and a bad flag exits with status 2, as
+    jsonargparse reports it. Only rank 0 of a multi-device run prints (the one that wrote the results file).
+
+    Args:
+        args: command-line arguments; ``None`` reads ``sys.argv[1:]``.
+        default_config: the recipe's default config (see :func:`run_recipe`).
+        **cli_kwargs: forwarded to :class:`EnsembleCLI`.
+
+    Returns:
+        What :func:`run_recipe` returns.
+    """
+    results = run_recipe(args, default_config=default_config, **cli_kwargs)
+    if "results_file" in results:  # rank 0 only
+        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
+    return results
+
+
+def split_own_flags(parser: ArgumentParser, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``args`` into the flags ``parser`` defines and the rest, which a tool forwards to a recipe.
+
+    jsonargparse has no ``parse_known_args`` (a typo would go unnoticed); a tool that takes a few flags of its
+    own and passes every other one to :func:`run_recipe` (which reports a bad one, exit status 2) splits
+    them with this first, then parses its own with ``parser``. The tool's flags are ``-h``/``--help`` and
+    ``--<key>`` for each key of ``parser.get_defaults()``, each taking one value (``--out runs`` or
+    ``--out=runs``); abbreviations are not recognised.
+
+    Args:
+        parser: the tool's own parser.
+        args: the command line after the tool's name.
+
+    Returns:
+        ``(own, rest)``, each in the order given.
+
+    Example:
+        >>> from jsonargparse import ArgumentParser
+        >>> parser = ArgumentParser()
+        >>> _ = parser.add_argument("--out", type=str, default="runs")
+        >>> split_own_flags(parser, ["--out", "x", "--trainer.max_epochs=3", "--config", "a.yaml", "-h"])
+        (['--out', 'x', '-h'], ['--trainer.max_epochs=3', '--config', 'a.yaml'])
+    """
+    takes_value = {"-h": False, "--help": False, **{f"--{key}": True for key in parser.get_defaults().keys()}}
+    own: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = arg.split("=", 1)[0]
+        if name in takes_value:
+            value = takes_value[name] and "=" not in arg and i + 1 < len(args)
+            own.extend(args[i : i + 2] if value else [arg])
+            i += 2 if value else 1
+        else:
+            rest.append(arg)
+            i += 1
+    return own, rest

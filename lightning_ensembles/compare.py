@@ -689,8 +689,11 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (typed flags from :func:`compare`'s signature)."""
     from jsonargparse import CLI
 
-    with command_line_errors("python -m lightning_ensembles.compare"):
-        results = CLI(compare, args=list(args) if args is not None else None, as_positional=True)
+    program = "python -m lightning_ensembles.compare"
+    with command_line_errors(program):
+        results = CLI(
+            compare, args=list(args) if args is not None else None, as_positional=True, prog=program
+        )
     print(results["table"], "\n".join(f"wrote {f}" for f in results["files"]), sep="\n")
     if results["skipped"]:
         print("skipped (no ablation tags): " + ", ".join(results["skipped"]))

@@ -19,6 +19,8 @@ On the command line (a checkpoint written by ``Trainer.fit`` or a reproduction):
 
     python -m lightning_ensembles.export CKPT --format onnx --input_shape 1 8 8 [--out PATH]
 
+``--help`` lists every flag; ``--config export.yaml`` reads them from a YAML file (``input_shape: [1, 8, 8]``).
+
 Example:
     >>> from torch import nn
     >>> from lightning_ensembles import EnsembleLightningModule
@@ -29,17 +31,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import io
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from lightning_ensembles._compat import uncompiled
 from lightning_ensembles._validation import check_bool, check_choice, check_shape, command_line_errors
 from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
 from lightning_ensembles.results import atomic_write_text
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
 
 __all__ = ["FORMATS", "VERIFY_BATCH_SIZES", "ExportResult", "ExportableEnsemble", "export_ensemble", "main"]
 
@@ -448,17 +451,12 @@ def _verify(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported as one line (and exit status 2), as the package's other commands."""
+def _parser() -> ArgumentParser:
+    """The command line: jsonargparse, so ``--config`` takes a YAML of these flags and a bad flag prints the
+    usage and one ``error:`` line with exit status 2, as the package's other commands do."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-    @override
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{_PROGRAM}: error: {message}\n")
-        raise SystemExit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=_PROGRAM,
         description=(
             "Write a trained ensemble (an EnsembleLightningModule checkpoint) as one file holding every member "
@@ -466,32 +464,50 @@ def _parser() -> argparse.ArgumentParser:
             "loaded back and compared with the eager ensemble at batch sizes 1 and 7 before it is written."
         ),
     )
-    parser.add_argument("checkpoint", metavar="CKPT", help="the checkpoint (Trainer.fit or a reproduction)")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these flags.")
+    parser.add_argument(
+        "checkpoint",
+        type=str,
+        metavar="CKPT",
+        help="The checkpoint (written by Trainer.fit or a reproduction).",
+    )
     parser.add_argument(
         "--input_shape",
         type=int,
         nargs="+",
         required=True,
         metavar="N",
-        help="one sample's shape without the batch axis, e.g. --input_shape 1 8 8 (digits), 3 32 32 (CIFAR)",
+        help="One sample's shape without the batch axis, e.g. --input_shape 1 8 8 (digits), 3 32 32 (CIFAR).",
     )
     parser.add_argument(
-        "--format", default="pt2", metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx (default: pt2)"
+        "--format", type=str, default="pt2", metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx."
     )
-    parser.add_argument("--out", default=None, help="the file to write (default: CKPT with .pt2 or .onnx)")
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="The file to write; null writes CKPT with the suffix .pt2 or .onnx.",
+    )
     parser.add_argument(
         "--member_probs",
-        action="store_true",
-        help="also output each member's probabilities (M, B, C) as `member_probs`",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Also output each member's probabilities (M, B, C) as `member_probs`.",
     )
     parser.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip the comparison with the eager ensemble"
+        "--verify",
+        action=ActionYesNo(no_prefix="no-"),
+        nargs="?",
+        default=True,
+        help="Compare the written file with the eager ensemble; --no-verify (or --verify false) skips it.",
     )
     parser.add_argument(
         "--tolerance",
         type=float,
         default=1e-5,
-        help="the largest absolute difference of probabilities accepted (default: 1e-5)",
+        help="The largest absolute difference of probabilities the comparison accepts.",
     )
     return parser
 
@@ -506,10 +522,11 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         What :func:`export_ensemble` returns.
 
     Raises:
-        SystemExit: with status 2 and one line on stderr for a bad flag or value, or a checkpoint that does not
-            exist or does not load.
+        SystemExit: with status 2 for a bad flag (jsonargparse prints the usage and an ``error:`` line) and
+            for a value not allowed or a checkpoint that does not exist or does not load (one ``error:`` line
+            naming the flag).
     """
-    args = _parser().parse_args(list(argv) if argv is not None else None)
+    args = _parser().parse_args(list(argv) if argv is not None else None)  # exits with status 2 on a bad flag
     with command_line_errors(_PROGRAM):
         check_choice(args.format, "--format", FORMATS)  # before the checkpoint is loaded
         check_shape(args.input_shape, "--input_shape")

@@ -655,8 +655,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (typed flags from :func:`sweep`'s signature, ``--config`` for YAML)."""
     from jsonargparse import CLI
 
-    with command_line_errors("python -m lightning_ensembles.sweep"):
-        return CLI(sweep, args=list(argv) if argv is not None else None)
+    program = "python -m lightning_ensembles.sweep"
+    with command_line_errors(program):
+        return CLI(sweep, args=list(argv) if argv is not None else None, prog=program)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -69,11 +68,25 @@ def evaluate_run(run: Path) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Test every run of the sweep folder ``argv[0]`` at its three checkpoints and print the comparison."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        raise SystemExit("usage: checkpoint_selection.py SWEEP_FOLDER  (e.g. runs/quickstart)")
-    root = Path(argv[0])
+    """Command-line entry point: ``checkpoint_selection.py SWEEP`` (jsonargparse; ``--help``)."""
+    from jsonargparse import CLI
+
+    return CLI(compare_checkpoints, args=argv, as_positional=True)  # type: ignore[no-any-return]
+
+
+def compare_checkpoints(sweep: str) -> dict[str, Any]:
+    """Test every run of a seed sweep at its three checkpoints and print the comparison with the final weights.
+
+    Args:
+        sweep: the sweep's folder, with one ``<arm>/seed_<s>/results.json`` per run (e.g. runs/quickstart).
+
+    Returns:
+        ``{arm: {choice: spread, epochs, per-seed numbers and the paired difference with final}}``.
+
+    Raises:
+        SystemExit: if the folder holds no sweep runs.
+    """
+    root = Path(sweep)
     runs = sorted(p.parent for p in root.glob("*/seed_*/results.json"))
     if not runs:
         raise SystemExit(f"Found no sweep runs (<arm>/seed_<s>/results.json) under {str(root)!r}.")

@@ -14,21 +14,17 @@ recipe it trains, tests, then prints and saves the results table next to the Ten
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from lightning_ensembles.cli import run_recipe
+from lightning_ensembles.cli import recipe_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imagenet_efficientnet.yaml"
 
 
 def main(args: list[str] | None = None) -> dict:
-    """Run the recipe with ``args`` (default: the command line) and return its results."""
-    results = run_recipe(args, default_config=DEFAULT_CONFIG)
-    if "results_file" in results:  # rank 0 only
-        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
-    return results
+    """Run the recipe with ``args`` (default: the command line), print and return its results."""
+    return recipe_main(args, DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

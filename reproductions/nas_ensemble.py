@@ -1,4 +1,4 @@
-"""NAS-derived ensembles: one searched architecture replicated vs diverse searched ones (Kondratyuk et al.
+r"""NAS-derived ensembles: one searched architecture replicated vs diverse searched ones (Kondratyuk et al.
 2020, figure 3).
 
     python reproductions/nas_ensemble.py search [--config reproductions/configs/nas/search.yaml] [--out runs/nas]
@@ -11,7 +11,8 @@ vs multiply-adds) in the storage ``--search.storage`` (default ``sqlite:///<out>
 command on several machines to share it), then writes pareto.yaml, searched.yaml (arm a) and diverse.yaml
 (arm b) to ``--out``. ``compare`` trains both arms with the full recipe (configs/nas/digits.yaml: FLOPs
 monitor, ensemble-size ablation), logs them under ``<out>/compare`` and runs ``lightning_ensembles.compare``
-there. ``train`` is the plain recipe, for one config such as the shipped searched architecture.
+there. ``train`` is the plain recipe, for one config such as the shipped searched architecture. Each stage
+has its own ``--help``; the flags of ``train``, and those of ``compare`` but ``--out``, are the recipe's.
 
 The search prints one line per finished trial on stderr (its place among ``--search.n_trials``, top-1 and
 cost, the best so far and the time left). A worker that dies leaves its trial to the others: after
@@ -21,6 +22,7 @@ worker records it as failed and trains its architecture again.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import sys
@@ -28,17 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule
 
-from lightning_ensembles.cli import run_recipe
+from lightning_ensembles._help import first_sentence
+from lightning_ensembles.cli import recipe_main, run_recipe, split_own_flags
 from lightning_ensembles.compare import compare
 from lightning_ensembles.nas import NASSearch, export_search
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "nas"
 SEARCH_CONFIG = CONFIGS / "search.yaml"
 TRAIN_CONFIG = CONFIGS / "digits.yaml"
-STAGES = ("search", "compare", "train")
+
+
+class _DocstringHelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the module docstring's commands kept as they are written."""
 
 
 @dataclasses.dataclass
@@ -70,7 +76,10 @@ def search_parser() -> ArgumentParser:
 
 
 def search(args: list[str]) -> dict[str, Any]:
-    """The ``search`` stage: run (or join) the study, then write the Pareto set and the two arms."""
+    """Run (or join) the study, then write the Pareto set and the two arms.
+
+    The ``search`` stage; ``args`` are the flags of :func:`search_parser`, after its default config.
+    """
     parser = search_parser()
     config = parser.parse_args(["--config", str(SEARCH_CONFIG), *args])
     out = Path(config.out)
@@ -97,32 +106,36 @@ def search(args: list[str]) -> dict[str, Any]:
     return result
 
 
-COMPARE_HELP = """usage: nas_ensemble.py compare [--out DIR] [recipe flags]
-
-Train both arms of a finished search with the full recipe (configs/nas/digits.yaml), log them under
-<out>/compare and compare them with lightning_ensembles.compare:
-  arm (a): the searched architecture <out>/searched.yaml, replicated N times;
-  arm (b): the N diverse searched architectures <out>/diverse.yaml.
-
-options:
-  --out DIR        the search's folder (default runs/nas); run `nas_ensemble.py search --out DIR` first
-  recipe flags     any flag of the training recipe, given to both arms (list them with
-                   `nas_ensemble.py train --help`), e.g. --trainer.max_epochs 30 --model.seed 10
-"""
+def compare_parser() -> ArgumentParser:
+    """The ``compare`` stage's own flag, ``--out``; every other flag is the recipe's, given to both arms."""
+    parser = ArgumentParser(
+        prog="nas_ensemble.py compare",
+        usage="nas_ensemble.py compare [-h] [--out OUT] [recipe flags]",
+        description=(
+            f"{first_sentence(compare_arms.__doc__ or '')} Arm (a) is the searched architecture "
+            "<out>/searched.yaml replicated N times, arm (b) the N diverse searched architectures <out>/diverse.yaml; both are logged under "
+            "<out>/compare and compared with lightning_ensembles.compare. Every flag but --out is a flag of "
+            "the training recipe (configs/nas/digits.yaml), given to both arms: --config FILE, "
+            "--trainer.max_epochs 30, --model.seed 10; `nas_ensemble.py train --help` lists them."
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        type=str,
+        default="runs/nas",
+        help="The search's folder, written by `nas_ensemble.py search --out DIR`.",
+    )
+    return parser
 
 
 def compare_arms(args: list[str]) -> dict[str, Any]:
-    """The ``compare`` stage: train both arms with the full recipe, then compare them."""
-    if "-h" in args or "--help" in args:
-        print(COMPARE_HELP, end="")
-        return {}
-    out = Path("runs/nas")
-    if "--out" in args[:-1]:
-        i = args.index("--out")
-        out, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
-    elif any(a.startswith("--out=") for a in args):
-        out = Path(next(a for a in args if a.startswith("--out="))[len("--out=") :])
-        args = [a for a in args if not a.startswith("--out=")]
+    """Train both arms of a finished search with the full recipe, then compare them.
+
+    The ``compare`` stage; ``--out`` is its own flag (:func:`compare_parser`), every other one is the recipe's.
+    """
+    parser = compare_parser()
+    own, args = split_own_flags(parser, args)
+    out = Path(parser.parse_args(own).out)
     searched, diverse = out / "searched.yaml", out / "diverse.yaml"
     for path in (searched, diverse):
         if not path.is_file():
@@ -138,7 +151,9 @@ def compare_arms(args: list[str]) -> dict[str, Any]:
     results = {}
     for arm, arm_args in arms.items():
         logger = [f"--trainer.logger.init_args.save_dir={logdir}", f"--trainer.logger.init_args.name={arm}"]
-        results[arm] = run_recipe([*args, *arm_args, *logger], default_config=TRAIN_CONFIG)
+        results[arm] = run_recipe(
+            [*args, *arm_args, *logger], TRAIN_CONFIG, parser_kwargs={"prog": "nas_ensemble.py compare"}
+        )
         if "table" in results[arm]:
             print(f"\n## Arm: {arm}\n\n{results[arm]['table']}")
     if not all("results_file" in r for r in results.values()):
@@ -167,30 +182,47 @@ def library_logging() -> logging.Logger:
     return logger
 
 
+def train(args: list[str]) -> dict[str, Any]:
+    """Train one config with the plain recipe (configs/nas/digits.yaml), e.g. the shipped architecture.
+
+    The ``train`` stage; its flags are the recipe's (``nas_ensemble.py train --help``).
+    """
+    return recipe_main(args, TRAIN_CONFIG, parser_kwargs={"prog": "nas_ensemble.py train"})
+
+
+STAGES = {"search": search, "compare": compare_arms, "train": train}
+
+
+def stages_parser() -> ArgumentParser:
+    """The command line: one subcommand per stage, each with its own ``--help``.
+
+    ``search`` and ``compare`` are parsed by :func:`search_parser` and :func:`compare_parser`; the flags of
+    ``train`` (and those of ``compare`` but ``--out``) are the recipe's, parsed by
+    :class:`~lightning_ensembles.cli.EnsembleCLI`.
+    """
+    parser = ArgumentParser(
+        prog="nas_ensemble.py", description=__doc__, formatter_class=_DocstringHelpFormatter
+    )
+    stages = parser.add_subcommands(dest="stage", metavar="{search,compare,train}")
+    stages.add_subcommand("search", search_parser(), help=first_sentence(search.__doc__ or ""))
+    stages.add_subcommand("compare", compare_parser(), help=first_sentence(compare_arms.__doc__ or ""))
+    train_help = first_sentence(train.__doc__ or "")
+    train_stage = ArgumentParser(prog="nas_ensemble.py train", description=train_help)
+    stages.add_subcommand("train", train_stage, help=train_help)
+    return parser
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run the stage named by the first argument (``search``, ``compare`` or ``train``)."""
+    """Run the stage named by the first argument (``search``, ``compare`` or ``train``) with the rest."""
     args = list(sys.argv[1:] if args is None else args)
-    if args[:1] in (["-h"], ["--help"]):
-        print(f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]\n{__doc__}", end="")
-        print("Each stage has its own help: nas_ensemble.py search --help, compare --help, train --help.")
-        return {}
     if not args or args[0] not in STAGES:
-        sys.stderr.write(
-            f"usage: nas_ensemble.py {{{','.join(STAGES)}}} [flags]\n"
-            f"nas_ensemble.py: error: expected a stage ({', '.join(STAGES)}) first, but got "
-            f"{args[0] if args else 'nothing'!r}; see nas_ensemble.py --help\n"
+        parser = stages_parser()
+        parser.parse_args(args)  # --help (exit status 0), or no stage or an unknown one (status 2)
+        parser.error(
+            f"expected a stage ({', '.join(STAGES)}) first, but got {args[0] if args else 'nothing'!r}"
         )
-        raise SystemExit(2)
     library_logging()
-    stage, rest = args[0], args[1:]
-    if stage == "search":
-        return search(rest)
-    if stage == "compare":
-        return compare_arms(rest)
-    results = run_recipe(rest, default_config=TRAIN_CONFIG)
-    if "results_file" in results:
-        print(results["table"], f"\nSaved to {results['results_file']}", sep="", flush=True)
-    return results
+    return STAGES[args[0]](args[1:])
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _options(
     seeds: int | list[int] = DEFAULT_SEEDS, workers: int | None = None, out: str = "runs/quickstart"
 ) -> dict:
-    """Paper figure 1 on scikit-learn's digits over seeds, with paired evidence (flags after `--` go to
-    every recipe run, e.g. `-- --trainer.max_epochs=5`).
+    """Paper figure 1 on digits over seeds, with paired evidence; flags after ``--`` go to every recipe run.
+
+    For example ``quickstart.py --seeds 3 -- --trainer.max_epochs=5``.
 
     Args:
         seeds: how many seeds (0..n-1), or the list of seeds.

@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workers: int | None = None,
         out: str = "runs/uncertainty_digits",
     ) -> dict[str, Any]:
-        """Uncertainty per multiply-add on digits over seeds (see the module docstring).
+        """Uncertainty per multiply-add on digits over seeds; flags after ``--`` go to every recipe run.
+
+        See the module docstring. For example ``uncertainty_digits.py --seeds 3 -- --trainer.max_epochs=5``.
 
         Args:
             seeds: how many seeds (0..n-1), or a list of seeds.

@@ -122,26 +122,59 @@ def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
 def test_compare_without_a_search_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"searched.yaml from `nas_ensemble.py search --out"):
         nas_ensemble.main(["compare", f"--out={tmp_path}"])
+
+
+def _exit_code(args: list[str]) -> int | str | None:
     with pytest.raises(SystemExit) as exit_info:
-        nas_ensemble.main(["fit"])
-    assert exit_info.value.code == 2
+        nas_ensemble.main(args)
+    return exit_info.value.code
 
 
 def test_help_describes_the_stages_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert nas_ensemble.main(["--help"]) == {}
+    assert _exit_code(["--help"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("usage: nas_ensemble.py {search,compare,train}")
     assert all(f"nas_ensemble.py {stage}" in printed for stage in ("search", "compare", "train"))
-    # `compare --help` needs no finished search.
-    assert nas_ensemble.main(["compare", "--help", f"--out={tmp_path / 'nothing'}"]) == {}
+    stages = printed[printed.index("subcommands:") :]
+    for stage, summary in (
+        ("search", "Run (or join) the study"),
+        ("compare", "Train both arms of a finished search"),
+        ("train", "Train one config with the plain recipe"),
+    ):
+        assert re.search(rf"^\s+{stage}\s+{re.escape(summary)}", stages, re.M), stage
+    # `compare --help` needs no finished search, and documents --out and where the other flags go.
+    assert _exit_code(["compare", "--help", f"--out={tmp_path / 'nothing'}"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("usage: nas_ensemble.py compare") and "--out DIR" in printed
-    with pytest.raises(SystemExit) as exit_info:
-        nas_ensemble.main(["search", "--help"])
-    assert exit_info.value.code == 0 and "--search.n_trials" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        nas_ensemble.main([])
-    assert exit_info.value.code == 2 and "expected a stage" in capsys.readouterr().err
+    assert printed.startswith("usage: nas_ensemble.py compare [-h] [--out OUT] [recipe flags]")
+    assert "--out OUT" in printed and "The search's folder" in printed and "train --help" in printed
+    assert _exit_code(["search", "--help"]) == 0
+    assert "--search.n_trials" in capsys.readouterr().out
+    assert _exit_code(["train", "--help"]) == 0  # the recipe's own help
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: nas_ensemble.py train") and "--trainer.max_epochs" in printed
+    assert (
+        _exit_code([]) == 2
+        and 'expected "stage" to be one of {search,compare,train}' in capsys.readouterr().err
+    )
+
+
+def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "searched.yaml").write_text(SEARCHED.read_text())
+    (tmp_path / "diverse.yaml").write_text(
+        "model:\n  members:\n    - class_path: lightning_ensembles.models.NASNet\n"
+    )
+    for args, usage, error in (
+        (["fit"], "nas_ensemble.py", "invalid choice: 'fit'"),
+        (["--bogus"], "nas_ensemble.py", "--bogus"),
+        (["search", "--search.bogus=1"], "nas_ensemble.py search", "--search.bogus"),
+        (["compare", "--out"], "nas_ensemble.py compare", "argument --out: expected one argument"),
+        (["compare", f"--out={tmp_path}", "--trainer.bogus=1"], "nas_ensemble.py compare", "--trainer.bogus"),
+        (["train", "--trainer.bogus=1"], "nas_ensemble.py train", "--trainer.bogus"),
+    ):
+        assert _exit_code(args) == 2, args
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert err.startswith(f"usage: {usage} ") and error in line, (args, err)
 
 
 def test_train_stage_trains_the_shipped_architecture(tmp_path: Path) -> None:
