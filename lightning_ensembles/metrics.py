@@ -296,7 +296,9 @@ class EnsembleMetrics(nn.Module):
 
     Example:
         >>> metrics = EnsembleMetrics(num_members=2, num_classes=3)
-        >>> metrics.update(torch.tensor([[[3.0, 0, 0]], [[0, 3.0, 0]]]), torch.tensor([0]))
+        >>> first_k = metrics.update(torch.tensor([[[3.0, 0, 0]], [[0, 3.0, 0]]]), torch.tensor([0]))
+        >>> first_k.shape  # the first k members' log-probabilities, for k = 1, 2
+        torch.Size([2, 1, 3])
         >>> metrics.compute()["top1"], metrics.compute()["member_1/top1"]
         (tensor(1.), tensor(0.))
     """
