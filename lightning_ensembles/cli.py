@@ -46,6 +46,7 @@ __all__ = [
     "log_run_summary",
     "recipe_main",
     "run_recipe",
+    "split_at_dashes",
     "split_own_flags",
 ]
 
@@ -489,3 +490,23 @@ def split_own_flags(parser: ArgumentParser, args: Sequence[str]) -> tuple[list[s
             rest.append(arg)
             i += 1
     return own, rest
+
+
+def split_at_dashes(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Split a tool's command line at ``--``: its own flags before, the recipe flags it forwards after.
+
+    Args:
+        argv: the command line after the tool's name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        ``(own, recipe)``; ``recipe`` is empty when there is no ``--``.
+
+    Example:
+        >>> split_at_dashes(["--seeds", "3", "--", "--trainer.max_epochs=5"])
+        (['--seeds', '3'], ['--trainer.max_epochs=5'])
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in args:
+        return args, []
+    cut = args.index("--")
+    return args[:cut], args[cut + 1 :]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_ensembles.cli import split_at_dashes
 from lightning_ensembles.results import atomic_write_text, environment
 from lightning_ensembles.stats import format_difference, paired_difference, spread, verdict
 from lightning_ensembles.sweep import default_workers, plan, progress_line, run_sweep
@@ -143,11 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: the command line); flags after ``--`` go to every recipe run."""
     from jsonargparse import CLI
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, recipe_args = argv[:cut], argv[cut + 1 :]
+    argv, recipe_args = split_at_dashes(argv)
 
     def command(
         seeds: int | list[int] = DEFAULT_SEEDS,
