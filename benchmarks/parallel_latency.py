@@ -9,13 +9,17 @@ Two WRN-16-2 members (``WideResNet(depth=16, width=2)``, randomly initialised, e
 * ``sequential_1t``: the members one after another in the main thread, 1 intra-op thread;
 * ``sequential_2t``: the same with 2 intra-op threads (the same total thread budget as the parallel run);
 * ``parallel_2x1``: :class:`~lightning_ensembles.parallel.ParallelEnsemble` with 2 workers x 1 thread, the
-  pool created once and reused by every call.
+  pool created once and reused by every call;
+* ``sequential_trace_1t``: ``torch.jit.trace`` graphs of the members one after another in the main thread, 1
+  intra-op thread (what tracing alone gains, without any overlap);
+* ``parallel_trace_2x1``: ``ParallelEnsemble(..., trace=True)`` with 2 workers x 1 thread: each worker runs
+  its member's traced graph, which the TorchScript executor runs without the GIL.
 
 Candidates alternate within every round (the thread count is set, then one untimed call, then ``--calls``
 timed ones, whose median is the round's value), so drift on a shared machine hits all alike. Reported: the
 median and 10th-90th percentiles of the round values, and of the per-round ratios parallel / sequential
-against both baselines (goal <= 0.6, floor 0.5 for two members). Also recorded: whether the parallel logits
-equal the sequential ones, what ``torch.get_num_threads()`` says inside every worker, the thread-count probe
+against both baselines (goal <= 0.6, floor 0.5 for two members), and of traced parallel / traced sequential
+(the overlap alone). Also recorded: whether the parallel logits (eager and traced) equal the sequential ones, what ``torch.get_num_threads()`` says inside every worker, the thread-count probe
 of :mod:`lightning_ensembles.parallel` (is the count per thread?), the CPU model from ``lscpu`` and the load
 average before and after (the machine is shared).
 """
@@ -26,6 +30,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -52,6 +57,13 @@ def thread_probe() -> dict[str, int]:
         torch.set_num_threads(saved)
 
 
+def traced(members: list[nn.Module], x: Tensor) -> list[nn.Module]:
+    """``torch.jit.trace`` graphs of the members on ``x`` (torch 2.14's deprecation warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return [torch.jit.trace(member, x) for member in members]
+
+
 def run(
     depth: int,
     width: int,
@@ -68,25 +80,34 @@ def run(
     load_before = os.getloadavg()
     deadline = time.perf_counter() + budget_s
     rows = []
-    with torch.inference_mode(), ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel:
+    with (
+        torch.inference_mode(),
+        ParallelEnsemble(members, workers=2, threads_per_worker=1) as parallel,
+        ParallelEnsemble(members, workers=2, threads_per_worker=1, trace=True) as parallel_trace,
+    ):
         for batch in batch_sizes:
             x = torch.randn(batch, *shape)
+            graphs = traced(members, x)
 
-            def sequential(x: Tensor = x) -> Tensor:
+            def sequential(x: Tensor = x, members: list[nn.Module] = members) -> Tensor:
                 return aggregate(torch.stack([m(x) for m in members]), "mean_probs")
 
-            def in_parallel(x: Tensor = x) -> Tensor:
+            def in_parallel(x: Tensor = x, parallel: ParallelEnsemble = parallel) -> Tensor:
                 return aggregate(parallel(x), "mean_probs")
 
             candidates: dict[str, tuple[int, Callable[[], Tensor]]] = {
                 "sequential_1t": (1, sequential),
                 "sequential_2t": (2, sequential),
                 "parallel_2x1": (1, in_parallel),  # the main thread only waits for the workers
+                "sequential_trace_1t": (1, lambda x=x, graphs=graphs: sequential(x, graphs)),
+                "parallel_trace_2x1": (1, lambda x=x: in_parallel(x, parallel_trace)),
             }
             torch.set_num_threads(1)
             reference = torch.stack([m(x) for m in members])
             same = bool(torch.equal(parallel(x), reference))
             max_abs = float((parallel(x) - reference).abs().max())
+            same_trace = bool(torch.equal(parallel_trace(x), reference))  # also traces for this batch size
+            max_abs_trace = float((parallel_trace(x) - reference).abs().max())
             values: dict[str, list[float]] = {name: [] for name in candidates}
             batch_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (
                 len(batch_sizes) - batch_sizes.index(batch)
@@ -109,11 +130,21 @@ def run(
                     "members": f"2 x WRN-{depth}-{width}", "input": list(shape), "batch": batch,
                     "rounds": len(values["parallel_2x1"]), "calls_per_round": calls,
                     "workers": parallel.workers, "worker_threads": list(parallel.worker_threads),
+                    "worker_threads_trace": list(parallel_trace.worker_threads),
                     "parallel_equals_sequential_1t": same, "max_abs_difference": max_abs,
+                    "parallel_trace_equals_sequential_1t": same_trace, "max_abs_difference_trace": max_abs_trace,
                     "ms": {name: summary(v) for name, v in values.items()},
                     "parallel_over_sequential_1t": ratio(values["parallel_2x1"], values["sequential_1t"]),
                     "parallel_over_sequential_2t": ratio(values["parallel_2x1"], values["sequential_2t"]),
                     "sequential_2t_over_1t": ratio(values["sequential_2t"], values["sequential_1t"]),
+                    "parallel_trace_over_sequential_1t": ratio(values["parallel_trace_2x1"], values["sequential_1t"]),
+                    "parallel_trace_over_sequential_2t": ratio(values["parallel_trace_2x1"], values["sequential_2t"]),
+                    "parallel_trace_over_sequential_trace_1t": ratio(
+                        values["parallel_trace_2x1"], values["sequential_trace_1t"]
+                    ),
+                    "sequential_trace_over_sequential_1t": ratio(
+                        values["sequential_trace_1t"], values["sequential_1t"]
+                    ),
                 }
             )  # fmt: skip
     torch.set_num_threads(saved_threads)

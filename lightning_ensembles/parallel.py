@@ -27,6 +27,13 @@ A worker is a persistent thread (created once, reused by every call) bound to a 
 With ``devices``, members that are not on their worker's device are *deep-copied* there: the caller's
 members are never moved. Workers copy the caller's autograd and autocast state (``torch.inference_mode``,
 ``torch.no_grad``, ``torch.autocast``) for every call, since that state is thread-local in torch.
+
+An eager member's forward is Python (module calls, operator dispatch) between its kernels, and that Python
+holds the GIL, so eager workers overlap only inside the kernels; with small inputs (batch 1) the kernels are
+short and the workers mostly take turns. With ``trace=True`` every worker runs a ``torch.jit.trace`` graph of
+(a deep copy of) each member instead: the TorchScript executor runs the whole graph in C++ and releases the GIL
+while it runs, so the workers' members really run at the same time. A graph is traced per input signature
+(shape, dtype, device, inference mode, autocast), in the calling thread, on the first call that has it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import contextlib
 import copy
 import queue
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_bool, check_int
 
 __all__ = ["ParallelEnsemble", "check_devices", "check_layout", "thread_count_after_overwrite"]
 
@@ -220,6 +228,34 @@ class _CallerState:
         return cls(torch.is_inference_mode_enabled(), torch.is_grad_enabled(), autocast, input_stream, stream)
 
 
+_Signature = tuple[tuple[int, ...], torch.dtype, torch.device, bool, tuple[tuple[str, torch.dtype], ...]]
+"""What a traced graph is specialised to: input shape, dtype and device, inference mode, autocast state."""
+
+
+def _trace(member: nn.Module, index: int, x: Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` one member on ``x``, refusing a trace that may not reproduce the member.
+
+    A ``TracerWarning`` (a tensor turned into a Python value, which would freeze data-dependent control flow
+    into the graph, or a traced output that differs from the member's on a second run) is an error here. torch
+    2.14 deprecates ``torch.jit.trace`` with a ``FutureWarning``, silenced for this call (see the module
+    docstring for why it is used). The warning filters are process-wide while the trace runs.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+            return torch.jit.trace(member, x)
+    except Exception as err:
+        raise ValueError(
+            f"Expected every member to be traceable with `trace=True` (torch.jit.trace, tensors in, one tensor "
+            f"out, no data-dependent control flow), but member {index} ({type(member).__name__}) failed on an "
+            f"input of shape {tuple(x.shape)}: {err}"
+        ) from err
+
+
+_Task = tuple[Tensor, torch.device, _CallerState, _Signature | None, Future[Tensor]]
+
+
 class _Worker:
     """One persistent thread, its device, its stream (CUDA) and its members."""
 
@@ -231,9 +267,10 @@ class _Worker:
         self.stream: torch.cuda.Stream | None = (
             torch.cuda.Stream(device=device) if device.type == "cuda" else None
         )
+        self.graphs: dict[_Signature, list[nn.Module]] = {}  # traced members per input signature (trace=True)
         self.ready = threading.Event()
         self.thread_count = 0  # what torch.get_num_threads() says inside the worker, once started
-        self.tasks: queue.SimpleQueue[tuple[Tensor, torch.device, _CallerState, Future[Tensor]] | None]
+        self.tasks: queue.SimpleQueue[_Task | None]
         self.tasks = queue.SimpleQueue()
         self.thread = threading.Thread(
             target=self._loop, name=f"ParallelEnsemble-worker-{index}", daemon=True
@@ -249,15 +286,18 @@ class _Worker:
             task = self.tasks.get()
             if task is None:
                 return
-            x, output_device, state, future = task
+            x, output_device, state, signature, future = task
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._run(x, output_device, state))
+                members = self.members if signature is None else self.graphs[signature]
+                future.set_result(self._run(members, x, output_device, state))
             except BaseException as err:  # noqa: BLE001 - handed to the caller, who re-raises it
                 future.set_exception(err)
 
-    def _run(self, x: Tensor, output_device: torch.device, state: _CallerState) -> Tensor:
+    def _run(
+        self, members: list[nn.Module], x: Tensor, output_device: torch.device, state: _CallerState
+    ) -> Tensor:
         with contextlib.ExitStack() as stack:
             if state.inference_mode:
                 stack.enter_context(torch.inference_mode())
@@ -267,7 +307,7 @@ class _Worker:
                 stack.enter_context(torch.autocast(self.device.type, dtype=state.autocast[self.device.type]))
             if self.stream is None:
                 inputs = x.to(self.device)
-                return torch.stack([member(inputs) for member in self.members]).to(output_device)
+                return torch.stack([member(inputs) for member in members]).to(output_device)
             caller_stream = state.stream
             stack.enter_context(torch.cuda.device(self.device))
             stack.enter_context(torch.cuda.stream(self.stream))
@@ -276,7 +316,7 @@ class _Worker:
             inputs = x.to(self.device, non_blocking=True)
             if inputs.data_ptr() == x.data_ptr() and x.is_cuda:
                 x.record_stream(self.stream)  # the caller's tensor is read on this stream
-            logits = torch.stack([member(inputs) for member in self.members])
+            logits = torch.stack([member(inputs) for member in members])
             if caller_stream is None:
                 return logits.to(output_device)
             with torch.cuda.stream(caller_stream):
@@ -286,9 +326,11 @@ class _Worker:
                 out.record_stream(caller_stream)  # allocated on this stream, used on the caller's
             return out
 
-    def submit(self, x: Tensor, output_device: torch.device, state: _CallerState) -> Future[Tensor]:
+    def submit(
+        self, x: Tensor, output_device: torch.device, state: _CallerState, signature: _Signature | None
+    ) -> Future[Tensor]:
         future: Future[Tensor] = Future()
-        self.tasks.put((x, output_device, state, future))
+        self.tasks.put((x, output_device, state, signature, future))
         return future
 
     def stop(self) -> None:
@@ -309,14 +351,21 @@ class ParallelEnsemble:
             ``devices[i % len(devices)]``; a device may repeat, for several streams on it), at most ``M``
             entries. Members not on their worker's device are deep-copied there for this object; the
             caller's members stay where they are. Default: each worker on the device of its first member.
+        trace: run every member as a ``torch.jit.trace`` graph (executed in C++, without the GIL) instead of
+            eagerly, so the workers overlap even where the members' Python would make them take turns (small
+            batches on a CPU). The members are deep-copied at construction: the graphs run a snapshot of the
+            weights, and the caller's modules are never traced or changed. A graph is traced, in the calling
+            thread, on the first call with a new input signature (shape, dtype, device, inference mode,
+            autocast); that call is slow, and is where a member that cannot be traced raises. Inference only:
+            calls must be under ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Several threads may call the same object at once: every worker serves its calls in the order they
     arrive, and every call waits for its own results.
 
     Raises:
         ValueError: if there are no members, ``workers`` is not in ``[1, M]`` or disagrees with
-            ``devices``, ``threads_per_worker < 1``, or ``devices`` names a device that does not exist or
-            holds more entries than there are members.
+            ``devices``, ``threads_per_worker < 1``, ``trace`` is not a bool, or ``devices`` names a device
+            that does not exist or holds more entries than there are members.
 
     Example:
         >>> members = [nn.Linear(4, 3) for _ in range(3)]
@@ -326,6 +375,8 @@ class ParallelEnsemble:
         >>> logits.shape, parallel.assignment
         (torch.Size([3, 5, 3]), ((0, 2), (1,)))
         >>> torch.testing.assert_close(logits, torch.stack([m(x) for m in members]).detach())
+        >>> with ParallelEnsemble(members, workers=2, trace=True) as traced, torch.no_grad():
+        ...     torch.testing.assert_close(traced(x), logits)  # graphs traced on this first call
         >>> ParallelEnsemble(members, workers=4)
         Traceback (most recent call last):
         ...
@@ -338,12 +389,16 @@ class ParallelEnsemble:
         workers: int | None = None,
         threads_per_worker: int | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        trace: bool = False,
     ) -> None:
         self._workers: list[_Worker] = []
         self._closed = False
         members = list(members)
         if not members:
             raise ValueError("Expected `members` to hold at least one member, but got none.")
+        self.trace = check_bool(trace, "trace")
+        """Whether the workers run traced graphs of the members (see the class docstring)."""
+        self._trace_lock = threading.Lock()  # one caller traces a new input signature at a time
         num_members = len(members)
         worker_devices = check_layout(num_members, workers, threads_per_worker, devices)
         if worker_devices is not None:
@@ -365,7 +420,7 @@ class ParallelEnsemble:
                 device = worker_devices[w] if worker_devices else _module_device(members[group[0]])
                 placed = [
                     members[i]
-                    if _module_device(members[i]) == device
+                    if _module_device(members[i]) == device and not trace
                     else copy.deepcopy(members[i]).to(device)
                     for i in group
                 ]
@@ -405,14 +460,16 @@ class ParallelEnsemble:
             Logits ``(M, B, C)`` in member order, on :attr:`output_device`.
 
         Raises:
-            RuntimeError: if the object was closed.
+            RuntimeError: if the object was closed, or with ``trace=True`` if autograd is on.
+            ValueError: with ``trace=True``, if a member cannot be traced on ``x`` (naming it and its index).
             Exception: whatever a member raised, re-raised in the caller.
         """
         if self._closed:
             raise RuntimeError("This ParallelEnsemble was closed; create a new one.")
         device_types = {worker.device.type for worker in self._workers}
         state = _CallerState.capture(device_types, x, self.output_device)
-        futures = [worker.submit(x, self.output_device, state) for worker in self._workers]
+        signature = self._traced(x, state) if self.trace else None
+        futures = [worker.submit(x, self.output_device, state, signature) for worker in self._workers]
         per_worker = [future.result() for future in futures]
         if len(per_worker) == 1:
             return per_worker[0]
@@ -421,6 +478,24 @@ class ParallelEnsemble:
             for j, i in enumerate(group):
                 rows[i] = logits[j]
         return torch.stack(rows)
+
+    def _traced(self, x: Tensor, state: _CallerState) -> _Signature:
+        """The signature of ``x`` under ``state``, with every worker's members traced for it (once)."""
+        if state.grad_enabled:
+            raise RuntimeError(
+                "ParallelEnsemble(trace=True) runs traced copies of the members, for inference only: call it "
+                "under torch.no_grad() or torch.inference_mode()."
+            )
+        autocast = tuple(sorted(state.autocast.items()))
+        signature: _Signature = (tuple(x.shape), x.dtype, x.device, state.inference_mode, autocast)
+        with self._trace_lock:
+            for worker, group in zip(self._workers, self.assignment):
+                if signature in worker.graphs:
+                    continue
+                inputs = x.to(worker.device)  # traced under the caller's own autograd and autocast state
+                graphs: list[nn.Module] = [_trace(m, i, inputs) for m, i in zip(worker.members, group)]
+                worker.graphs[signature] = graphs  # read by the worker after the submit below
+        return signature
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
@@ -441,7 +516,7 @@ class ParallelEnsemble:
         devices = ", ".join(str(d) for d in self.devices)
         return (
             f"ParallelEnsemble(members={self.num_members}, workers={self.workers}, "
-            f"threads_per_worker={self.threads_per_worker}, devices=[{devices}])"
+            f"threads_per_worker={self.threads_per_worker}, devices=[{devices}], trace={self.trace})"
         )
 
     def __getstate__(self) -> Any:

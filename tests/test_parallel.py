@@ -6,7 +6,11 @@ the same time (a sequential run would break it), and thread counts are read insi
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,3 +245,160 @@ def test_calls_from_several_threads_at_once_each_get_their_own_results():
             t.join()
         for i, x in enumerate(inputs):
             torch.testing.assert_close(results[i], sequential(members, x))
+
+
+# trace=True: the workers run torch.jit.trace graphs of deep copies of the members, without the GIL.
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_traced_members_equal_the_eager_members_bit_for_bit_at_one_thread(workers: int):
+    members = mixed_members(3)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ParallelEnsemble(members, workers=workers, threads_per_worker=1, trace=True) as parallel:
+            for batch in (4, 1, 4):  # a new shape is traced anew; a known one reuses its graphs
+                x = torch.randn(batch, 3, 8, 8)
+                with torch.inference_mode():
+                    assert torch.equal(parallel(x), sequential(members, x))
+                with torch.no_grad():
+                    assert torch.equal(parallel(x), sequential(members, x))
+            graphs = parallel._workers[0].graphs
+    finally:
+        torch.set_num_threads(saved)
+    assert len(graphs) == 4  # batch 4 and 1, each under inference_mode and no_grad
+    assert all(isinstance(g, torch.jit.ScriptModule) for gs in graphs.values() for g in gs)
+    for member, state in zip(members, before):  # the caller's members are neither traced nor changed
+        assert not isinstance(member, torch.jit.ScriptModule)
+        for key, value in member.state_dict().items():
+            assert torch.equal(value, state[key])
+
+
+def test_traced_members_are_a_snapshot_deep_copied_at_construction():
+    members = mixed_members(2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), ParallelEnsemble(members, workers=2, trace=True) as parallel:
+        assert all(w.members[0] is not m for w, m in zip(parallel._workers, members))
+        expected = sequential(members, x)
+        for member in members:
+            for p in member.parameters():
+                p.add_(1.0)  # the caller changes its members afterwards: the workers keep the snapshot
+        torch.testing.assert_close(parallel(x), expected)
+        assert repr(parallel).endswith("trace=True)")
+
+
+def test_traced_members_under_cpu_autocast_equal_the_eager_members():
+    members = mixed_members(2)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sequential(members, x)
+        with ParallelEnsemble(members, workers=2, threads_per_worker=1, trace=True) as parallel:
+            logits = parallel(x)
+    assert logits.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)  # a branch that a trace would freeze
+
+
+class DictOutput(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": x.flatten(1)}
+
+
+@pytest.mark.parametrize("bad", [DataDependent, DictOutput])
+def test_a_member_that_cannot_be_traced_is_named(bad: type[nn.Module]):
+    members = [*mixed_members(2), bad()]
+    with ParallelEnsemble(members, workers=2, trace=True) as parallel, torch.no_grad():
+        with pytest.raises(ValueError) as err:
+            parallel(torch.randn(2, 3, 8, 8))
+    message = str(err.value)
+    assert message.startswith("Expected every member to be traceable with `trace=True`")
+    assert f"member 2 ({bad.__name__}) failed on an input of shape (2, 3, 8, 8)" in message
+
+
+def test_trace_is_for_inference_and_a_bool():
+    with ParallelEnsemble(mixed_members(2), trace=True) as parallel:
+        with pytest.raises(RuntimeError, match=r"under torch.no_grad\(\) or torch.inference_mode\(\)"):
+            parallel(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"Expected `trace` to be a bool, but got 'yes'."):
+        ParallelEnsemble(mixed_members(2), trace="yes")  # type: ignore[arg-type]
+
+
+def _rendezvous_python(flags: torch.Tensor, me: int, other: int) -> torch.Tensor:
+    """Raise flag ``me``, wait (at most ``flags[4]`` checks) for flag ``other``, then raise flag ``2 + me``
+    (done). Returns 1 if the other flag was seen, else 0. All of it runs in the TorchScript executor."""
+    flags[me] = 1.0
+    seen = torch.zeros(())
+    for _ in range(int(flags[4])):
+        if bool(flags[other] == 1.0):
+            seen = torch.ones(())
+            break
+    flags[2 + me] = 1.0
+    return seen
+
+
+with warnings.catch_warnings():  # torch 2.14 deprecates torch.jit.script; the test needs a loop in a graph
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    _rendezvous = torch.jit.script(_rendezvous_python)
+
+
+class GraphRendezvous(nn.Module):
+    """Traced member whose graph waits for flag ``1 - me`` in the input's first row (see ``_rendezvous``)."""
+
+    def __init__(self, me: int) -> None:
+        super().__init__()
+        self.me = me
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rendezvous(x[0], self.me, 1 - self.me).expand(x.shape[0], 1)
+
+
+def flags(spins: int) -> torch.Tensor:
+    """A fresh input ``(1, 5)``: four lowered flags and the most checks a graph makes, ``spins``."""
+    return torch.tensor([[0.0, 0.0, 0.0, 0.0, float(spins)]])
+
+
+def test_traced_members_run_at_the_same_time():
+    # Each graph raises its flag in the shared input and waits, inside the TorchScript executor, for the
+    # other's; the first only sees it if the two graphs run at the same time.
+    members = [GraphRendezvous(0), GraphRendezvous(1)]
+    with torch.no_grad(), ParallelEnsemble(members, workers=2, threads_per_worker=1, trace=True) as parallel:
+        parallel(flags(0))  # traces the graphs for this signature (in this thread, one after another)
+        assert parallel(flags(10_000_000)).flatten().tolist() == [1.0, 1.0]
+    with torch.no_grad(), ParallelEnsemble(members, workers=1, trace=True) as parallel:
+        parallel(flags(0))
+        assert parallel(flags(10_000)).flatten().tolist() == [0.0, 1.0]  # one after another: in vain
+
+
+def test_a_traced_member_runs_while_another_thread_holds_the_gil():
+    # The worker's graph waits for flag 1, which this thread raises and then, without ever releasing the GIL
+    # (plain memory access through ctypes, no torch call, and no switch to another thread for 1000 s), waits
+    # for the graph's done flag. It can only come if the graph runs without the GIL.
+    with torch.no_grad(), ParallelEnsemble([GraphRendezvous(0)], trace=True) as parallel:
+        parallel(flags(0))
+        x = flags(10_000_000)
+        flag = [ctypes.c_float.from_address(x.data_ptr() + 4 * i) for i in range(4)]
+
+        def call() -> None:
+            with torch.no_grad():  # the autograd state is per thread
+                parallel(x)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        for _ in range(30_000):  # until the graph runs (sleeping releases the GIL)
+            if flag[0].value == 1.0:
+                break
+            time.sleep(0.001)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000.0)
+        try:
+            flag[1].value = 1.0
+            done = any(flag[2].value == 1.0 for _ in range(20_000_000))  # the GIL held all along
+        finally:
+            sys.setswitchinterval(interval)
+        caller.join()
+    assert done

@@ -31,6 +31,17 @@ def test_streams_on_one_gpu_give_the_sequential_logits(exact_float32: None) -> N
             torch.testing.assert_close(parallel(x), expected)
 
 
+def test_traced_members_on_streams_give_the_sequential_logits(exact_float32: None) -> None:
+    ms = members(2, "cuda")
+    for x in (torch.randn(1, 3, 32, 32, device="cuda"), torch.randn(4, 3, 32, 32)):  # a CPU input is copied
+        with torch.inference_mode(), ParallelEnsemble(ms, trace=True) as parallel:
+            expected = torch.stack([m(x.cuda()) for m in ms])
+            for _ in range(3):  # the first call traces; the graph executor optimises (may fuse) on later ones
+                torch.testing.assert_close(parallel(x), expected, rtol=1e-4, atol=1e-4)
+            graphs = next(iter(parallel._workers[0].graphs.values()))
+        assert all(isinstance(g, torch.jit.ScriptModule) for g in graphs)
+
+
 def test_a_non_default_caller_stream_is_waited_for(exact_float32: None) -> None:
     ms = members(2, "cuda")
     side = torch.cuda.Stream()
