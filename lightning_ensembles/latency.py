@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_ensembles._scope import scoped_store
-from lightning_ensembles._validation import check_choice, check_int, check_shape
+from lightning_ensembles._validation import check_bool, check_choice, check_int, check_shape
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.fused import check_fusable, vmap_forward
 from lightning_ensembles.parallel import ParallelEnsemble, check_layout
@@ -331,6 +331,7 @@ def measure_ensemble_latency(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     devices: Sequence[str | torch.device] | None = None,
+    trace: bool = False,
     scope: object | None = None,
 ) -> dict[int, LatencyStats]:
     """Measure the inference latency of the ensembles of the first ``k`` members, for every size ``k``.
@@ -345,7 +346,9 @@ def measure_ensemble_latency(
     * ``mode="parallel"``: concurrently, on a :class:`~lightning_ensembles.parallel.ParallelEnsemble` of
       ``min(workers, k)`` workers (``devices[:k]`` with ``devices``), created once per size, before the
       warm-up, and closed afterwards. With ``devices``, members are deep-copied onto the workers' devices
-      for the measurement; the module itself is never moved.
+      for the measurement; the module itself is never moved. With ``trace=True`` the workers run traced
+      graphs of the members (``ParallelEnsemble(trace=True)``), traced by one untimed call before the
+      warm-up.
 
     Runs happen under :func:`torch.inference_mode` with the module in eval mode; every submodule's training
     flag is restored afterwards. The input is drawn from a private generator, so the global random state is
@@ -354,7 +357,7 @@ def measure_ensemble_latency(
     With a ``scope`` (any object that can be weakly referenced; the callbacks pass the Trainer), a
     configuration already measured on this module in this scope, with at least as many warm-up and timed runs,
     is returned as it was measured instead of being measured again; new measurements are stored there. The
-    configuration is the mode and its workers, the size, batch size, input shape, the module's device and
+    configuration is the mode and its workers (and ``trace``), the size, batch size, input shape, the module's device and
     dtype, the autocast state and ``torch.get_num_threads()``. What is stored lives as long as the scope.
 
     Args:
@@ -372,6 +375,8 @@ def measure_ensemble_latency(
         threads_per_worker: ``"parallel"`` only: intra-op threads of every worker; default the caller's
             threads split between the workers.
         devices: ``"parallel"`` only: the workers' devices (at most ``M``), e.g. ``["cuda:0", "cuda:1"]``.
+        trace: ``"parallel"`` only: the workers run ``torch.jit.trace`` graphs of the members, which run
+            without the GIL (see :class:`~lightning_ensembles.parallel.ParallelEnsemble`).
         scope: share measurements within this object's lifetime (see above), or ``None`` to always measure.
 
     Returns:
@@ -379,7 +384,8 @@ def measure_ensemble_latency(
 
     Raises:
         ValueError: for an invalid argument, naming it and the value given: among others ``mode="fused"``
-            with members that are not identical, ``workers`` above ``M``, ``devices`` that do not exist.
+            with members that are not identical, ``workers`` above ``M``, ``devices`` that do not exist,
+            ``trace=True`` with another mode, or a member that cannot be traced.
 
     Example:
         >>> from torch import nn
@@ -400,6 +406,12 @@ def measure_ensemble_latency(
     check_int(repeats, "repeats", 1)
     check_mode(mode)
     worker_devices = check_layout(num_members, workers, threads_per_worker, devices)
+    check_bool(trace, "trace")
+    if trace and mode != "parallel":
+        raise ValueError(
+            f"Expected `trace=True` only with mode='parallel' (traced graphs run on the parallel workers), but "
+            f"got mode={mode!r}."
+        )
     if mode == "fused":
         check_fused_members(list(module.members[: max(checked_sizes)]), "mode")
     clock = time.perf_counter if clock is None else clock
@@ -408,7 +420,7 @@ def measure_ensemble_latency(
     device, dtype = device_and_dtype(module)
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     parallel_config = (
-        (workers, threads_per_worker, tuple(str(d) for d in worker_devices or ()))
+        (workers, threads_per_worker, tuple(str(d) for d in worker_devices or ()), trace)
         if mode == "parallel"
         else ()
     )
@@ -447,7 +459,17 @@ def measure_ensemble_latency(
         with torch.inference_mode():
             for k in to_measure:
                 results[k] = _measure_size(
-                    module, x, k, mode, warmup, repeats, clock, workers, threads_per_worker, worker_devices
+                    module,
+                    x,
+                    k,
+                    mode,
+                    warmup,
+                    repeats,
+                    clock,
+                    workers,
+                    threads_per_worker,
+                    worker_devices,
+                    trace,
                 )
                 if store is not None:
                     store[config(k)] = (warmup, results[k])
@@ -468,6 +490,7 @@ def _measure_size(
     workers: int | None,
     threads_per_worker: int | None,
     devices: list[torch.device] | None,
+    trace: bool = False,
 ) -> LatencyStats:
     """Time the runs of one ensemble size in one mode."""
     device = x.device
@@ -489,8 +512,11 @@ def _measure_size(
             workers=None if workers is None or devices is not None else min(workers, k),
             threads_per_worker=threads_per_worker,
             devices=None if devices is None else devices[:k],
+            trace=trace,
         )
         with parallel:
+            if trace:
+                parallel(x)  # traces the graphs for this input, untimed
 
             def run() -> Tensor:
                 return aggregate(parallel(x), module.aggregation)

@@ -77,8 +77,9 @@ def test_the_deployment_stages_compare_parallel_outputs_and_record_no_cpu_peak(
     parallel = json.loads((out / "parallel_latency.json").read_text())
     assert [row["batch"] for row in parallel["rows"]] == [1, 2]
     for row in parallel["rows"]:
-        assert row["workers"] == 2 and set(row["p50_ms"]) == {"sequential", "parallel"}
+        assert row["workers"] == 2 and set(row["p50_ms"]) == {"sequential", "parallel", "parallel_traced"}
         assert row["max_abs_diff_probs"] <= 1e-5 and row["parallel_over_sequential"]["median"] > 0
+        assert row["parallel_traced_over_sequential"]["median"] > 0
     memory = json.loads((out / "training_memory.json").read_text())
     (row,) = memory["rows"]
     assert set(row["fit_s"]) == {"default", "frugal", "one"} and row["other_members_mb"]["weights"] > 0

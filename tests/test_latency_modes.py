@@ -153,3 +153,46 @@ def test_a_scope_shares_a_measurement_until_more_runs_are_asked_for():
     del scope
     gc.collect()
     assert not any(type(s).__name__ == "Scope" for s in latency._SHARED.keys())
+
+
+def test_parallel_with_traced_members_measures_the_same_logits_apart_from_eager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created: list[ParallelEnsemble] = []
+
+    class Recording(ParallelEnsemble):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    outputs: list[torch.Tensor] = []
+    original = latency.aggregate
+
+    def spy(logits: torch.Tensor, aggregation: str) -> torch.Tensor:
+        outputs.append(logits.clone())
+        return original(logits, aggregation)
+
+    monkeypatch.setattr(latency, "ParallelEnsemble", Recording)
+    monkeypatch.setattr(latency, "aggregate", spy)
+    module = EnsembleLightningModule(member=tiny_member, num_members=2, num_classes=NUM_CLASSES, seed=0)
+    scope = Recording  # any weakly referenceable object
+    kwargs: dict[str, Any] = dict(sizes=[2], mode="parallel", workers=2, warmup=0, repeats=1, scope=scope)
+    traced = measure_ensemble_latency(module, INPUT_SHAPE, trace=True, **kwargs)
+    assert [p.trace for p in created] == [True] and created[0]._workers[0].graphs  # traced, then timed
+    eager = measure_ensemble_latency(module, INPUT_SHAPE, **kwargs)  # not the traced measurement
+    assert [p.trace for p in created] == [True, False] and traced[2] is not eager[2]
+    assert measure_ensemble_latency(module, INPUT_SHAPE, trace=True, **kwargs)[2] is traced[2]  # shared
+    x = torch.randn(1, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = module.member_logits(x)
+    assert len(outputs) == 2  # the traced run, then the eager one (the tracing call is not aggregated)
+    for logits in outputs:
+        torch.testing.assert_close(logits, expected)
+
+
+def test_trace_only_with_the_parallel_mode() -> None:
+    module = EnsembleLightningModule(member=tiny_member, num_members=2, num_classes=NUM_CLASSES, seed=0)
+    with pytest.raises(ValueError, match=r"`trace=True` only with mode='parallel'.*got mode='sequential'"):
+        measure_ensemble_latency(module, INPUT_SHAPE, trace=True)
+    with pytest.raises(ValueError, match="`trace`"):
+        measure_ensemble_latency(module, INPUT_SHAPE, mode="parallel", trace="yes")  # type: ignore[arg-type]
