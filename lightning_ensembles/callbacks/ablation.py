@@ -224,7 +224,8 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
     # ------------------------------------------------------------------ setup
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        members = as_ensemble(pl_module, "EnsembleSizeAblation").members
+        ensemble = as_ensemble(pl_module, "EnsembleSizeAblation")
+        members = ensemble.members
         num_members = len(members)
         if "fused" in self.latency_modes and self.latency_batch_size is not None:
             check_fused_members(list(members), init_arg("EnsembleSizeAblation", "latency_modes"))
@@ -235,7 +236,7 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         unique = sorted(chosen | {tuple(range(k)) for k in self.subsets}, key=lambda s: (len(s), s))
         # The first k members' metrics the module computes itself (`size_{k}/...`) are read from it, not
         # computed again; the ablation keeps metrics of its own for the other subsets and names.
-        computed = as_ensemble(pl_module, "EnsembleSizeAblation").evaluation_metrics("val")
+        computed = ensemble.evaluation_metrics("val")
         self._from_module = {
             _key(subset): tuple(
                 name for name in self.metric_names if f"size_{len(subset)}/{name}" in computed
