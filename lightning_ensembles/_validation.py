@@ -268,6 +268,46 @@ def check_int_sequence(values: object, flag: str, minimum: int) -> tuple[int, ..
     return tuple(values)
 
 
+def check_held_out_classes(values: object, flag: str, num_classes: int) -> tuple[int, ...]:
+    """Return the classes held out as an out-of-distribution set, sorted, after checking them.
+
+    Args:
+        values: the classes (``--data.ood_classes``); ``None`` or ``[]`` for none.
+        flag: the argument or CLI flag named in the error.
+        num_classes: the data set's number of classes.
+
+    Returns:
+        The classes as a sorted tuple (empty for ``None`` or ``[]``).
+
+    Raises:
+        ValueError: if they are not distinct ints in ``[0, num_classes)`` leaving at least 2 classes.
+
+    Example:
+        >>> check_held_out_classes([9, 8], "--data.ood_classes", 10)
+        (8, 9)
+        >>> check_held_out_classes([3, 3], "--data.ood_classes", 10)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `--data.ood_classes` to be distinct ints in [0, 9] that leave at least 2 in-distribution classes (e.g. [8, 9]), or null, but got [3, 3].
+    """
+    if values is None:
+        return ()
+    listed = list(values) if isinstance(values, (list, tuple)) else None
+    if (
+        listed is None
+        or not all(is_int(c) and 0 <= c < num_classes for c in listed)
+        or len(set(listed)) != len(listed)
+        or num_classes - len(listed) < 2
+    ):
+        raise expected(
+            flag,
+            f"distinct ints in [0, {num_classes - 1}] that leave at least 2 in-distribution classes "
+            "(e.g. [8, 9]), or null",
+            values,
+        )
+    return tuple(sorted(listed))
+
+
 @contextlib.contextmanager
 def command_line_errors(program: str) -> Iterator[None]:
     """Turn a user's mistake into one line on stderr and exit status 2, as argparse does for bad flags.

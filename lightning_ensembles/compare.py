@@ -15,6 +15,11 @@ within ``--pair_tolerance`` (or the pairs given with ``--pairs``), are compared 
 (:func:`~lightning_ensembles.stats.paired_difference`): mean difference, 95% confidence interval, t and
 wins/ties/losses, for top-1, NLL and ECE.
 
+With ``--group_by data/train_size`` (any hyperparameter the runs logged), runs that differ in it become separate
+lines (one per architecture and training-set size, say: same colour per architecture, one marker and line style
+per group), and automatic pairs stay within a group. :func:`pair_contrast` then tests the paper's trends: the
+gap of one pair against the gap of another, seed by seed.
+
 It writes ``comparison.png`` (the metric vs GMACs), ``comparison_latency.png`` (when latency was logged; one
 line per run group and latency mode, ``sequential``, ``fused``, ``parallel``, where the ablation logged
 ``latency_ms/{mode}``, else one line per run group from the older ``latency_ms``),
@@ -32,7 +37,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +45,14 @@ from typing import Any, Literal
 from lightning_ensembles._validation import command_line_errors
 from lightning_ensembles.plotting import close, png_bytes, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text
-from lightning_ensembles.stats import PairedDifference, format_difference, paired_difference, spread, verdict
+from lightning_ensembles.stats import (
+    LOWER_IS_BETTER,
+    PairedDifference,
+    format_difference,
+    paired_difference,
+    spread,
+    verdict,
+)
 
 __all__ = [
     "COLUMNS",
@@ -56,6 +68,9 @@ __all__ = [
     "latency_modes",
     "main",
     "match_pairs",
+    "Trend",
+    "pair_contrast",
+    "paper_trends",
     "pair_verdicts",
     "pairs_table",
     "parse_pair",
@@ -88,11 +103,23 @@ class Run:
     hparams: dict[str, Any] = field(default_factory=dict)
     points: dict[int, dict[str, float]] = field(default_factory=dict)
     seed: int | None = None
+    group: str | None = None
+    """The run's value of the ``--group_by`` hyperparameter (e.g. ``"5900"`` for ``data/train_size``)."""
+    group_by: str | None = None
+    """The hyperparameter that groups runs into separate lines (``--group_by``), if any."""
 
     @property
     def architecture(self) -> str:
         """The architecture logged by the module (``ensemble/architecture``), else the run name."""
         return str(self.hparams.get("ensemble/architecture", self.name))
+
+    @property
+    def line(self) -> str:
+        """The run's line of the figure: its architecture, and with ``--group_by`` its group,
+        ``"WRN-10-2 (train_size=5900)"``."""
+        if self.group_by is None:
+            return self.architecture
+        return f"{self.architecture} ({self.group_by.rsplit('/', 1)[-1]}={self.group})"
 
 
 @dataclass(frozen=True)
@@ -116,6 +143,8 @@ class Pair:
     gmacs_b: float
     seeds: list[int]
     differences: dict[str, PairedDifference]
+    per_seed: dict[str, dict[int, float]] = field(default_factory=dict)
+    """``{metric: {seed: a - b}}``: the per-seed differences behind :attr:`differences`."""
 
     @property
     def name_a(self) -> str:
@@ -138,6 +167,7 @@ class Pair:
             "gmacs_b": self.gmacs_b,
             "seeds": self.seeds,
             "differences": {m: d.as_dict() for m, d in self.differences.items()},
+            "per_seed": {m: {str(s): v for s, v in values.items()} for m, values in self.per_seed.items()},
         }
 
 
@@ -207,7 +237,7 @@ def run_seed(path: Path) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
+def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | None = None) -> Run:
     """Read one run's hyperparameters, seed and its last logged ablation points.
 
     The cost of a point is the curve's own (``ablation/{stage}/random/size_k/gmacs``: the mean over the
@@ -219,9 +249,13 @@ def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
         root: the log root (for the run's name).
         stage: ``"val"`` or ``"test"``.
         curve: ``"first"`` (first k members) or ``"random"`` (mean over random k-subsets).
+        group_by: a logged hyperparameter (e.g. ``data/train_size``) whose value puts the run in a group.
 
     Returns:
         The run; ``points`` is empty when the run logged no ablation for that stage.
+
+    Raises:
+        ValueError: naming ``--group_by``, when the run did not log that hyperparameter.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -229,6 +263,14 @@ def read_run(path: Path, root: Path, stage: str, curve: str) -> Run:
     accumulator.Reload()
     name = path.relative_to(root).as_posix() if path != root else path.name
     run = Run(path=path, name=name or path.name, hparams=_hparams(accumulator), seed=run_seed(path))
+    if group_by is not None:
+        if group_by not in run.hparams:
+            logged = ", ".join(sorted(k for k in run.hparams if "/" in k)) or "none"
+            raise ValueError(
+                f"Expected `--group_by` to name a hyperparameter every run logged, but the run {run.name!r} has no "
+                f"{group_by!r} (it logged: {logged})."
+            )
+        run.group, run.group_by = str(run.hparams[group_by]), group_by
     pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+|latency_ms/\w+)$")
     fallback: dict[int, dict[str, float]] = {}
     for tag in accumulator.Tags().get("scalars", []):
@@ -262,7 +304,7 @@ def collect(runs: Sequence[Run]) -> dict[str, list[dict[str, float]]]:
     )
     for run in runs:
         for k, point in run.points.items():
-            grouped[run.architecture][k].append((run.seed, point))
+            grouped[run.line][k].append((run.seed, point))
     lines: dict[str, list[dict[str, float]]] = {}
     for architecture, sizes in sorted(grouped.items()):
         rows = []
@@ -287,7 +329,7 @@ def per_seed(runs: Sequence[Run], point: Point, column: str) -> dict[int, float]
     are left out."""
     values: dict[int, list[float]] = defaultdict(list)
     for run in runs:
-        if run.seed is None or run.architecture != point.architecture:
+        if run.seed is None or run.line != point.architecture:
             continue
         value = run.points.get(point.k, {}).get(column)
         if value is not None:
@@ -310,9 +352,16 @@ def parse_pair(text: str) -> tuple[Point, Point]:
     return Point(match.group(1), int(match.group(2))), Point(match.group(3), int(match.group(4)))
 
 
-def match_pairs(lines: dict[str, list[dict[str, float]]], tolerance: float) -> list[tuple[Point, Point]]:
+def match_pairs(
+    lines: dict[str, list[dict[str, float]]],
+    tolerance: float,
+    groups: Mapping[str, str | None] | None = None,
+) -> list[tuple[Point, Point]]:
     """Every ensemble point (``k >= 2``) with the single model (``k = 1``) of another architecture whose
     multiply-adds are nearest, if they differ by at most ``tolerance`` (relative to the single model's).
+
+    With ``groups`` (``{line: group}``, from ``--group_by``), a point is paired only within its own group: a
+    model trained on 5,900 images is not the match of an ensemble trained on 59,000.
 
     Example:
         >>> lines = {"A": [{"k": 1, "gmacs": 1.0}, {"k": 4, "gmacs": 4.0}], "B": [{"k": 1, "gmacs": 3.9}]}
@@ -331,7 +380,9 @@ def match_pairs(lines: dict[str, list[dict[str, float]]], tolerance: float) -> l
             if row["k"] < 2 or "gmacs" not in row:
                 continue
             candidates = [
-                (abs(row["gmacs"] - g) / g, other) for other, g in singles if other != arch and g > 0
+                (abs(row["gmacs"] - g) / g, other)
+                for other, g in singles
+                if other != arch and g > 0 and (groups is None or groups.get(other) == groups.get(arch))
             ]
             gap, other = min(candidates, default=(math.inf, ""))
             if gap <= tolerance:
@@ -362,6 +413,7 @@ def compare_pairs(
                     f"Expected `--pairs` to name logged points ({known}), but got {str(point)!r}."
                 )
         differences: dict[str, PairedDifference] = {}
+        by_seed: dict[str, dict[int, float]] = {}
         seeds: list[int] = []
         for metric in METRICS:
             values_a, values_b = per_seed(runs, a, metric), per_seed(runs, b, metric)
@@ -372,7 +424,8 @@ def compare_pairs(
             differences[metric] = paired_difference(
                 [values_a[s] for s in shared], [values_b[s] for s in shared], metric, confidence
             )
-        results.append(Pair(a, b, gmacs[a], gmacs[b], seeds, differences))
+            by_seed[metric] = {s: values_a[s] - values_b[s] for s in shared}
+        results.append(Pair(a, b, gmacs[a], gmacs[b], seeds, differences, by_seed))
     return results
 
 
@@ -434,7 +487,10 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
             (architecture, rows, axis, "")
         ]
     styles = ["o-", "s--", "^:", "d-."]
-    for architecture, rows, column, mode in series:
+    grouped = [re.fullmatch(r"(.+) \((\w+=.*)\)", name) for name, *_ in series]
+    families = sorted({m.group(1) for m in grouped if m is not None})
+    group_names = sorted({m.group(2) for m in grouped if m is not None})
+    for (architecture, rows, column, mode), found in zip(series, grouped):
         points = [r for r in rows if column in r and metric in r]
         if not points:
             continue
@@ -444,7 +500,11 @@ def comparison_figure(lines: dict[str, list[dict[str, float]]], axis: str, metri
         runs = max((int(r["runs"]) for r in points), default=0)
         label = f"{architecture}{f', {mode}' if mode else ''} (up to {runs} runs)"
         style = styles[modes.index(mode) % len(styles)] if mode else "o-"
-        ax.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=label)
+        colour = {}
+        if found is not None and not mode:  # --group_by: colour per architecture, style per group
+            style = styles[group_names.index(found.group(2)) % len(styles)]
+            colour = {"color": f"C{families.index(found.group(1)) % 10}"}
+        ax.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=label, **colour)
         for r, x, y in zip(points, xs, ys):
             ax.annotate(f"k={int(r['k'])}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
     _log_axis(ax)
@@ -530,6 +590,157 @@ def pair_verdicts(pairs: Sequence[Pair], metric: str = "top1") -> list[str]:
     return sentences
 
 
+def pair_contrast(
+    x: Pair, y: Pair, metric: str = "top1", confidence: float = 0.95
+) -> PairedDifference | None:
+    """Whether the gap of pair ``x`` exceeds the gap of pair ``y``: the paired difference, seed by seed, of
+    ``x``'s difference (ensemble minus single model) and ``y``'s, on the seeds both have.
+
+    This is how the paper's trends are tested: "as model sizes get larger, the performance gap widens" is
+    ``x`` = the larger FLOP-matched pair, ``y`` = the smaller one, and a positive contrast on top-1; the gap
+    growing as the data shrinks is ``x`` = a pair trained on a subset, ``y`` = the same pair on all the data.
+
+    Args:
+        x: the first pair (from :func:`compare_pairs`).
+        y: the second pair.
+        metric: the metric whose differences are contrasted.
+        confidence: coverage of the interval.
+
+    Returns:
+        The contrast ``x - y`` with its interval, t and wins (seeds where ``x``'s gap is the more favourable to
+        the ensemble), or ``None`` when the pairs share no seed for ``metric``.
+
+    Example:
+        >>> from lightning_ensembles.stats import paired_difference
+        >>> def pair(diffs):
+        ...     d = paired_difference([1.0 + v for v in diffs], [1.0] * len(diffs), "top1")
+        ...     return Pair(Point("A", 4), Point("B", 1), 1.0, 1.0, [0, 1, 2], {"top1": d},
+        ...                 {"top1": dict(enumerate(diffs))})
+        >>> c = pair_contrast(pair([0.03, 0.02, 0.04]), pair([0.01, 0.01, 0.01]))
+        >>> round(c.mean, 4), c.n, c.wins
+        (0.02, 3, 3)
+    """
+    values_x, values_y = x.per_seed.get(metric, {}), y.per_seed.get(metric, {})
+    shared = sorted(set(values_x) & set(values_y))
+    if not shared:
+        return None
+    return paired_difference([values_x[s] for s in shared], [values_y[s] for s in shared], metric, confidence)
+
+
+@dataclass
+class Trend:
+    """One test of a trend of the paper: the gap (ensemble minus single model) of pair ``x`` against ``y``."""
+
+    kind: Literal["model size", "data size"]
+    x: Pair
+    y: Pair
+    contrast: PairedDifference
+
+    @property
+    def outcome(self) -> Literal["seen", "reversed", "unresolved"]:
+        """``"seen"`` when the interval lies above 0 (the gap of ``x`` is the larger, in the ensemble's
+        favour), ``"reversed"`` below 0, else ``"unresolved"``."""
+        if not self.contrast.significant:
+            return "unresolved"
+        favourable = (
+            self.contrast.mean < 0 if self.contrast.metric in LOWER_IS_BETTER else self.contrast.mean > 0
+        )
+        return "seen" if favourable else "reversed"
+
+    def sentence(self) -> str:
+        """The test in plain words, with the numbers."""
+        scale, digits, unit = _display(self.contrast.metric)
+        claim = (
+            "the gap widens as the models grow"
+            if self.kind == "model size"
+            else "the gap widens as the training set shrinks"
+        )
+        d = self.contrast
+        detectable = (
+            f"; {d.n} seeds detect about {scale * d.detectable:.{digits}f}{unit} with 80% power"
+            if math.isfinite(d.detectable)
+            else ""
+        )
+        return (
+            f"{self.kind.capitalize()}: {claim}? {self.outcome.upper()}. Gap of {_pair_name(self.x)} minus gap of "
+            f"{_pair_name(self.y)} on {d.metric} = {format_difference(d, scale, digits)}{unit} "
+            f"({round(100 * d.confidence)}% CI; {d.wins} of {d.n} seeds in the ensemble's favour{detectable})."
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The test as plain data (for JSON)."""
+        return {
+            "kind": self.kind,
+            "x": _pair_name(self.x),
+            "y": _pair_name(self.y),
+            "outcome": self.outcome,
+            "contrast": self.contrast.as_dict(),
+            "sentence": self.sentence(),
+        }
+
+
+def _pair_name(pair: Pair) -> str:
+    return f"{pair.name_a} vs {pair.name_b}"
+
+
+_GROUPED = re.compile(r"(.+) \((\w+)=(.*)\)")
+
+
+def _split_line(line: str) -> tuple[str, str | None]:
+    """``"WRN-10-2 (train_size=5900)"`` -> ``("WRN-10-2", "5900")``; ungrouped lines have group ``None``."""
+    found = _GROUPED.fullmatch(line)
+    return (found.group(1), found.group(3)) if found else (line, None)
+
+
+def _group_order(group: str | None) -> float:
+    """Sort key of a group value: numbers by size; ``None`` (e.g. ``train_size: null``, all data) last."""
+    try:
+        return float(group) if group is not None else math.inf
+    except ValueError:
+        return math.inf if group in ("None", "null") else math.nan
+
+
+def paper_trends(pairs: Sequence[Pair], metric: str = "top1", confidence: float = 0.95) -> list[Trend]:
+    """Test the paper's two trends on matched pairs, each as a :func:`pair_contrast`.
+
+    - **Model size** ("as model sizes get larger, the performance gap widens"): within a group, every pair
+      against the next smaller one (ordered by the single model's multiply-adds).
+    - **Data size** (the gap is "largest when the models approach the size of what their dataset can
+      foster"): the same pair (same architectures and ensemble size) trained on a smaller training set
+      (``--group_by data/train_size``) against the next larger one; ``None`` (all the data) is the largest.
+
+    Args:
+        pairs: from :func:`compare_pairs`, with per-seed differences.
+        metric: the metric contrasted.
+        confidence: coverage of the intervals.
+
+    Returns:
+        The tests, model size first; pairs that share no seed are left out.
+    """
+    keyed = []
+    for pair in pairs:
+        family_a, group = _split_line(pair.a.architecture)
+        family_b, _ = _split_line(pair.b.architecture)
+        keyed.append(((family_a, pair.a.k, family_b), group, pair))
+    trends: list[Trend] = []
+    groups = sorted({g for _, g, _ in keyed}, key=lambda g: (_group_order(g), str(g)))
+    for group in groups:
+        members = sorted((p for _, g, p in keyed if g == group), key=lambda p: p.gmacs_b)
+        for smaller, larger in zip(members, members[1:]):
+            contrast = pair_contrast(larger, smaller, metric, confidence)
+            if contrast is not None:
+                trends.append(Trend("model size", larger, smaller, contrast))
+    for key in dict.fromkeys(k for k, _, _ in keyed):
+        same = sorted(
+            ((g, p) for k, g, p in keyed if k == key), key=lambda gp: (_group_order(gp[0]), str(gp[0]))
+        )
+        for (_, less_data), (_, more_data) in zip(same, same[1:]):
+            contrast = pair_contrast(less_data, more_data, metric, confidence)
+            if contrast is not None:
+                trends.append(Trend("data size", less_data, more_data, contrast))
+    return trends
+
+
 def _png(figure: Any) -> bytes:
     data = png_bytes(figure)
     close(figure)
@@ -539,7 +750,7 @@ def _png(figure: Any) -> bytes:
 def _title(runs: Sequence[Run], stage: str, curve: str) -> str:
     counts: dict[str, int] = defaultdict(int)
     for run in runs:
-        counts[run.architecture] += 1
+        counts[run.line] += 1
     curve_text = "mean over random k-subsets" if curve == "random" else "first k members"
     named = ", ".join(f"{arch} ({n} run{'s' if n != 1 else ''})" for arch, n in sorted(counts.items()))
     return f"{stage} split, {curve_text}; error bars: std over runs\n{named}"
@@ -555,6 +766,7 @@ def compare(
     pairs: list[str] | None = None,
     pair_tolerance: float = 0.1,
     confidence: float = 0.95,
+    group_by: str | None = None,
 ) -> dict[str, Any]:
     """Read every run under ``logdir`` and write the comparison figure, tables and TensorBoard entries.
 
@@ -570,9 +782,13 @@ def compare(
             paired with the single model of nearest multiply-adds within ``pair_tolerance``; ``[]`` for none.
         pair_tolerance: the largest relative multiply-add gap of an automatic pair.
         confidence: coverage of the paired differences' intervals.
+        group_by: a hyperparameter every run logged in its HParams session (e.g. ``data/train_size``): runs
+            with different values become separate lines, ``"WRN-10-2 (train_size=5900)"``, and automatic pairs
+            stay within a group. ``None``: one line per architecture.
 
     Returns:
-        ``{"lines", "pairs", "verdicts", "files", "runs", "skipped", "table"}``.
+        ``{"lines", "pairs", "verdicts", "trends", "files", "runs", "skipped", "table", "record"}``; ``trends``
+        are :func:`paper_trends` of the pairs.
 
     Raises:
         ValueError: for an unknown stage, curve or metric, a bad pair, no runs, or runs lacking the needed
@@ -590,7 +806,7 @@ def compare(
     root = Path(logdir)
     out_dir = Path(out) if out is not None else root / "comparison"
     paths = find_runs(root)
-    runs = [read_run(p, root, stage, curve) for p in paths]
+    runs = [read_run(p, root, stage, curve, group_by) for p in paths]
     needed = ("gmacs", metric)
     incomplete = [
         r for r in runs if not r.points or any(c not in p for p in r.points.values() for c in needed)
@@ -606,10 +822,11 @@ def compare(
     if not complete:
         raise ValueError(f"No run under {str(root)!r} has the `ablation/{stage}/...` tags.")
     lines = collect(complete)
-    matched = compare_pairs(
-        complete, lines, explicit if explicit is not None else match_pairs(lines, pair_tolerance), confidence
-    )
+    groups = {run.line: run.group for run in complete}
+    automatic = match_pairs(lines, pair_tolerance, groups if group_by is not None else None)
+    matched = compare_pairs(complete, lines, explicit if explicit is not None else automatic, confidence)
     verdicts = pair_verdicts(matched, metric)
+    trends = paper_trends(matched, metric, confidence)
 
     # Everything is computed before anything is written: a failure leaves no half-written output.
     title = _title(complete, stage, curve)
@@ -619,16 +836,29 @@ def compare(
     csv_text, md_text = _table(lines)
     if matched:
         md_text += "\n" + pairs_table(matched) + "\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    if trends:
+        md_text += (
+            "\nThe paper's trends, seed by seed:\n\n" + "\n".join(f"- {t.sentence()}" for t in trends) + "\n"
+        )
     images = {name: _png(figure) for name, figure in figures.items()}
     record = {
         "stage": stage,
         "curve": curve,
         "metric": metric,
+        "group_by": group_by,
         "lines": lines,
         "pairs": [p.as_dict() for p in matched],
         "verdicts": verdicts,
+        "trends": [t.as_dict() for t in trends],
         "runs": [
-            {"name": r.name, "architecture": r.architecture, "seed": r.seed, "points": r.points}
+            {
+                "name": r.name,
+                "architecture": r.architecture,
+                "line": r.line,
+                "group": r.group,
+                "seed": r.seed,
+                "points": r.points,
+            }
             for r in complete
         ],
     }
@@ -649,6 +879,7 @@ def compare(
         "lines": lines,
         "pairs": matched,
         "verdicts": verdicts,
+        "trends": trends,
         "files": [str(f) for f in files],
         "runs": [r.name for r in complete],
         "skipped": [r.name for r in incomplete],

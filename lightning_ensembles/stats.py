@@ -61,6 +61,9 @@ class PairedDifference:
     ties: int
     losses: int
     seeds_needed: int | None
+    detectable: float = math.nan
+    """The smallest true mean difference this many seeds detect with 80% power at ``confidence``, if the
+    per-seed differences scatter as observed (:func:`detectable_difference`); NaN for fewer than 2 seeds."""
 
     @property
     def significant(self) -> bool:
@@ -152,6 +155,54 @@ def seeds_needed(mean: float, std: float, confidence: float = 0.95, limit: int =
     return None
 
 
+def detectable_difference(std: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a paired t-test on ``n`` seeds detects with probability ``power``.
+
+    The two-sided test at ``confidence`` rejects when ``|t| > t_quantile(confidence, n - 1)``; under a true
+    difference ``delta`` the statistic follows a non-central t with ``n - 1`` degrees of freedom and
+    non-centrality ``delta * sqrt(n) / std``. This solves for the ``delta`` that makes the rejection probability
+    ``power``, taking the observed ``std`` as the truth. A design whose detectable difference is larger than
+    the effect it looks for cannot be expected to give a verdict, whatever it prints.
+
+    Args:
+        std: the standard deviation of the per-seed differences.
+        n: the number of seeds, at least 2.
+        confidence: the test's coverage (1 - its two-sided level), in ``(0, 1)``.
+        power: the probability of detecting the difference, in ``(0, 1)``.
+
+    Returns:
+        ``delta`` (in the units of ``std``); NaN for ``n < 2``, 0 for ``std == 0``.
+
+    Example:
+        >>> round(detectable_difference(1.0, 20), 2)  # near (1.96 + 0.84) / sqrt(20) = 0.63 for large n
+        0.66
+        >>> round(detectable_difference(1.0, 3), 2)  # three seeds: over 3 standard deviations
+        3.26
+    """
+    if n < 2:
+        return math.nan
+    if std == 0:
+        return 0.0
+    if not (0 < confidence < 1 and 0 < power < 1):
+        raise ValueError(
+            f"Expected `confidence` and `power` to be in (0, 1), but got {confidence!r} and {power!r}."
+        )
+    from scipy.optimize import brentq
+    from scipy.stats import nct
+
+    df, critical = n - 1, t_quantile(confidence, n - 1)
+
+    def shortfall(delta: float) -> float:
+        shift = delta * math.sqrt(n) / std
+        lower = float(nct.cdf(-critical, df, shift))  # NaN in SciPy once it underflows, far below 1e-20
+        return float(nct.sf(critical, df, shift)) + (lower if math.isfinite(lower) else 0.0) - power
+
+    high = std
+    while shortfall(high) < 0:
+        high *= 2
+    return float(brentq(shortfall, 0.0, high, xtol=1e-10 * std))
+
+
 def paired_difference(
     a: Sequence[float], b: Sequence[float], metric: str = "top1", confidence: float = 0.95
 ) -> PairedDifference:
@@ -217,6 +268,7 @@ def paired_difference(
         ties=ties,
         losses=n - wins - ties,
         seeds_needed=seeds_needed(s.mean, s.std, confidence),
+        detectable=detectable_difference(s.std, n, confidence),
     )
 
 
@@ -282,6 +334,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "PairedDifference",
     "Spread",
+    "detectable_difference",
     "format_difference",
     "paired_difference",
     "seeds_needed",

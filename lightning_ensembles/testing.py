@@ -17,10 +17,18 @@ the official ones, so load them with ``verify_checksums=False``.
 :func:`write_fake_svhn` does the same for the SVHN test split that serves as CIFAR-10's out-of-distribution
 set (``CIFAR10DataModule(ood="svhn")``): a ``test_32x32.mat`` MATLAB file as :class:`torchvision.datasets.SVHN`
 reads it.
+
+:func:`write_fake_fashion_mnist` writes a tiny Fashion-MNIST for
+:class:`~lightning_ensembles.data.FashionMNISTDataModule`: the four idx files (``train-images-idx3-ubyte``,
+``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``) in the real idx format,
+plain or gzipped, in a flat folder (as Debian's ``dataset-fashion-mnist``) or in torchvision's
+``FashionMNIST/raw/``. Every class has a bright block at its own position, plus noise. Its counts are not the
+published ones, so load it with ``strict=False``.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import struct
@@ -29,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_bool, check_int, expected
 
-__all__ = ["CIFAR10_CLASSES", "write_fake_cifar10", "write_fake_svhn"]
+__all__ = ["CIFAR10_CLASSES", "write_fake_cifar10", "write_fake_fashion_mnist", "write_fake_svhn"]
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -291,3 +299,112 @@ def write_fake_svhn(root: str | os.PathLike[str], num_test: int = 50, seed: int 
         },
     )
     return file
+
+
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_LAYOUTS = ("flat", "torchvision")
+
+
+def _fake_fashion_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw one class-dependent 28x28 grey-scale image per label.
+
+    Args:
+        labels: Integer labels in ``[0, 10)``, shape ``(N,)``.
+        rng: The random generator to draw the noise from.
+
+    Returns:
+        A uint8 array of shape ``(N, 28, 28)``: a dark noisy background with a bright 8x6 block whose position
+        depends on the class (a 3x4 grid of positions, the first ten used).
+    """
+    images = rng.normal(40.0, 20.0, size=(len(labels), 28, 28))
+    for index, label in enumerate(labels):
+        row, col = 1 + 9 * (int(label) // 4), 1 + 7 * (int(label) % 4)
+        images[index, row : row + 8, col : col + 6] += 170.0
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def _write_idx(path: Path, magic: int, data: np.ndarray, compress: bool) -> None:
+    """Write ``data`` (uint8) as an idx file: the big-endian magic number and dimensions, then the bytes.
+
+    Args:
+        path: The file, without ``.gz``; with ``compress`` ``.gz`` is appended. The other variant (plain or
+            ``.gz``) is removed, so that only what was written can be read.
+        magic: ``2051`` for images ``(N, 28, 28)``, ``2049`` for labels ``(N,)``.
+        data: The uint8 array.
+        compress: Gzip the file (with a fixed time stamp, so the bytes depend on the data only).
+    """
+    raw = struct.pack(f">{1 + data.ndim}I", magic, *data.shape) + np.ascontiguousarray(data).tobytes()
+    plain, gzipped = path, path.with_name(path.name + ".gz")
+    target, other = (gzipped, plain) if compress else (plain, gzipped)
+    other.unlink(missing_ok=True)
+    target.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
+
+
+def write_fake_fashion_mnist(
+    root: str | os.PathLike[str],
+    num_train: int = 200,
+    num_test: int = 50,
+    layout: str = "flat",
+    compress: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Fashion-MNIST as the four idx files of the official format.
+
+    The files are ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+    ``t10k-labels-idx1-ubyte`` (each with ``.gz`` when ``compress``): a big-endian header (magic number 2051 and
+    the dimensions ``N, 28, 28`` for images, 2049 and ``N`` for labels), then the uint8 data. Labels are
+    balanced (``num // 10`` of every class, the remainder one each to the first classes) and shuffled; each
+    class's images have a bright block at a class-dependent position over noise, so a tiny model beats chance
+    within a few steps. Existing files are overwritten (and the other variant, plain or ``.gz``, removed). The
+    result is deterministic in ``seed``. The counts are not the published ones: load it with ``strict=False``.
+
+    Args:
+        root: The dataset root, i.e. what ``--data.root`` would be.
+        num_train: The number of training images.
+        num_test: The number of test images.
+        layout: ``"flat"`` writes into ``root`` itself (as Debian's ``/usr/share/datasets/fashion-mnist``),
+            ``"torchvision"`` into ``root/FashionMNIST/raw`` (where torchvision downloads them).
+        compress: Gzip the files (named ``*.gz``); else write them plain.
+        seed: Seed of the labels' order and the pixel noise.
+
+    Returns:
+        The folder the four files were written to.
+
+    Raises:
+        ValueError: If ``num_train`` or ``num_test`` is not an int >= 1, ``seed`` not an int >= 0, ``layout``
+            not ``"flat"`` or ``"torchvision"``, or ``compress`` not a bool.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_ensembles.data.fashion_mnist import read_idx
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     folder = write_fake_fashion_mnist(root, num_train=30, num_test=10, layout="torchvision")
+        ...     names = sorted(path.name for path in folder.iterdir())
+        ...     images = read_idx(folder / "train-images-idx3-ubyte.gz", 3)
+        ...     labels = read_idx(folder / "t10k-labels-idx1-ubyte.gz", 1)
+        >>> folder.relative_to(root).as_posix(), names[0]
+        ('FashionMNIST/raw', 't10k-images-idx3-ubyte.gz')
+        >>> images.shape, images.dtype, sorted(labels.tolist())
+        ((30, 28, 28), dtype('uint8'), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    check_int(num_train, "num_train", 1)
+    check_int(num_test, "num_test", 1)
+    if not isinstance(layout, str) or layout not in _FASHION_MNIST_LAYOUTS:
+        raise expected("layout", f"one of {list(_FASHION_MNIST_LAYOUTS)}", layout)
+    check_bool(compress, "compress")
+    check_int(seed, "seed", 0)
+
+    folder = Path(root).expanduser()
+    if layout == "torchvision":
+        folder = folder / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, num in (("train", num_train), ("test", num_test)):
+        image_name, label_name = _FASHION_MNIST_FILES[split]
+        labels = _balanced_labels(num, rng).astype(np.uint8)
+        _write_idx(folder / image_name, 2051, _fake_fashion_images(labels, rng), compress)
+        _write_idx(folder / label_name, 2049, labels, compress)
+    return folder

@@ -21,7 +21,8 @@ from lightning_ensembles.callbacks import (
     ReliabilityDiagram,
 )
 from lightning_ensembles.cli import EnsembleCLI
-from lightning_ensembles.compare import compare, main
+from lightning_ensembles.compare import Pair, Point, compare, main
+from lightning_ensembles.stats import paired_difference
 from lightning_ensembles.testing import write_fake_cifar10
 from tests.helpers import fast_recipe_args
 
@@ -178,13 +179,15 @@ def test_compare_bad_input(tmp_path: Path, cifar_runs: Path) -> None:
     assert results["skipped"] == ["plain_run"] and len(results["runs"]) == 3
 
 
-def _fake_run(root: Path, name: str, architecture: str, seed: int | None, points: dict) -> Path:
+def _fake_run(
+    root: Path, name: str, architecture: str, seed: int | None, points: dict, **hparams_: object
+) -> Path:
     """A run directory as a recipe run with the ablation writes it: events, HParams and config.yaml."""
     from torch.utils.tensorboard.summary import hparams
 
     directory = root / name
     with SummaryWriter(str(directory)) as writer:
-        for summary in hparams({"ensemble/architecture": architecture}, {}):
+        for summary in hparams({"ensemble/architecture": architecture, **hparams_}, {}):
             writer.file_writer.add_summary(summary)
         for k, columns in points.items():
             for column, value in columns.items():
@@ -294,6 +297,81 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
     assert unpaired["pairs"][0].differences == {} and "no shared seeds" in unpaired["verdicts"][0]
 
 
+# Per-seed top-1 of the FLOP-matched pairs of a grouped sweep: {train_size: {line: [seed 0, 1, 2]}}.
+GROUPED_TOP1 = {
+    "59000": {"small@4": [0.880, 0.884, 0.882], "mid@1": [0.879, 0.880, 0.881]},
+    "5900": {"small@4": [0.840, 0.845, 0.842], "mid@1": [0.820, 0.826, 0.821]},
+}
+
+
+def test_group_by_draws_a_line_per_group_pairs_within_it_and_contrasts_pairs(tmp_path: Path) -> None:
+    from lightning_ensembles.compare import pair_contrast
+
+    root = tmp_path / "grouped"
+    for size, lines in GROUPED_TOP1.items():
+        for seed in range(3):
+            _fake_run(
+                root,
+                f"4_x_small_{size}/seed_{seed}",
+                "small",
+                seed,
+                {
+                    1: {"gmacs": 0.01, "top1": 0.8, "nll": 0.5, "ece": 0.02},
+                    4: {"gmacs": 0.04, "top1": lines["small@4"][seed], "nll": 0.4, "ece": 0.02},
+                },
+                **{"data/train_size": size},
+            )
+            _fake_run(
+                root,
+                f"mid_{size}/seed_{seed}",
+                "mid",
+                seed,
+                {1: {"gmacs": 0.039, "top1": lines["mid@1"][seed], "nll": 0.45, "ece": 0.02}},
+                **{"data/train_size": size},
+            )
+    ungrouped = compare(str(root), out=str(tmp_path / "plain"))
+    assert sorted(ungrouped["lines"]) == ["mid", "small"]  # the two sizes are averaged together
+
+    results = compare(str(root), group_by="data/train_size", out=str(tmp_path / "grouped_out"))
+    assert sorted(results["lines"]) == [
+        "mid (train_size=5900)",
+        "mid (train_size=59000)",
+        "small (train_size=5900)",
+        "small (train_size=59000)",
+    ]
+    # Automatic pairs stay within a training-set size, although the other size has the same multiply-adds.
+    pairs = {str(p.a): p for p in results["pairs"]}
+    assert {a: str(p.b) for a, p in pairs.items()} == {
+        "small (train_size=5900)@4": "mid (train_size=5900)@1",
+        "small (train_size=59000)@4": "mid (train_size=59000)@1",
+    }
+    small_data, all_data = pairs["small (train_size=5900)@4"], pairs["small (train_size=59000)@4"]
+    expected = [e - s for e, s in zip(GROUPED_TOP1["5900"]["small@4"], GROUPED_TOP1["5900"]["mid@1"])]
+    assert list(small_data.per_seed["top1"].values()) == pytest.approx(expected, abs=1e-6)  # float32 events
+
+    # The gap is larger on the subset on every seed: the contrast is its per-seed excess, with wins 3 of 3.
+    contrast = pair_contrast(small_data, all_data)
+    assert contrast is not None and (contrast.n, contrast.wins) == (3, 3)
+    excess = [a - b for a, b in zip(expected, [e - s for e, s in zip(*GROUPED_TOP1["59000"].values())])]
+    assert contrast.mean == pytest.approx(sum(excess) / 3, abs=1e-6) and contrast.ci_low > 0
+    reverse = pair_contrast(all_data, small_data)
+    assert reverse is not None and reverse.mean == pytest.approx(-contrast.mean) and reverse.wins == 0
+
+    # The data-size trend is that contrast (the less data first); one pair per group: no model-size trend.
+    (trend,) = results["trends"]
+    assert (trend.kind, trend.x, trend.y, trend.outcome) == ("data size", small_data, all_data, "seen")
+    assert trend.contrast.mean == pytest.approx(contrast.mean)
+    assert "Data size: the gap widens as the training set shrinks? SEEN." in results["table"]
+
+    saved = json.loads((tmp_path / "grouped_out" / "comparison.json").read_text())
+    assert saved["group_by"] == "data/train_size" and saved["trends"][0]["outcome"] == "seen"
+    assert saved["pairs"][0]["per_seed"]["top1"].keys() == {"0", "1", "2"}
+    assert {r["group"] for r in saved["runs"]} == {"5900", "59000"}
+
+    with pytest.raises(ValueError, match=r"`--group_by` to name a hyperparameter .* no 'data/val_size'"):
+        compare(str(root), group_by="data/val_size", out=str(tmp_path / "bad"))
+
+
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for args, message in (
         ([str(tmp_path / "missing")], "Expected `logdir` to be a directory of TensorBoard runs"),
@@ -353,3 +431,45 @@ def test_latency_figure_has_one_line_per_architecture_and_mode_and_reads_old_run
     old_only = {"WRN-16-4": lines["WRN-16-4"]}
     labels = comparison_figure(old_only, "latency_ms", "top1", "t").axes[0].get_legend_handles_labels()[1]
     assert labels == ["WRN-16-4 (up to 2 runs)"]
+
+
+def _pair(a: str, b: str, gmacs_b: float, diffs: list[float], metric: str = "top1") -> Pair:
+    d = paired_difference([1.0 + v for v in diffs], [1.0] * len(diffs), metric)
+    return Pair(
+        Point(a, 4), Point(b, 1), gmacs_b, gmacs_b, [0, 1, 2], {metric: d}, {metric: dict(enumerate(diffs))}
+    )
+
+
+def test_paper_trends_order_pairs_by_model_size_and_data_size() -> None:
+    from lightning_ensembles.compare import paper_trends
+
+    pairs = [  # listed out of order: the trends sort by the single model's multiply-adds and by data size
+        _pair("A (n=100)", "B (n=100)", 0.03, [0.030, 0.028, 0.033]),
+        _pair("S (n=100)", "A (n=100)", 0.01, [0.010, 0.011, 0.009]),
+        _pair("S (n=None)", "A (n=None)", 0.01, [0.001, 0.002, 0.000]),
+        _pair("A (n=None)", "B (n=None)", 0.03, [0.002, 0.001, -0.001]),
+        _pair("S (n=1000)", "A (n=1000)", 0.01, [0.004, 0.006, 0.005]),
+    ]
+    trends = paper_trends(pairs)
+    described = [(t.kind, str(t.x.a), str(t.y.a), t.outcome) for t in trends]
+    assert described == [
+        ("model size", "A (n=100)@4", "S (n=100)@4", "seen"),  # 100 < 1000 < None (all data)
+        ("model size", "A (n=None)@4", "S (n=None)@4", "unresolved"),
+        ("data size", "A (n=100)@4", "A (n=None)@4", "seen"),  # pairs in the order they first appear
+        ("data size", "S (n=100)@4", "S (n=1000)@4", "seen"),
+        ("data size", "S (n=1000)@4", "S (n=None)@4", "seen"),
+    ]
+    assert trends[0].contrast.mean == pytest.approx(0.0203333, abs=1e-6)
+    # A smaller gap for the larger pair is the trend reversed; NLL counts a lower difference as the ensemble's.
+    (reversed_,) = paper_trends(
+        [_pair("S", "A", 0.01, [0.03, 0.031, 0.029]), _pair("A", "B", 0.03, [0.0, 0.001, 0.0])]
+    )
+    assert reversed_.outcome == "reversed" and "REVERSED" in reversed_.sentence()
+    (nll,) = paper_trends(
+        [
+            _pair("S", "A", 0.01, [-0.01, -0.011, -0.009], "nll"),
+            _pair("A", "B", 0.03, [-0.05, -0.06, -0.055], "nll"),
+        ],
+        metric="nll",
+    )
+    assert nll.outcome == "seen" and nll.as_dict()["kind"] == "model size"

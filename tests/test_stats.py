@@ -107,3 +107,25 @@ def test_verdicts_in_plain_words() -> None:
     assert format_difference(worse, 100) == (
         f"{100 * worse.mean:+.2f} [{100 * worse.ci_low:+.2f}, {100 * worse.ci_high:+.2f}]"
     )
+
+
+def test_detectable_difference_has_the_power_it_claims() -> None:
+    """Simulated paired experiments at the returned difference reject 0 in 80% of cases (5 and 12 seeds)."""
+    import numpy as np
+
+    from lightning_ensembles.stats import detectable_difference
+
+    rng = np.random.default_rng(0)
+    for n in (5, 12):
+        delta = detectable_difference(0.5, n)
+        draws = rng.normal(delta, 0.5, size=(40_000, n))
+        t = draws.mean(axis=1) / (draws.std(axis=1, ddof=1) / np.sqrt(n))
+        rejected = np.abs(t) > t_quantile(0.95, n - 1)
+        assert rejected.mean() == pytest.approx(0.8, abs=0.01)
+        smaller = rng.normal(0.6 * delta, 0.5, size=(40_000, n))
+        t_small = smaller.mean(axis=1) / (smaller.std(axis=1, ddof=1) / np.sqrt(n))
+        assert (np.abs(t_small) > t_quantile(0.95, n - 1)).mean() < 0.6  # less power below it
+    assert detectable_difference(0.5, 5) > detectable_difference(0.5, 12)  # more seeds, finer resolution
+    assert math.isnan(detectable_difference(0.5, 1)) and detectable_difference(0.0, 4) == 0.0
+    d = paired_difference([0.99, 0.98, 0.99, 0.99], [0.98, 0.97, 0.98, 0.985])
+    assert d.detectable == pytest.approx(detectable_difference(d.std, 4))

@@ -24,7 +24,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_ensembles._validation import check_int
+from lightning_ensembles._validation import check_held_out_classes, check_int
 from lightning_ensembles.data.sampling import make_loader
 
 __all__ = ["DigitsDataModule"]
@@ -33,34 +33,6 @@ _NUM_SAMPLES = 1797
 _NUM_CLASSES = 10
 _MIN_TRAIN = 10
 _STAGES = ("fit", "validate", "test", "predict")
-
-
-def _check_ood_classes(ood_classes: Sequence[int] | None) -> tuple[int, ...]:
-    """Return the held-out digits, sorted, after checking them.
-
-    Args:
-        ood_classes: ``--data.ood_classes``.
-
-    Returns:
-        The digits as a sorted tuple (empty for ``None`` or ``[]``).
-
-    Raises:
-        ValueError: If they are not distinct ints in ``[0, 9]`` leaving at least 2 in-distribution digits.
-    """
-    if ood_classes is None:
-        return ()
-    values = list(ood_classes) if isinstance(ood_classes, (list, tuple)) else None
-    if (
-        values is None
-        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _NUM_CLASSES for c in values)
-        or len(set(values)) != len(values)
-        or _NUM_CLASSES - len(values) < 2
-    ):
-        raise ValueError(
-            f"Expected `--data.ood_classes` to be distinct ints in [0, {_NUM_CLASSES - 1}] that leave at least 2 "
-            f"in-distribution digits (e.g. [8, 9]), or null, but got {ood_classes!r}."
-        )
-    return tuple(sorted(values))
 
 
 class DigitsDataModule(LightningDataModule):
@@ -136,7 +108,9 @@ class DigitsDataModule(LightningDataModule):
             )
         self.test_size = check_int(test_size, "--data.test_size", _NUM_CLASSES)
         self.seed = check_int(seed, "--data.seed", 0)
-        self.ood_classes: tuple[int, ...] = _check_ood_classes(ood_classes)
+        self.ood_classes: tuple[int, ...] = check_held_out_classes(
+            ood_classes, "--data.ood_classes", _NUM_CLASSES
+        )
         """The held-out digits, sorted (empty: no OOD set)."""
         self.classes: list[int] = [c for c in range(_NUM_CLASSES) if c not in self.ood_classes]
         """The digit of each label, in label order."""
