@@ -270,7 +270,9 @@ def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | Non
                 f"Expected `--group_by` to name a hyperparameter every run logged, but the run {run.name!r} has no "
                 f"{group_by!r} (it logged: {logged})."
             )
-        run.group, run.group_by = str(run.hparams[group_by]), group_by
+        value = run.hparams[group_by]  # TensorBoard keeps numbers as floats: 5900 comes back as 5900.0
+        integral = isinstance(value, float) and value.is_integer()
+        run.group, run.group_by = str(int(value) if integral else value), group_by
     pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+|latency_ms/\w+)$")
     fallback: dict[int, dict[str, float]] = {}
     for tag in accumulator.Tags().get("scalars", []):

@@ -482,7 +482,9 @@ def training_cost(recipe: str | os.PathLike[str], job: Job, train_samples: int) 
     The recipe's configuration is built as the run would build it (the recipe's ``DEFAULT_CONFIG`` first,
     then the job's flags), the members' forward multiply-adds are counted on the meta device, and training
     is estimated as 3 x forward (forward, and a backward pass of about twice the forward's cost) per
-    training sample and epoch.
+    training sample and epoch. A datamodule with a ``train_size`` (a training subset, e.g.
+    ``FashionMNISTDataModule(train_size=6000)``) trains on that many samples per epoch instead of
+    ``train_samples``.
 
     Args:
         recipe: the recipe script.
@@ -490,7 +492,8 @@ def training_cost(recipe: str | os.PathLike[str], job: Job, train_samples: int) 
         train_samples: training samples per epoch (50,000 for CIFAR-10 without a validation split).
 
     Returns:
-        ``members``, ``gmacs_per_sample`` (the ensemble's forward), ``epochs`` and ``train_macs``.
+        ``members``, ``gmacs_per_sample`` (the ensemble's forward), ``epochs``, ``train_samples`` (per epoch)
+        and ``train_macs``.
     """
     from lightning_ensembles.cli import EnsembleCLI
     from lightning_ensembles.cost import count_macs
@@ -502,11 +505,14 @@ def training_cost(recipe: str | os.PathLike[str], job: Job, train_samples: int) 
     shape = cli.datamodule.input_shape
     macs = sum(count_macs(member, shape) for member in cli.model.members)
     epochs = int(cli.trainer.max_epochs or 0)
+    subset = getattr(cli.datamodule, "train_size", None)
+    samples = min(train_samples, subset) if isinstance(subset, int) else train_samples
     return {
         "members": len(cli.model.members),
         "gmacs_per_sample": macs / 1e9,
         "epochs": epochs,
-        "train_macs": 3 * macs * train_samples * epochs,
+        "train_samples": samples,
+        "train_macs": 3 * macs * samples * epochs,
     }
 
 
@@ -635,15 +641,15 @@ def _print_costs(
         first.setdefault(job.arm, job)
     costs = {}
     print(
-        f"\n| arm | members | GMACs / sample | epochs | training PMACs / run | runs | GPU-hours at "
-        f"{sustained_tflops:g} TFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|"
+        f"\n| arm | members | GMACs / sample | samples / epoch | epochs | training PMACs / run | runs | GPU-hours at "
+        f"{sustained_tflops:g} TFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     for arm, job in first.items():
         cost = training_cost(recipe, job, train_samples)
         hours = 2 * cost["train_macs"] * runs[arm] / (sustained_tflops * 1e12) / 3600
         costs[arm] = {**cost, "runs": runs[arm], "gpu_hours": hours}
         print(
-            f"| {arm} | {cost['members']} | {cost['gmacs_per_sample']:.4g} | {cost['epochs']} | "
+            f"| {arm} | {cost['members']} | {cost['gmacs_per_sample']:.4g} | {cost['train_samples']} | {cost['epochs']} | "
             f"{cost['train_macs'] / 1e15:.4g} | {runs[arm]} | {hours:.3g} |"
         )
     total = sum(c["gpu_hours"] for c in costs.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,12 @@ ALL_YAML = sorted(
     if not p.relative_to(CONFIGS).as_posix().startswith(("imagenet", "nas/", "sweeps/"))
 )
 # What each shipped config is composed with to make a complete run (cheap members where the file allows).
-COMPOSE = {"ensemble-": ["cifar/wrn-16-1.yaml"], "digits/": ["cifar/wrn-16-1.yaml"]}
+COMPOSE = {
+    "ensemble-": ["cifar/wrn-16-1.yaml"],
+    "digits/": ["cifar/wrn-16-1.yaml"],
+    "fashion/base": ["cifar/wrn-16-1.yaml"],
+    "fashion/": ["fashion/base.yaml", "cifar/wrn-16-1.yaml"],  # a schedule of the Fashion-MNIST sweeps
+}
 
 
 def _instantiate(*configs: str, extra: tuple[str, ...] = ()) -> EnsembleCLI:
@@ -61,6 +67,16 @@ def test_config_parses_and_instantiates(config: str) -> None:
         assert model.members[0].name == f"WRN-{name[4:]}"
     if name.startswith("ensemble-"):
         assert model.num_members == int(name.split("-")[1])
+    if config.startswith("fashion/"):
+        assert (
+            type(cli.datamodule).__name__ == "FashionMNISTDataModule"
+            and model.members[0].stem.in_channels == 1
+        )
+        if config != "fashion/base.yaml":  # cosine per step over exactly the run's steps at batch 128
+            steps = math.ceil((cli.datamodule.train_size or 60_000 - cli.datamodule.val_size) / 128)
+            assert model.lr_scheduler_interval == "step"
+            scheduler = model.lr_scheduler_factory(torch.optim.SGD(model.parameters(), lr=0.1))
+            assert scheduler.T_max == steps * cli.trainer.max_epochs
     if config == "cifar_wrn.yaml":
         assert model.num_members == 1 and model.members[0].name == "WRN-28-10"
         optimizer = model.configure_optimizers()["optimizer"]
@@ -144,6 +160,46 @@ def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pyt
     # More seeds later: only the new seed trains.
     again = quickstart.main(["--seeds", "3", "--workers", "0", "--out", str(out), "--", *TINY])
     assert [r["skipped"] for r in again["runs"]] == [True] * 6 + [False] * 3
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_on_generated_fashion_mnist_tests_both_trends(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The Fashion-MNIST evidence sweep (configs/sweeps/fashion-cpu.yaml, unchanged) on generated idx files:
+    two training-set sizes as separate lines, pairs within each, and both of the paper's trends tested."""
+    from lightning_ensembles.testing import write_fake_fashion_mnist
+
+    data = write_fake_fashion_mnist(tmp_path / "fashion", num_train=6_950, num_test=40)
+    out = tmp_path / "fashion-cpu"
+    fast = [*TINY, "--trainer.limit_test_batches=1", f"--data.root={data}", "--data.strict=false"]
+    record = quickstart.main(
+        ["--dataset", "fashion_mnist", "--seeds", "2", "--workers", "0", "--out", str(out), "--", *fast]
+    )
+    printed = capsys.readouterr().out
+    assert "Paper figure 1 on fashion_mnist: 6 arms x 2 seeds = 12 runs" in printed
+    assert "Fashion-MNIST test split (10,000 images)" in printed
+    assert sorted(record["lines"]) == [
+        f"WRN-10-{w} (train_size={size})" for w in (1, 2, 4) for size in ("5900", "None")
+    ]
+    pairs = sorted((p["name_a"], p["name_b"]) for p in record["pairs"])
+    assert pairs == sorted(
+        (f"4 x WRN-10-{small} (train_size={size})", f"WRN-10-{large} (train_size={size})")
+        for small, large in ((1, 2), (2, 4))
+        for size in ("5900", "None")
+    )
+    kinds = sorted(t["kind"] for t in record["trends"])
+    assert kinds == ["data size", "data size", "model size", "model size"]
+    assert all(
+        t["outcome"] in ("seen", "reversed", "unresolved") and t["contrast"]["n"] == 2
+        for t in record["trends"]
+    )
+    assert "Model size: the gap widens as the models grow?" in printed
+    assert "Data size: the gap widens as the training set shrinks?" in printed
+    assert "with 80% power" in printed and record["group_by"] == "data/train_size"
+    assert record["environment"]["cpu_model"] is not None or "cpu_model" in record["environment"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["dataset"] == "fashion_mnist" and len(saved["runs"]) == 12
 
 
 @pytest.mark.timeout(300)

@@ -199,6 +199,20 @@ def test_dry_run_estimates_training_cost_from_counted_macs(
     assert cost["train_macs"] == 3 * macs * 1000 * 10
     assert cost["gpu_hours"] == pytest.approx(2 * cost["train_macs"] * 3 / 0.5e12 / 3600)
     assert "| 2 x WRN-10-1 | 2 |" in capsys.readouterr().out
+
+    # A training subset (Fashion-MNIST's --data.train_size) trains on that many samples per epoch.
+    fashion = {
+        "WRN-10-1, 600": ["fashion/base.yaml", "cifar/wrn-10-1.yaml", "--data.train_size=600"],
+        "WRN-10-1, all": ["fashion/base.yaml", "cifar/wrn-10-1.yaml"],
+    }
+    costs = sweep(
+        str(RECIPE), fashion, seeds=1, out=str(tmp_path), dry_run=True, train_samples=60000,
+        args=["--trainer.max_epochs=2"],
+    )["costs"]  # fmt: skip
+    member = count_macs(WideResNet(depth=10, width=1, in_channels=1), (1, 28, 28))
+    assert costs["WRN-10-1, 600"]["train_samples"] == 600
+    assert costs["WRN-10-1, 600"]["train_macs"] == 3 * member * 600 * 2
+    assert costs["WRN-10-1, all"]["train_samples"] == 60000
     with pytest.raises(ValueError, match=r"`--sustained_tflops` to be a number > 0, but got 0"):
         sweep(str(RECIPE), arms, seeds=1, out=str(tmp_path), base=BASE, dry_run=True, train_samples=10,
               sustained_tflops=0)  # fmt: skip
