@@ -223,17 +223,28 @@ def _hparams(accumulator: Any) -> dict[str, Any]:
     return found
 
 
-def run_seed(path: Path) -> int | None:
-    """The run's seed: ``seed_everything`` in the ``config.yaml`` LightningCLI saved in ``path``, if any."""
-    config = path / "config.yaml"
-    if not config.is_file():
-        return None
+def run_seed(path: Path, hparams: dict[str, Any] | None = None) -> int | None:
+    """The run's seed: ``seed_everything`` in the ``config.yaml`` LightningCLI saved in ``path``; for a run
+    trained from Python (no ``config.yaml``), the module's ``seed`` hyperparameter (from ``hparams``, the run's
+    HParams session, or the ``hparams.yaml`` Lightning's TensorBoard logger writes); else ``None``."""
     import yaml
 
-    try:
-        seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
-    except yaml.YAMLError:
-        return None
+    config = path / "config.yaml"
+    if config.is_file():
+        try:
+            seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+        except yaml.YAMLError:
+            return None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    seed = (hparams or {}).get("seed")
+    saved = path / "hparams.yaml"
+    if seed is None and saved.is_file():
+        try:
+            seed = (yaml.safe_load(saved.read_text()) or {}).get("seed")
+        except yaml.YAMLError:
+            return None
+    if isinstance(seed, float) and seed.is_integer():  # TensorBoard keeps numbers as floats
+        seed = int(seed)
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
@@ -262,7 +273,8 @@ def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | Non
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
     accumulator.Reload()
     name = path.relative_to(root).as_posix() if path != root else path.name
-    run = Run(path=path, name=name or path.name, hparams=_hparams(accumulator), seed=run_seed(path))
+    hparams = _hparams(accumulator)
+    run = Run(path=path, name=name or path.name, hparams=hparams, seed=run_seed(path, hparams))
     if group_by is not None:
         if group_by not in run.hparams:
             logged = ", ".join(sorted(k for k in run.hparams if "/" in k)) or "none"
@@ -532,13 +544,14 @@ def _cell(column: str, value: Any) -> str:
 
 
 def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
-    columns = ["architecture", "k", "runs", "seeds"]
+    """The CSV (every column's mean and ``_std`` apart) and the markdown (one ``mean ± std`` cell per metric)."""
+    means = []
     for column in COLUMNS:
         if any(column in row for rows in lines.values() for row in rows):
-            columns += [column, f"{column}_std"]
+            means.append(column)
         if column == "latency_ms":
-            for mode in latency_modes(lines):
-                columns += [f"latency_ms/{mode}", f"latency_ms/{mode}_std"]
+            means += [f"latency_ms/{mode}" for mode in latency_modes(lines)]
+    columns = ["architecture", "k", "runs", "seeds", *(c for m in means for c in (m, f"{m}_std"))]
     rows: list[dict[str, Any]] = [
         {"architecture": arch, **row} for arch, arch_rows in lines.items() for row in arch_rows
     ]
@@ -546,12 +559,18 @@ def _table(lines: dict[str, list[dict[str, float]]]) -> tuple[str, str]:
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    md = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    headers = ["architecture", "k", "runs", "seeds", *(_HEADERS.get(m, m) for m in means)]
+    md = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
     for row in rows:
-        md.append(
-            "| " + " | ".join([str(row["architecture"])] + [_cell(c, row.get(c)) for c in columns[1:]]) + " |"
-        )
+        cells = [str(row["architecture"])] + [_cell(c, row.get(c)) for c in ("k", "runs", "seeds")]
+        for m in means:
+            mean, std = _cell(m, row.get(m)), _cell(m, row.get(f"{m}_std"))
+            cells.append(mean if m == "gmacs" or not mean or not std else f"{mean} ± {std}")
+        md.append("| " + " | ".join(cells) + " |")
     return buffer.getvalue(), "\n".join(md) + "\n"
+
+
+_HEADERS = {"gmacs": "GMACs", "top1": "top-1 (%)", "latency_ms": "latency (ms)"}
 
 
 def _display(metric: str) -> tuple[float, int, str]:

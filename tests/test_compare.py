@@ -180,14 +180,14 @@ def test_compare_bad_input(tmp_path: Path, cifar_runs: Path) -> None:
 
 
 def _fake_run(
-    root: Path, name: str, architecture: str, seed: int | None, points: dict, **hparams_: object
+    root: Path, name: str, architecture: str, seed: int | None, points: dict, logged: dict | None = None
 ) -> Path:
     """A run directory as a recipe run with the ablation writes it: events, HParams and config.yaml."""
     from torch.utils.tensorboard.summary import hparams
 
     directory = root / name
     with SummaryWriter(str(directory)) as writer:
-        for summary in hparams({"ensemble/architecture": architecture, **hparams_}, {}):
+        for summary in hparams({"ensemble/architecture": architecture, **(logged or {})}, {}):
             writer.file_writer.add_summary(summary)
         for k, columns in points.items():
             for column, value in columns.items():
@@ -264,6 +264,11 @@ def test_compare_over_seeds_reports_spread_and_paired_differences(seeded_runs: P
     assert {"top1_std", "nll_std", "ece_std", "seeds"} <= set(rows[0])
     markdown = (out / "comparison.md").read_text()
     assert "| 4 x WRN-16-2 | WRN-16-4 | 0.0252 vs 0.0245 | top1 | 5 |" in markdown
+    # One `mean ± std` cell per metric in the markdown (the CSV keeps them apart): 4 + 4 columns, not 4 + 8.
+    header = markdown.splitlines()[0]
+    assert header == "| architecture | k | runs | seeds | GMACs | top-1 (%) | nll | ece |"
+    top1 = 100 * sum(ENSEMBLE_TOP1) / 5, 100 * float(np.std(ENSEMBLE_TOP1, ddof=1))
+    assert f"| WRN-16-2 | 4 | 5 | 5 | 0.0252 | {top1[0]:.2f} ± {top1[1]:.2f} |" in markdown
     saved = json.loads((out / "comparison.json").read_text())
     assert sorted(r["seed"] for r in saved["runs"] if r["architecture"] == "WRN-16-4") == [0, 1, 2, 3, 4]
     assert saved["pairs"][0]["differences"]["top1"]["wins"] == 4
@@ -289,7 +294,20 @@ def test_compare_metric_explicit_pairs_and_unpaired_runs(seeded_runs: Path, tmp_
     ):
         compare(str(seeded_runs), metric="top5")  # type: ignore[arg-type]
 
-    # Runs without a seed (no config.yaml) draw on the figure but cannot be paired.
+    # Runs trained from Python (no config.yaml) take their seed from the module's `seed` hyperparameter: in
+    # the HParams session, or else in the hparams.yaml Lightning's TensorBoard logger writes.
+    python_runs = tmp_path / "python_runs"
+    for seed in (3, 4):
+        logged = {"seed": seed} if seed == 4 else None
+        ensemble = {4: {"gmacs": 0.0252, "top1": 0.99, "nll": 0.04, "ece": 0.01}}
+        _fake_run(python_runs, f"a{seed}", "WRN-16-2", None, ensemble, logged)
+        single = {1: {"gmacs": 0.0245, "top1": 0.98, "nll": 0.05, "ece": 0.01}}
+        _fake_run(python_runs, f"b{seed}", "WRN-16-4", None, single, {"seed": seed})
+    (python_runs / "a3" / "hparams.yaml").write_text("seed: 3\n")
+    by_seed = compare(str(python_runs))
+    assert by_seed["lines"]["WRN-16-2"][0]["seeds"] == 2 and by_seed["pairs"][0].seeds == [3, 4]
+
+    # Runs without any seed draw on the figure but cannot be paired.
     loose = tmp_path / "loose"
     _fake_run(loose, "a", "WRN-16-2", None, {4: {"gmacs": 0.0252, "top1": 0.99, "nll": 0.04, "ece": 0.01}})
     _fake_run(loose, "b", "WRN-16-4", None, {1: {"gmacs": 0.0245, "top1": 0.98, "nll": 0.05, "ece": 0.01}})
@@ -319,7 +337,7 @@ def test_group_by_draws_a_line_per_group_pairs_within_it_and_contrasts_pairs(tmp
                     1: {"gmacs": 0.01, "top1": 0.8, "nll": 0.5, "ece": 0.02},
                     4: {"gmacs": 0.04, "top1": lines["small@4"][seed], "nll": 0.4, "ece": 0.02},
                 },
-                **{"data/train_size": size},
+                {"data/train_size": size},
             )
             _fake_run(
                 root,
@@ -327,7 +345,7 @@ def test_group_by_draws_a_line_per_group_pairs_within_it_and_contrasts_pairs(tmp
                 "mid",
                 seed,
                 {1: {"gmacs": 0.039, "top1": lines["mid@1"][seed], "nll": 0.45, "ece": 0.02}},
-                **{"data/train_size": size},
+                {"data/train_size": size},
             )
     ungrouped = compare(str(root), out=str(tmp_path / "plain"))
     assert sorted(ungrouped["lines"]) == ["mid", "small"]  # the two sizes are averaged together
