@@ -173,3 +173,17 @@ def test_update_returns_the_first_k_ensembles_before_the_temperature() -> None:
     first_k = metrics.update(logits, target, temperature=2.0)
     assert torch.equal(first_k, cumulative_log_probs(logits))
     assert "size_2/top1" in metrics and "size_1/mutual_information" not in metrics
+
+
+def test_ece_uses_15_bins_on_a_case_that_depends_on_the_bins() -> None:
+    """Two samples whose confidences 0.62 (right) and 0.68 (wrong) share a bin of 10 but not of 15: the ECE is
+    0.15 with 10 bins and 0.53 with 15, for the ensemble and for every ensemble size."""
+    probs = torch.tensor([[0.62, 0.38], [0.32, 0.68]])
+    target = torch.tensor([0, 0])
+    assert ref_ece(probs.tolist(), target.tolist(), bins=10) == pytest.approx(0.15)
+    assert ref_ece(probs.tolist(), target.tolist(), bins=15) == pytest.approx(0.53)
+    metrics = EnsembleMetrics(2, 2)
+    metrics.update(probs.log().expand(2, 2, 2), target)  # two identical members: the ensemble is `probs`
+    values = metrics.compute()
+    for name in ("ece", "size_1/ece", "size_2/ece"):
+        assert float(values[name]) == pytest.approx(0.53, abs=1e-5), name
