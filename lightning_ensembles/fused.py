@@ -140,8 +140,11 @@ def choose_execution(
         repeats: timed runs of each path (after one warm-up); the median counts.
         measure_on_cpu: time on CPU inputs too instead of choosing the loop.
 
+    If the fused path raises (vmap cannot run some operation, e.g. under CUDA autocast), the loop is chosen
+    and the reason is logged as a warning: ``execution="auto"`` never fails where the loop works.
+
     Returns:
-        ``"vmap"`` if it was faster, else ``"loop"``.
+        ``"vmap"`` if it ran and was faster, else ``"loop"``.
     """
     try:
         check_fusable(members)
@@ -159,7 +162,17 @@ def choose_execution(
                 ("loop", lambda: [m(x) for m in members]),
                 ("vmap", lambda: vmap_forward(members, x)),
             ):
-                run()  # warm-up
+                try:
+                    run()  # warm-up
+                except Exception as err:  # only the fused path may fail here: the loop is the fallback
+                    if name == "loop":
+                        raise
+                    log.warning(
+                        "execution='auto' chose loop: the fused (vmap) path raised %s: %s",
+                        type(err).__name__,
+                        err,
+                    )
+                    return "loop"
                 samples = []
                 for _ in range(repeats):
                     if x.is_cuda:

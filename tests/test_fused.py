@@ -127,6 +127,22 @@ def test_auto_follows_the_measurement(monkeypatch: pytest.MonkeyPatch, vmap_fast
     assert choose_execution(members, torch.randn(8, 12)) == "loop"  # CPU: measured slower, so the loop
 
 
+def test_auto_falls_back_to_the_loop_when_vmap_raises(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vmap can fail where the loop runs (e.g. under CUDA autocast): `auto` then chooses the loop and says why."""
+
+    def failing_vmap(members, x):
+        raise RuntimeError("vmap: this operation is not supported under autocast")
+
+    monkeypatch.setattr(fused, "vmap_forward", failing_vmap)
+    members = build_members([TinyNet] * 2, seed=0)
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert choose_execution(members, torch.randn(8, 12), measure_on_cpu=True) == "loop"
+    assert "fused (vmap) path raised RuntimeError: vmap: this operation" in caplog.text
+    assert all(m.training for m in members)  # modes restored on the early return too
+
+
 def test_module_auto_mode_trains_and_records_its_choice() -> None:
     module = EnsembleLightningModule(member=WRN, num_members=2, num_classes=10, execution="auto")
     pl.Trainer(max_steps=2, **trainer_kwargs()).fit(module, _images())
