@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -940,7 +941,11 @@ class EnsembleLightningModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": _numpy_state(),
+        }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[_RNG_KEY] = rng
@@ -992,10 +997,14 @@ class EnsembleLightningModule(LightningModule):
             )
         rng = checkpoint.get(_RNG_KEY)
         # Restore the random state only when resuming training, so that a resumed run draws the same
-        # dropout masks and augmentations as an uninterrupted one; loading for evaluation leaves it alone.
+        # dropout masks and augmentations as an uninterrupted one (numpy's too: timm's Mixup and CutMix draw
+        # from np.random); loading for evaluation leaves it alone. Checkpoints written before numpy's state
+        # was saved resume without it.
         if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(_as_random_state(rng["python"]))
+            if "numpy" in rng:
+                _set_numpy_state(rng["numpy"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -1175,6 +1184,26 @@ class _NameUnreadableCheckpoint(Callback):
                 exception.add_note(str(err))
             else:
                 log.error("%s", err)
+
+
+def _numpy_state() -> dict[str, Any]:
+    """numpy's global random state as plain values and a tensor, so that ``weights_only=True`` loads it."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "kind": str(kind),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`_numpy_state` saved."""
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (state["kind"], keys, state["position"], state["has_gauss"], state["cached_gaussian"])
+    )
 
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:

@@ -247,3 +247,39 @@ def test_the_checkpoint_note_callback_is_added_once(caplog: pytest.LogCaptureFix
         trainer.validate(module, make_loader(n=32), verbose=False)
     assert "override existing callbacks" not in caplog.text
     assert sum(type(c).__name__ == "_NameUnreadableCheckpoint" for c in trainer.callbacks) == 1
+
+
+def test_resumed_mixup_run_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """timm's Mixup/CutMix draw from numpy's global RNG: a resumed run must restore it to mix the same batches."""
+    import numpy as np
+
+    from lightning_ensembles.data import ImageNetDataModule
+    from lightning_ensembles.models import WideResNet
+    from lightning_ensembles.testing_imagenet import write_fake_imagefolder
+
+    root = write_fake_imagefolder(tmp_path / "imagenet", classes=("a", "b", "c"), size=24)
+    member = functools.partial(WideResNet, depth=10, width=1)
+
+    def run(epochs: int, folder: str, ckpt_path: str | None = None) -> EnsembleLightningModule:
+        data = ImageNetDataModule(
+            root=str(root), input_size=16, batch_size=4, num_workers=0, mixup_alpha=0.4, cutmix_alpha=1.0
+        )
+        module = EnsembleLightningModule(member=member, num_members=2, num_classes=3)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            **trainer_kwargs(enable_checkpointing=True, callbacks=[checkpoint], limit_val_batches=1),
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    pl.seed_everything(0)
+    straight = run(3, "straight")
+    pl.seed_everything(0)
+    run(1, "first")
+    pl.seed_everything(999)  # every stream, numpy's included, is elsewhere when the run resumes
+    np.random.seed(999)
+    resumed = run(3, "second", str(tmp_path / "first" / "last.ckpt"))
+    assert_close(resumed.state_dict(), straight.state_dict())
+    saved = torch.load(tmp_path / "first" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["lightning_ensembles_rng"]["numpy"]["keys"].shape == (624,)
