@@ -8,6 +8,14 @@ training, and checkpoints' ``state_dict``, keep the raw weights. The EMA weights
 state, so a resumed run continues them; under member-parallel training every process sends the EMAs of the
 members it trains when a checkpoint is written (in ``on_save_checkpoint``, never in ``state_dict``). As in
 timm, the first update copies the weights and later ones average with ``decay``.
+
+Updates happen once per optimizer step, after it, as in Lightning's own ``WeightAveraging``: with
+``accumulate_grad_batches=N`` the global step stays put for N batches, and an update per batch would apply the
+decay N times per step. Lightning's ``EMAWeightAveraging`` itself does not fit an ensemble's needs: it averages
+the whole LightningModule in one ``AveragedModel``, copies the average into the module when training ends (so
+the final checkpoint no longer holds the trained weights), and has no notion of members trained by different
+processes. Here every member has its own EMA, shared from the process that trains it, and checkpoints keep the
+raw weights.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class MemberEMA(Callback):
         self.every_n_steps = check_int(every_n_steps, init_arg("MemberEMA", "every_n_steps"), 1)
         self.evaluate_with_ema = evaluate_with_ema
         self.emas: dict[int, ModelEmaV3] = {}
+        self._latest_update_step = 0
         self._restored: dict[int, dict[str, torch.Tensor]] = {}
         self._backup: dict[int, dict[str, torch.Tensor]] | None = None
 
@@ -88,8 +97,10 @@ class MemberEMA(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps != 0:
+        # `global_step` counts optimizer steps: under gradient accumulation it stays put for several batches.
+        if trainer.global_step <= self._latest_update_step or trainer.global_step % self.every_n_steps != 0:
             return
+        self._latest_update_step = trainer.global_step
         members = self._members(pl_module)
         # under member-parallel training, only the members this process trains
         local = set(getattr(pl_module, "local_members", self.emas))
@@ -194,6 +205,7 @@ class MemberEMA(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,
+            "latest_update_step": self._latest_update_step,
             "members": {  # with the restored EMAs of members not trained yet in this run
                 **copy.deepcopy(self._restored),
                 **{i: copy.deepcopy(ema.module.state_dict()) for i, ema in self.emas.items()},
@@ -202,6 +214,7 @@ class MemberEMA(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._latest_update_step = int(state_dict.get("latest_update_step", 0))
         restored = {int(i): state for i, state in state_dict.get("members", {}).items()}
         for i, state in restored.items():
             if i in self.emas:

@@ -61,6 +61,36 @@ def test_ema_follows_the_recurrence_for_each_member() -> None:
         assert not torch.allclose(got["2.weight"], module.members[i][2].weight)  # EMA differs from raw
 
 
+def test_ema_updates_once_per_optimizer_step_under_gradient_accumulation() -> None:
+    """With accumulate_grad_batches=3, the global step stays put for 3 batches: one update per optimizer step."""
+    decay, accumulate = 0.5, 3
+    module = _module()
+    ema = MemberEMA(decay=decay)
+    loader = make_loader(n=96, batch_size=8)  # 12 batches: 4 optimizer steps
+    trainer = pl.Trainer(max_epochs=1, **trainer_kwargs(callbacks=[ema], accumulate_grad_batches=accumulate))
+
+    models = [build_member(Mlp, i) for i in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models]
+    expected: list[dict[str, torch.Tensor]] = [{}, {}]
+    batches = list(loader)
+    for step in range(len(batches) // accumulate):
+        for model, optimizer, avg in zip(models, optimizers, expected):
+            optimizer.zero_grad()
+            for x, y in batches[step * accumulate : (step + 1) * accumulate]:
+                (torch.nn.functional.cross_entropy(model(x), y) / accumulate).backward()
+            optimizer.step()
+            for name, param in model.named_parameters():
+                d = 0.0 if step == 0 else decay
+                avg[name] = d * avg.get(name, param.detach()) + (1 - d) * param.detach()
+
+    trainer.fit(module, loader)
+    assert trainer.global_step == 4
+    for i in range(2):
+        got = dict(ema.ema_member(i).named_parameters())
+        for name, value in expected[i].items():
+            assert_close(got[name], value)
+
+
 def test_validation_sees_ema_weights_and_training_keeps_raw_ones(tmp_path: Path) -> None:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 

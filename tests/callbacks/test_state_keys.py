@@ -117,7 +117,10 @@ def test_checkpoint_written_before_the_state_keys_restores_every_callback(
         name = type(callback).__name__
         expected = saved.get(callback.state_key, saved.get(name))
         assert expected, name
-        assert_identical(states[callback.state_key], expected, f"{name}.state_dict()")
+        restored = dict(states[callback.state_key])
+        if name == "MemberEMA":  # the fixture predates the once-per-optimizer-step guard: no update recorded
+            assert restored.pop("latest_update_step") == 0
+        assert_identical(restored, expected, f"{name}.state_dict()")
 
 
 def test_member_ema_shares_when_the_checkpoint_is_written_not_in_state_dict() -> None:
