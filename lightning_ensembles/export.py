@@ -17,9 +17,10 @@ is written atomically, so a failed export or check leaves no file, or the previo
 
 On the command line (a checkpoint written by ``Trainer.fit`` or a reproduction):
 
-    python -m lightning_ensembles.export CKPT --format onnx --input_shape 1 8 8 [--out PATH]
+    python -m lightning_ensembles.export CKPT --format onnx [--input_shape 1 8 8] [--out PATH]
 
-``--help`` lists every flag; ``--config export.yaml`` reads them from a YAML file (``input_shape: [1, 8, 8]``).
+``--input_shape`` defaults to the shape the checkpoint recorded in training
+(:attr:`~lightning_ensembles.module.EnsembleLightningModule.input_shape`). ``--help`` lists every flag; ``--config export.yaml`` reads them from a YAML file (``input_shape: [1, 8, 8]``).
 
 Example:
     >>> from torch import nn
@@ -475,9 +476,12 @@ def _parser() -> ArgumentParser:
         "--input_shape",
         type=int,
         nargs="+",
-        required=True,
+        default=None,
         metavar="N",
-        help="One sample's shape without the batch axis, e.g. --input_shape 1 8 8 (digits), 3 32 32 (CIFAR).",
+        help=(
+            "One sample's shape without the batch axis, e.g. --input_shape 1 8 8 (digits), 3 32 32 (CIFAR). "
+            "Default: the shape the checkpoint recorded when it was trained."
+        ),
     )
     parser.add_argument(
         "--format", type=str, default="pt2", metavar="{pt2,onnx}", help="pt2 (torch.export) or onnx."
@@ -513,7 +517,7 @@ def _parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> ExportResult:
-    """Command-line entry point: ``python -m lightning_ensembles.export CKPT --input_shape ...``.
+    """Command-line entry point: ``python -m lightning_ensembles.export CKPT [--input_shape ...]``.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
@@ -529,13 +533,20 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     args = _parser().parse_args(list(argv) if argv is not None else None)  # exits with status 2 on a bad flag
     with command_line_errors(_PROGRAM):
         check_choice(args.format, "--format", FORMATS)  # before the checkpoint is loaded
-        check_shape(args.input_shape, "--input_shape")
+        if args.input_shape is not None:  # else the checkpoint's, below
+            check_shape(args.input_shape, "--input_shape")
         module = EnsembleLightningModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        input_shape = args.input_shape if args.input_shape is not None else module.input_shape
+        if input_shape is None:
+            raise ValueError(
+                f"Expected `--input_shape` (one sample's shape, e.g. --input_shape 1 8 8), because "
+                f"{args.checkpoint!r} records none: it was written before checkpoints kept the input shape."
+            )
         out = args.out if args.out is not None else Path(args.checkpoint).with_suffix(f".{args.format}")
         result = export_ensemble(
             module,
             out,
-            input_shape=args.input_shape,
+            input_shape=input_shape,
             format=args.format,
             member_probs=args.member_probs,
             verify=args.verify,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ensembles._compat import CLI_INSTANTIATOR_KEY, backward_skipped, initial_hparams
-from lightning_ensembles._validation import check_checkpoint_file, check_choice, check_int
+from lightning_ensembles._validation import check_checkpoint_file, check_choice, check_int, check_shape
 from lightning_ensembles.aggregation import Aggregation, cumulative_log_probs, validate_aggregation
 from lightning_ensembles.calibration import MODES as TEMPERATURE_MODES
 from lightning_ensembles.calibration import EvaluationLogits, fit_temperature, scale
@@ -60,6 +60,7 @@ __all__ = ["EnsembleLightningModule", "as_ensemble"]
 log = logging.getLogger(__name__)
 
 _RNG_KEY = "lightning_ensembles_rng"
+_INPUT_SHAPE_KEY = "lightning_ensembles_input_shape"
 
 
 class EnsembleLightningModule(LightningModule):
@@ -461,6 +462,8 @@ class EnsembleLightningModule(LightningModule):
         # the summary goes there only, so checkpoints keep exactly the constructor's arguments.
         datamodule = getattr(self.trainer, "datamodule", None)
         input_shape = getattr(datamodule, "input_shape", None)
+        if input_shape is not None and self.input_shape is None:
+            self.record_input_shape(input_shape)
         try:
             summary = self.summary(input_shape)
         except ValueError as err:  # informational only: a shape that does not fit fails later, with context
@@ -474,6 +477,27 @@ class EnsembleLightningModule(LightningModule):
         initial.clear()
         initial.update({f"model/{k}": v for k, v in self._own_hparams.items()})
         initial.update({f"ensemble/{k}": v for k, v in summary.items()})
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """One sample's shape without the batch axis, as the module saw it: from the datamodule's
+        ``input_shape`` at ``setup``, else from the first batch; kept in checkpoints. ``None`` until known."""
+        return getattr(self, "_input_shape", None)
+
+    def record_input_shape(self, shape: Sequence[int]) -> None:
+        """Record one sample's shape (see :attr:`input_shape`) and set Lightning's ``example_input_array``.
+
+        With ``example_input_array`` set, Lightning's model summary counts the ensemble's FLOPs, and export
+        needs no ``--input_shape``.
+
+        Args:
+            shape: one sample's shape without the batch axis, e.g. ``(1, 28, 28)``.
+
+        Raises:
+            ValueError: if ``shape`` is not a non-empty sequence of ints >= 1.
+        """
+        self._input_shape = check_shape(shape, "input_shape")
+        self.example_input_array = torch.zeros(1, *self._input_shape)
 
     @override
     def configure_callbacks(self) -> list[Callback]:
@@ -526,6 +550,8 @@ class EnsembleLightningModule(LightningModule):
                 and the step.
         """
         x, y = batch
+        if self.input_shape is None:
+            self.record_input_shape(x.shape[1:])
         soft = isinstance(y, Tensor) and y.is_floating_point()
         if soft and self.label_smoothing > 0 and batch_idx == 0 and self.global_step == 0:
             rank_zero_warn(
@@ -629,6 +655,8 @@ class EnsembleLightningModule(LightningModule):
         self, batch: tuple[Tensor, Tensor], metrics: EnsembleMetrics, calibrated: bool = True
     ) -> dict[str, Tensor]:
         x, y = batch
+        if self.input_shape is None:
+            self.record_input_shape(x.shape[1:])
         logits = self(x)
         if calibrated and self.temperature_scaling != "none":
             logits = self._with_member_temperatures(logits)
@@ -949,6 +977,8 @@ class EnsembleLightningModule(LightningModule):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[_RNG_KEY] = rng
+        if self.input_shape is not None:
+            checkpoint[_INPUT_SHAPE_KEY] = list(self.input_shape)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -995,6 +1025,9 @@ class EnsembleLightningModule(LightningModule):
                 f"The checkpoint holds {saved} members but this module has {len(self.members)}: build the "
                 f"module with `num_members={saved}` (or the matching `members` list)."
             )
+        shape = checkpoint.get(_INPUT_SHAPE_KEY)
+        if shape is not None and self.input_shape is None:
+            self.record_input_shape(shape)
         rng = checkpoint.get(_RNG_KEY)
         # Restore the random state only when resuming training, so that a resumed run draws the same
         # dropout masks and augmentations as an uninterrupted one (numpy's too: timm's Mixup and CutMix draw

@@ -407,6 +407,27 @@ def test_cli_round_trip_from_a_fitted_checkpoint(
         assert_close(probs, _predict(loaded, x)["probs"], atol=1e-5, rtol=0)
 
 
+def test_cli_takes_the_input_shape_the_checkpoint_recorded(
+    fitted_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No --input_shape: the shape the module saw in training (kept in the checkpoint) is used."""
+    saved = torch.load(fitted_checkpoint, map_location="cpu", weights_only=True)
+    assert saved["lightning_ensembles_input_shape"] == list(IMAGE)
+    result = main([str(fitted_checkpoint), "--out", str(tmp_path / "auto.pt2")])
+    assert result.path.is_file() and result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
+    assert EnsembleLightningModule.load_from_checkpoint(fitted_checkpoint).input_shape == IMAGE
+
+    # A checkpoint written before the shape was kept: the flag is asked for by name.
+    del saved["lightning_ensembles_input_shape"]
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(old), "--out", str(tmp_path / "old.pt2")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Expected `--input_shape`" in err and "records none" in err
+    assert main([str(old), "--out", str(tmp_path / "old.pt2"), "--input_shape", "1", "8", "8"]).path.is_file()
+
+
 def test_cli_default_out_is_the_checkpoint_with_the_formats_suffix(fitted_checkpoint: Path) -> None:
     result = main([str(fitted_checkpoint), "--input_shape", "1", "8", "8", "--no-verify"])
     try:

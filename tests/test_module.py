@@ -263,3 +263,29 @@ def test_evaluation_metrics_by_stage() -> None:
     assert module.evaluation_metrics("test") is module.test_metrics
     with pytest.raises(ValueError, match="Expected `stage` to be 'val' or 'test', but got 'fit'"):
         module.evaluation_metrics("fit")
+
+
+def test_input_shape_is_recorded_and_lightnings_summary_counts_the_flops() -> None:
+    """The shape the module sees becomes Lightning's example_input_array: the model summary's FLOPs are the
+    members' multiply-adds x 2 (it printed "Total FLOPs: 0" before), and checkpoints keep the shape."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from lightning_ensembles.cost import count_macs
+    from lightning_ensembles.data import DigitsDataModule
+    from lightning_ensembles.models import WideResNet
+
+    wrn = functools.partial(WideResNet, depth=10, width=1, in_channels=1)
+    module = EnsembleLightningModule(member=wrn, num_members=2, num_classes=10)
+    assert module.input_shape is None and module.example_input_array is None
+    data = DigitsDataModule(batch_size=64)
+    pl.Trainer(**trainer_kwargs(max_steps=1, limit_val_batches=1)).fit(module, datamodule=data)
+    assert module.input_shape == (1, 8, 8)  # from the datamodule, at setup
+    macs = sum(count_macs(member, (1, 8, 8)) for member in module.members)
+    assert ModelSummary(module).total_flops == 2 * macs > 0
+
+    # Without a datamodule, the first batch tells the shape.
+    plain = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    pl.Trainer(**trainer_kwargs(max_steps=1)).fit(plain, make_loader(n=16))
+    assert plain.input_shape == (12,) and tuple(plain.example_input_array.shape) == (1, 12)
+    with pytest.raises(ValueError, match=r"`input_shape` to be one sample's shape"):
+        plain.record_input_shape((0, 3))

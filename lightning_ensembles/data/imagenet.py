@@ -406,6 +406,10 @@ class ImageNetDataModule(LightningDataModule):
         trainer = self.trainer
         if self.mixup is None or trainer is None or not trainer.training:
             return batch
+        if not (
+            isinstance(batch, (tuple, list)) and len(batch) == 2
+        ):  # e.g. the model summary's example input
+            return batch
         x, y = batch
         if len(x) % 2 == 0:
             return self.mixup(x, y)

@@ -114,11 +114,17 @@ def test_one_training_step_with_mixup_and_timm_members(root: Path) -> None:
     member = functools.partial(TimmModel, model_name=TINY, num_classes=3, input_size=(3, 32, 32))
     module = EnsembleLightningModule(member=member, num_members=2, num_classes=dm.num_classes)
     record = _RecordBatches()
-    trainer = pl.Trainer(
-        **trainer_kwargs(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[record])
+    trainer = pl.Trainer(  # the model summary runs the example input through the batch hooks, Mixup's too
+        **trainer_kwargs(
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=1,
+            callbacks=[record],
+            enable_model_summary=True,
+        )
     )
     trainer.fit(module, datamodule=dm)
-    assert trainer.global_step == 1
+    assert trainer.global_step == 1 and module.input_shape == (3, 32, 32)
     assert record.train_targets[0].shape == (4, 3) and record.train_targets[0].is_floating_point()
     assert record.val_targets[0].dtype == torch.int64
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
