@@ -26,6 +26,10 @@ multiply-adds as its forward pass.
 in the callbacks and the module) is made once per member and configuration and read by everyone after, so
 ``FlopsMonitor``, ``EnsembleSizeAblation`` and ``CascadeMonitor`` count each member once between them and
 log the same numbers.
+
+:func:`ptflops_macs` is the independent cross-check: ptflops' ``aten`` backend on a real forward pass at batch
+1 (an optional dependency, ``pip install "lightning-ensembles[flops]"``). The tests compare the two counts,
+and ``FlopsMonitor(cross_check=True)`` logs both.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from lightning_ensembles._compat import private_aten_ops
 from lightning_ensembles._scope import scoped_store
 from lightning_ensembles._validation import check_int, check_shape
 
-__all__ = ["count_macs", "count_params", "count_training_macs", "member_macs"]
+__all__ = ["count_macs", "count_params", "count_training_macs", "member_macs", "ptflops_macs"]
 
 _aten = torch.ops.aten
 
@@ -349,3 +353,38 @@ def member_macs(
     if store is not None:
         store[key] = macs
     return macs
+
+
+def ptflops_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Forward multiply-adds per sample as ptflops' ``aten`` backend counts them: the independent cross-check.
+
+    ptflops runs one real forward pass at batch 1, here on a CPU copy of ``model`` in eval mode without
+    gradients, so the caller's model (its weights, BatchNorm statistics and mode) is untouched. It counts the
+    convolutions and matrix multiplications :func:`count_macs` counts, plus one operation per output element of
+    every bias, so its number is slightly larger (by ``num_classes`` for a Wide ResNet).
+
+    Args:
+        model: the network.
+        input_shape: one sample's shape without the batch axis.
+
+    Returns:
+        ptflops' count.
+
+    Raises:
+        ImportError: if ptflops is not installed (it is the ``flops`` extra).
+        ValueError: for an ``input_shape`` that is not a non-empty sequence of ints >= 1.
+    """
+    try:
+        import ptflops
+    except ImportError as err:
+        raise ImportError(
+            'The ptflops cross-check needs ptflops: `pip install "lightning-ensembles[flops]"` (or `pip install '
+            "ptflops`)."
+        ) from err
+    shape = _check_input_shape(input_shape, 1)
+    copied = copy.deepcopy(model).to("cpu").eval()
+    with torch.no_grad():
+        macs, _ = ptflops.get_model_complexity_info(
+            copied, shape, backend="aten", as_strings=False, print_per_layer_stat=False
+        )
+    return int(macs)

@@ -24,6 +24,11 @@ Counting uses :func:`~lightning_ensembles.cost.count_macs`,
 come from the run's one cost source, :func:`~lightning_ensembles.cost.member_macs` with ``scope=trainer``:
 ``EnsembleSizeAblation`` and ``CascadeMonitor`` in the same Trainer read the same counts. On a 2-core CPU
 EfficientNet-B7 at 600x600 takes about 0.5 s (forward) plus 2.5 s (training step) to count.
+
+With ``cross_check=True`` every member is also counted by ptflops (:func:`~lightning_ensembles.cost.ptflops_macs`,
+one real forward pass at batch 1 on a CPU copy; ptflops is the ``flops`` extra), logged as
+``flops/member_{i}_ptflops_gmacs`` and ``flops/ensemble_ptflops_gmacs``, and a warning names any member whose two
+counts differ by more than 1% (ptflops also counts bias additions, a fraction of a percent for convnets).
 """
 
 from __future__ import annotations
@@ -34,13 +39,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_shape, init_arg
 from lightning_ensembles.callbacks._shared import resolve_input_shape, restore_class_keyed_state
-from lightning_ensembles.cost import count_params, member_macs
+from lightning_ensembles.cost import count_params, member_macs, ptflops_macs
 from lightning_ensembles.module import as_ensemble
 from lightning_ensembles.results import member_name
 
@@ -70,6 +75,7 @@ class FlopsMonitor(Callback):
         input_shape: Shape of one sample without the batch axis, e.g. ``(3, 32, 32)``. Defaults to the
             datamodule's ``input_shape`` attribute (every datamodule of this package has one).
         count_training: Also count the forward + backward multiply-adds of one training step.
+        cross_check: Also count each member with ptflops (independent of our counter) and log it next to ours.
 
     Raises:
         ValueError: If ``input_shape`` is not a non-empty sequence of ints >= 1 or ``count_training`` is not
@@ -94,10 +100,14 @@ class FlopsMonitor(Callback):
         {'macs': 24, 'params': 30, 'train_macs': 48}
     """
 
-    def __init__(self, input_shape: Sequence[int] | None = None, count_training: bool = True) -> None:
+    def __init__(
+        self, input_shape: Sequence[int] | None = None, count_training: bool = True, cross_check: bool = False
+    ) -> None:
         super().__init__()
         self.input_shape = check_shape(input_shape, init_arg("FlopsMonitor", "input_shape"), optional=True)
         self.count_training = check_bool(count_training, init_arg("FlopsMonitor", "count_training"))
+        # Not part of `state_key`: it adds entries to the state, and old checkpoints' states still restore.
+        self.cross_check = check_bool(cross_check, init_arg("FlopsMonitor", "cross_check"))
         self.results: dict[str, Any] = {}
         self._logged = False
 
@@ -175,6 +185,8 @@ class FlopsMonitor(Callback):
             return True
         if list(results.get("input_shape", ())) != list(shape):
             return True
+        if self.cross_check and "ptflops_macs" not in results.get("ensemble", {}):
+            return True
         return self.count_training and "train_macs" not in results.get("ensemble", {})
 
     def _count(self, members: nn.ModuleList, shape: tuple[int, ...], scope: pl.Trainer) -> dict[str, Any]:
@@ -190,6 +202,8 @@ class FlopsMonitor(Callback):
                     row["train_macs"] = member_macs(
                         member, shape, training=True, batch_size=_TRAIN_BATCH, scope=scope
                     )
+                if self.cross_check:
+                    row["ptflops_macs"] = ptflops_macs(member, shape)
             except ValueError as err:
                 raise ValueError(
                     f"Expected `input_shape` {list(shape)} (one sample, without the batch axis; "
@@ -198,6 +212,15 @@ class FlopsMonitor(Callback):
                 ) from err
             rows.append(row)
         ensemble = {key: sum(row[key] for row in rows) for key in rows[0] if key != "name"}
+        if self.cross_check:
+            for i, row in enumerate(rows):
+                gap = abs(row["ptflops_macs"] - row["macs"]) / max(row["macs"], 1)
+                if gap > 0.01:
+                    rank_zero_warn(
+                        f"FlopsMonitor: ptflops counts {row['ptflops_macs']} multiply-adds for member {i} "
+                        f"({row['name']}) and lightning_ensembles.cost {row['macs']}: they differ by "
+                        f"{100 * gap:.1f}%, more than the bias additions ptflops adds. Check the member's ops."
+                    )
         return {"input_shape": list(shape), "members": rows, "ensemble": ensemble}
 
     def _metrics(self) -> dict[str, float]:
@@ -209,4 +232,6 @@ class FlopsMonitor(Callback):
             metrics[f"flops/{prefix}_mparams"] = row["params"] / 1e6
             if self.count_training and "train_macs" in row:
                 metrics[f"flops/{prefix}_train_gmacs"] = row["train_macs"] / 1e9
+            if self.cross_check and "ptflops_macs" in row:
+                metrics[f"flops/{prefix}_ptflops_gmacs"] = row["ptflops_macs"] / 1e9
         return metrics

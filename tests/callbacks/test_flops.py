@@ -246,3 +246,51 @@ def test_module_without_members_raises():
 def test_bad_arguments_raise(kwargs: dict, match: str):
     with pytest.raises(ValueError, match=match):
         FlopsMonitor(**kwargs)
+
+
+def test_cross_check_logs_ptflops_next_to_our_count_and_warns_on_a_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ptflops")
+    from lightning_ensembles.cost import ptflops_macs
+
+    monitor = FlopsMonitor(cross_check=True, count_training=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    module = make_module(10, 16)
+    trained_before = {k: v.clone() for k, v in module.state_dict().items()}
+    make_trainer(monitor, logger=logger, max_steps=1).fit(module, datamodule=RandomImages())
+    rows = monitor.results["members"]
+    for depth, row in zip((10, 16), rows):
+        ours = count_macs(wrn(depth)(), SHAPE)
+        assert row["macs"] == ours and row["ptflops_macs"] == ours + NUM_CLASSES  # + the classifier's bias
+    assert monitor.results["ensemble"]["ptflops_macs"] == sum(r["ptflops_macs"] for r in rows)
+    accumulator = EventAccumulator(str(logger.log_dir))
+    accumulator.Reload()
+    assert accumulator.Scalars("flops/ensemble_ptflops_gmacs")[-1].value == pytest.approx(
+        monitor.results["ensemble"]["ptflops_macs"] / 1e9
+    )
+    assert monitor.state_key == FlopsMonitor(count_training=False).state_key  # old checkpoints restore
+    assert set(trained_before) == set(module.state_dict())
+
+    # A member whose two counts disagree by more than 1% is named in a warning.
+    monkeypatch.setattr(flops_module, "ptflops_macs", lambda member, shape: 2 * count_macs(member, shape))
+    with pytest.warns(UserWarning, match=r"ptflops counts \d+ multiply-adds for member 0 \(WRN-10-1\)"):
+        make_trainer(FlopsMonitor(cross_check=True), max_steps=1).fit(
+            make_module(10), datamodule=RandomImages()
+        )
+
+    # ptflops_macs leaves the model alone: mode, BatchNorm statistics.
+    member = wrn(10)().train()
+    before = {k: v.clone() for k, v in member.state_dict().items()}
+    assert ptflops_macs(member, SHAPE) == count_macs(member, SHAPE) + NUM_CLASSES
+    assert member.training and all(torch.equal(v, member.state_dict()[k]) for k, v in before.items())
+
+
+def test_cross_check_without_ptflops_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lightning_ensembles.cost import ptflops_macs
+
+    monkeypatch.setitem(sys.modules, "ptflops", None)
+    with pytest.raises(ImportError, match=r"lightning-ensembles\[flops\]"):
+        ptflops_macs(wrn(10)(), SHAPE)
