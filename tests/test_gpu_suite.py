@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -195,6 +196,57 @@ def test_the_suite_imports_without_ptflops() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+IMAGE_LACKS = ("jsonargparse", "optuna", "ptflops")
+"""Packages the lent GPU image does not have (its page in the device tool)."""
+
+
+def test_gpu_tests_collect_where_jsonargparse_optuna_and_ptflops_are_not_installed(tmp_path: Path) -> None:
+    """The suite's `tests` stage (`pytest -m gpu tests`) on the GPU image: with the three packages truly absent
+    (site-packages without them and without their metadata, as Lightning checks it), every GPU test is collected
+    and the modules that need a missing package are skipped, not collection errors."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    hidden = tmp_path / "site-packages"
+    hidden.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.startswith((*IMAGE_LACKS, "__editable__")):
+            (hidden / entry.name).symlink_to(entry)
+    command = [
+        sys.executable,
+        "-S",
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "tests",
+        "--co",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(hidden)])}
+    probe = f"import importlib.util as u; print([u.find_spec(m) for m in {IMAGE_LACKS!r}])"
+    absent = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True)
+    assert absent.stdout.strip() == "[None, None, None]", absent.stderr[-2000:]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "error" not in result.stdout.lower(), result.stdout[-3000:]
+    collected = [line for line in result.stdout.splitlines() if "::" in line]
+    assert any("tests/gpu/test_parallel_cuda.py::" in line for line in collected)
+    assert len(collected) == int(result.stdout.split(" tests collected")[0].rsplit("\n", 1)[-1].split("/")[0])
+
+    # Where the package is installed, a module that fails to import is still an error (no blanket skip).
+    broken = tmp_path / "tests_broken"
+    broken.mkdir()
+    (broken / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (broken / "test_broken.py").write_text("import optuna.no_such_module\n")
+    failed = subprocess.run(
+        [sys.executable, "-m", "pytest", str(broken), "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert failed.returncode != 0 and "ModuleNotFoundError" in failed.stdout
 
 
 def test_a_failing_configuration_is_recorded_and_the_run_goes_on(
