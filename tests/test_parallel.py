@@ -362,13 +362,22 @@ def flags(spins: int) -> torch.Tensor:
     return torch.tensor([[0.0, 0.0, 0.0, 0.0, float(spins)]])
 
 
+UNTIL_SEEN = 2**30
+"""A graph that waits with this many checks stops as soon as it sees the flag; it only runs out (minutes later)
+if the flag never comes. So the outcome depends on whether the two run at the same time, never on how busy the
+host is: a graph run one after the other can never see the flag, however many checks it makes."""
+
+DEADLINE_S = 120.0
+"""How long this thread waits for a graph before the test fails (a wall-clock bound, not a count of checks)."""
+
+
 def test_traced_members_run_at_the_same_time():
     # Each graph raises its flag in the shared input and waits, inside the TorchScript executor, for the
     # other's; the first only sees it if the two graphs run at the same time.
     members = [GraphRendezvous(0), GraphRendezvous(1)]
     with torch.no_grad(), ParallelEnsemble(members, workers=2, threads_per_worker=1, trace=True) as parallel:
         parallel(flags(0))  # traces the graphs for this signature (in this thread, one after another)
-        assert parallel(flags(10_000_000)).flatten().tolist() == [1.0, 1.0]
+        assert parallel(flags(UNTIL_SEEN)).flatten().tolist() == [1.0, 1.0]
     with torch.no_grad(), ParallelEnsemble(members, workers=1, trace=True) as parallel:
         parallel(flags(0))
         assert parallel(flags(10_000)).flatten().tolist() == [0.0, 1.0]  # one after another: in vain
@@ -380,7 +389,7 @@ def test_a_traced_member_runs_while_another_thread_holds_the_gil():
     # for the graph's done flag. It can only come if the graph runs without the GIL.
     with torch.no_grad(), ParallelEnsemble([GraphRendezvous(0)], trace=True) as parallel:
         parallel(flags(0))
-        x = flags(10_000_000)
+        x = flags(UNTIL_SEEN)
         flag = [ctypes.c_float.from_address(x.data_ptr() + 4 * i) for i in range(4)]
 
         def call() -> None:
@@ -389,15 +398,18 @@ def test_a_traced_member_runs_while_another_thread_holds_the_gil():
 
         caller = threading.Thread(target=call)
         caller.start()
-        for _ in range(30_000):  # until the graph runs (sleeping releases the GIL)
-            if flag[0].value == 1.0:
-                break
-            time.sleep(0.001)
+        deadline = time.monotonic() + DEADLINE_S
+        while flag[0].value != 1.0 and time.monotonic() < deadline:  # until the graph runs (sleeping
+            time.sleep(0.001)  # releases the GIL)
+        assert flag[0].value == 1.0, "the traced graph never started"
         interval = sys.getswitchinterval()
-        sys.setswitchinterval(1000.0)
+        sys.setswitchinterval(1000.0)  # no switch to another Python thread while this one waits
         try:
             flag[1].value = 1.0
-            done = any(flag[2].value == 1.0 for _ in range(20_000_000))  # the GIL held all along
+            deadline = time.monotonic() + DEADLINE_S  # time.monotonic keeps the GIL, as the ctypes reads do
+            while flag[2].value != 1.0 and time.monotonic() < deadline:
+                pass
+            done = flag[2].value == 1.0
         finally:
             sys.setswitchinterval(interval)
         caller.join()
