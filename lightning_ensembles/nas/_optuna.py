@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["import_optuna"]
+__all__ = ["import_optuna", "record_heartbeat_now"]
 
 _INSTALL = 'pip install "lightning-ensembles[nas]"'
 
@@ -29,3 +29,22 @@ def import_optuna() -> Any:
             f"The architecture search needs Optuna (>= 3.6): `{_INSTALL}` or `pip install optuna`."
         ) from err
     return optuna
+
+
+def record_heartbeat_now(trial: Any) -> None:
+    """Record a running trial's heartbeat now, in this thread, when its storage keeps heartbeats.
+
+    Optuna records a trial's heartbeats from a thread it starts with the trial, so a worker that dies (killed,
+    out of memory) before that thread's first write leaves a trial with no heartbeat row, which
+    ``fail_stale_trials`` never sees as stale: it would stay ``RUNNING`` for good. Recording one at the start of
+    the objective closes that gap. Reads ``trial.study._storage`` and ``trial._trial_id`` (Optuna has no public
+    name for either; ``lightning_ensembles._compat`` does not cover Optuna, an optional dependency, so the
+    tests of the search check them).
+
+    Args:
+        trial: an ``optuna.Trial`` being run.
+    """
+    storage = getattr(getattr(trial, "study", None), "_storage", None)
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if storage is not None and interval is not None:
+        storage.record_heartbeat(trial._trial_id)

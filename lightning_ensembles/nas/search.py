@@ -55,7 +55,7 @@ from lightning_ensembles._validation import check_int
 from lightning_ensembles.callbacks.optuna_pruning import OptunaPruning
 from lightning_ensembles.cost import count_macs, count_params
 from lightning_ensembles.models.nas import NASArchitecture
-from lightning_ensembles.nas._optuna import import_optuna
+from lightning_ensembles.nas._optuna import import_optuna, record_heartbeat_now
 from lightning_ensembles.nas.selection import _completed, _record, pareto_front
 from lightning_ensembles.nas.space import NASSearchSpace
 from lightning_ensembles.nas.storage import open_storage
@@ -594,6 +594,7 @@ class NASSearch:
 
     def _objective(self, trial: optuna.Trial, study: optuna.Study, datamodule: LightningDataModule) -> Any:
         optuna = import_optuna()
+        record_heartbeat_now(trial)  # before anything can fail: Optuna's first heartbeat comes from a thread
         architecture = self.space.sample(trial)
         trial.set_user_attr("architecture", architecture.to_dict())
         trial.set_user_attr("worker", _worker_id())

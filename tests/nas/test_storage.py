@@ -112,7 +112,12 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch: pytest.MonkeyP
 _DYING_WORKER = textwrap.dedent(
     """
     import os, sys, torch
+    import optuna.storages._heartbeat as heartbeat
     from lightning_ensembles.data import DigitsDataModule
+
+    # Optuna's heartbeat thread never gets to write: the worker dies before its first heartbeat lands (a race
+    # under load, made certain here). The search's own heartbeat at the start of the trial must be there.
+    heartbeat.HeartbeatThread._record_heartbeat = staticmethod(lambda trial_id, beat, stop: stop.wait())
     from lightning_ensembles.nas import NASSearch, NASSearchSpace, StageSpace
 
     class DiesInSecondFit(DigitsDataModule):
@@ -151,7 +156,8 @@ def test_a_dead_workers_trial_is_failed_and_its_architecture_trained_again(
     assert worker.returncode == 3, err[-3000:]
     dead = optuna.load_study(study_name="nas", storage=storage).trials[1]
     assert dead.state.name == "RUNNING" and dead.user_attrs["worker"].endswith(f":{worker.pid}")
-    # The dead worker recorded a heartbeat when the trial started. Instead of waiting out the grace period,
+    # The dead worker recorded a heartbeat when the trial started (the search's own, in the trial's thread: the
+    # worker's heartbeat thread wrote none). Instead of waiting out the grace period,
     # its heartbeat is moved an hour back: what another worker sees once the worker has been gone that long.
     connection = sqlite3.connect(db)
     with connection:
