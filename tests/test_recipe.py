@@ -143,13 +143,21 @@ def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pyt
     assert [int(r["k"]) for r in record["lines"]["WRN-16-2"]] == [1, 2, 3, 4]
     assert all(int(r["seeds"]) == 2 for rows in record["lines"].values() for r in rows)
     pairs = [(p["name_a"], p["name_b"]) for p in record["pairs"]]
-    assert pairs == [("4 x WRN-16-2", "WRN-16-4"), ("4 x WRN-16-1", "WRN-16-2")]
+    assert pairs == [("4 x WRN-16-1", "WRN-16-2"), ("4 x WRN-16-2", "WRN-16-4")]
     for pair in record["pairs"]:
         gap = abs(pair["gmacs_a"] - pair["gmacs_b"]) / pair["gmacs_b"]
         assert gap < 0.05 and pair["seeds"] == [0, 1]  # FLOP-matched, paired seed by seed
         assert set(pair["differences"]) == {"top1", "nll", "ece", "aece", "aurc", "risk80"}  # no OOD set here
     assert "| WRN-16-2 | 4 | 0.0252 | 2 |" in printed and " ± " in printed
     assert "| 4 x WRN-16-2 | WRN-16-4 | 0.02521 vs 0.02452 | top1 | 2 |" in printed
+    assert "- 4 x WRN-16-1 vs WRN-16-2: " in printed and "with 80% power" in printed
+    (trend,) = record["trends"]  # the larger pair's gap against the smaller pair's, seed by seed
+    assert (trend["kind"], trend["x"], trend["y"]) == (
+        "model size",
+        "4 x WRN-16-2 vs WRN-16-4",
+        "4 x WRN-16-1 vs WRN-16-2",
+    )
+    assert f"- {trend['sentence']}" in printed
     assert len(record["verdicts"]) == 2 and all(f"- {v}" in printed for v in record["verdicts"])
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["runs"]) == 6 and saved["environment"]["torch"] == torch.__version__
