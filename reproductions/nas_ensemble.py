@@ -37,6 +37,7 @@ from lightning_ensembles._help import first_sentence
 from lightning_ensembles.cli import recipe_main, run_recipe, split_own_flags
 from lightning_ensembles.compare import compare
 from lightning_ensembles.nas import NASSearch, export_search
+from lightning_ensembles.sweep import resolve_seeds, seed_args
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "nas"
 SEARCH_CONFIG = CONFIGS / "search.yaml"
@@ -110,13 +111,15 @@ def compare_parser() -> ArgumentParser:
     """The ``compare`` stage's own flag, ``--out``; every other flag is the recipe's, given to both arms."""
     parser = ArgumentParser(
         prog="nas_ensemble.py compare",
-        usage="nas_ensemble.py compare [-h] [--out OUT] [recipe flags]",
+        usage="nas_ensemble.py compare [-h] [--out OUT] [--seeds SEEDS] [recipe flags]",
         description=(
             f"{first_sentence(compare_arms.__doc__ or '')} Arm (a) is the searched architecture "
-            "<out>/searched.yaml replicated N times, arm (b) the N diverse searched architectures <out>/diverse.yaml; both are logged under "
-            "<out>/compare and compared with lightning_ensembles.compare. Every flag but --out is a flag of "
-            "the training recipe (configs/nas/digits.yaml), given to both arms: --config FILE, "
-            "--trainer.max_epochs 30, --model.seed 10; `nas_ensemble.py train --help` lists them."
+            "<out>/searched.yaml replicated N times, arm (b) the N diverse searched architectures <out>/diverse.yaml; both are trained "
+            "under every seed (seed s sets --seed_everything, --model.seed and --data.seed, as "
+            "lightning_ensembles.sweep does, so the arms of a seed share the data split and order), logged under "
+            "<out>/compare/<arm>/seed_<s> and compared seed by seed with lightning_ensembles.compare. Every flag "
+            "but --out and --seeds is a flag of the training recipe (configs/nas/digits.yaml), given to both arms: "
+            "--config FILE, --trainer.max_epochs 30; `nas_ensemble.py train --help` lists them."
         ),
     )
     parser.add_argument(
@@ -125,17 +128,25 @@ def compare_parser() -> ArgumentParser:
         default="runs/nas",
         help="The search's folder, written by `nas_ensemble.py search --out DIR`.",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="How many seeds (0..n-1) each arm is trained under; the arms are compared seed by seed.",
+    )
     return parser
 
 
 def compare_arms(args: list[str]) -> dict[str, Any]:
-    """Train both arms of a finished search with the full recipe, then compare them.
+    """Train both arms of a finished search with the full recipe over seeds, then compare them seed by seed.
 
     The ``compare`` stage; ``--out`` is its own flag (:func:`compare_parser`), every other one is the recipe's.
     """
     parser = compare_parser()
     own, args = split_own_flags(parser, args)
-    out = Path(parser.parse_args(own).out)
+    options = parser.parse_args(own)
+    out = Path(options.out)
+    seeds = resolve_seeds(options.seeds)
     searched, diverse = out / "searched.yaml", out / "diverse.yaml"
     for path in (searched, diverse):
         if not path.is_file():
@@ -148,17 +159,27 @@ def compare_arms(args: list[str]) -> dict[str, Any]:
         "replicated": ["--config", str(searched), f"--model.num_members={num_members}"],
         "diverse": ["--config", str(diverse)],
     }
-    results = {}
-    for arm, arm_args in arms.items():
-        logger = [f"--trainer.logger.init_args.save_dir={logdir}", f"--trainer.logger.init_args.name={arm}"]
-        results[arm] = run_recipe(
-            [*args, *arm_args, *logger], TRAIN_CONFIG, parser_kwargs={"prog": "nas_ensemble.py compare"}
-        )
-        if "table" in results[arm]:
-            print(f"\n## Arm: {arm}\n\n{results[arm]['table']}")
+    results: dict[str, dict[str, Any]] = {}
+    for seed in seeds:  # seed-major, as a sweep: a partial run is still paired
+        for arm, arm_args in arms.items():
+            logger = [
+                f"--trainer.logger.init_args.save_dir={logdir}",
+                f"--trainer.logger.init_args.name={arm}",
+                f"--trainer.logger.init_args.version=seed_{seed}",
+            ]
+            result = run_recipe(
+                [*args, *arm_args, *seed_args(seed), *logger],
+                TRAIN_CONFIG,
+                parser_kwargs={"prog": "nas_ensemble.py compare"},
+            )
+            results.setdefault(arm, result)  # the first seed's, for the architecture and cost
+            if "table" in result:
+                print(f"\n## Arm: {arm}, seed {seed}\n\n{result['table']}")
     if not all("results_file" in r for r in results.values()):
         return {"arms": results, "comparison": None}  # not rank 0 of a multi-device run
-    comparison = compare(str(logdir))
+    architectures = {arm: str(r["architecture"]) for arm, r in results.items()}
+    pair = f"{architectures['replicated']}@{num_members} vs {architectures['diverse']}@{num_members}"
+    comparison = compare(str(logdir), pairs=[pair])
     print("\n## Replicated vs diverse (test split; lightning_ensembles.compare)\n\n" + comparison["table"])
     print("| arm | members | GMACs / input | top-1 (%) | NLL |\n|---|---:|---:|---:|---:|")
     for arm, r in results.items():

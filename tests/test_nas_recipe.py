@@ -105,7 +105,13 @@ def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     ]
 
     compared = nas_ensemble.main(
-        ["compare", f"--out={out}", *fast_recipe_args(tmp_path), "--trainer.limit_train_batches=2"]
+        [
+            "compare",
+            f"--out={out}",
+            "--seeds=2",
+            *fast_recipe_args(tmp_path),
+            "--trainer.limit_train_batches=2",
+        ]
     )
     replicated, mixed = compared["arms"]["replicated"], compared["arms"]["diverse"]
     assert replicated["num_members"] == mixed["num_members"] == 2
@@ -115,6 +121,11 @@ def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     assert mixed["sizes"][-1]["macs"] == sum(row["macs"] for row in mixed["members"])
     lines = compared["comparison"]["lines"]
     assert len(lines) == 2 and all([p["k"] for p in points] == [1, 2] for points in lines.values())
+    assert all(row["seeds"] == 2 for points in lines.values() for row in points)  # not every run as seed 0
+    (pair,) = compared["comparison"]["pairs"]  # the arms, compared seed by seed
+    assert (pair.name_a, pair.seeds) == (f"2 x {replicated['architecture']}", [0, 1])
+    assert pair.name_b == f"2 x {mixed['architecture']}"
+    assert sorted(p.name for p in (out / "compare" / "replicated").iterdir()) == ["seed_0", "seed_1"]
     assert (out / "compare" / "comparison" / "comparison.png").is_file()
     assert "| replicated | 2 |" in capsys.readouterr().out
 
@@ -145,7 +156,7 @@ def test_help_describes_the_stages_and_exits_0(tmp_path: Path, capsys: pytest.Ca
     # `compare --help` needs no finished search, and documents --out and where the other flags go.
     assert _exit_code(["compare", "--help", f"--out={tmp_path / 'nothing'}"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("usage: nas_ensemble.py compare [-h] [--out OUT] [recipe flags]")
+    assert printed.startswith("usage: nas_ensemble.py compare [-h] [--out OUT] [--seeds SEEDS] [recipe flags]")
     assert "--out OUT" in printed and "The search's folder" in printed and "train --help" in printed
     assert _exit_code(["search", "--help"]) == 0
     assert "--search.n_trials" in capsys.readouterr().out
