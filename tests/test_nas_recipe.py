@@ -156,7 +156,9 @@ def test_help_describes_the_stages_and_exits_0(tmp_path: Path, capsys: pytest.Ca
     # `compare --help` needs no finished search, and documents --out and where the other flags go.
     assert _exit_code(["compare", "--help", f"--out={tmp_path / 'nothing'}"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("usage: nas_ensemble.py compare [-h] [--out OUT] [--seeds SEEDS] [recipe flags]")
+    assert printed.startswith(
+        "usage: nas_ensemble.py compare [-h] [--out OUT] [--seeds SEEDS] [recipe flags]"
+    )
     assert "--out OUT" in printed and "The search's folder" in printed and "train --help" in printed
     assert _exit_code(["search", "--help"]) == 0
     assert "--search.n_trials" in capsys.readouterr().out
