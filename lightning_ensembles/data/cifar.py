@@ -36,7 +36,7 @@ from torchvision.datasets import utils as tv_utils
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_int
-from lightning_ensembles.data.sampling import make_loader
+from lightning_ensembles.data.sampling import split_loader
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -664,23 +664,7 @@ class CIFAR10DataModule(LightningDataModule):
     def _loader(
         self, dataset: Dataset[tuple[Any, int]] | None, name: str, stage: str, train: bool = False
     ) -> DataLoader[Any]:
-        """Build a DataLoader over one split.
-
-        Args:
-            dataset: The split, or ``None`` if :meth:`setup` has not built it.
-            name: The split's name, for the error message.
-            stage: The stage whose :meth:`setup` builds the split.
-            train: Whether to shuffle with :class:`EpochSeededRandomSampler`.
-
-        Returns:
-            The loader.
-
-        Raises:
-            RuntimeError: If the split has not been built.
-        """
-        if dataset is None:
-            raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
-        return make_loader(dataset, self.batch_size, self.num_workers, self.seed, train)
+        return split_loader(dataset, name, stage, self, train)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

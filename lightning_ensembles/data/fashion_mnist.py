@@ -51,7 +51,7 @@ from torchvision import transforms
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_held_out_classes, check_int, expected
-from lightning_ensembles.data.sampling import make_loader
+from lightning_ensembles.data.sampling import split_loader
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -521,9 +521,7 @@ class FashionMNISTDataModule(LightningDataModule):
     def _loader(
         self, dataset: Dataset[Any] | None, name: str, stage: str, train: bool = False
     ) -> DataLoader[Any]:
-        if dataset is None:
-            raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
-        return make_loader(dataset, self.batch_size, self.num_workers, self.seed, train)
+        return split_loader(dataset, name, stage, self, train)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

@@ -43,7 +43,7 @@ from typing_extensions import override
 
 from lightning_ensembles._timm import timm_pretrained_cfg
 from lightning_ensembles._validation import check_float, check_int
-from lightning_ensembles.data.sampling import make_loader
+from lightning_ensembles.data.sampling import split_loader
 
 __all__ = ["ImageNetDataModule"]
 
@@ -427,9 +427,7 @@ class ImageNetDataModule(LightningDataModule):
     def _loader(
         self, dataset: ImageFolder | None, name: str, stage: str, train: bool = False
     ) -> DataLoader[Any]:
-        if dataset is None:
-            raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
-        return make_loader(dataset, self.batch_size, self.num_workers, self.seed, train)
+        return split_loader(dataset, name, stage, self, train)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

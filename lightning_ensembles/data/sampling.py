@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ensembles._validation import check_int
 
-__all__ = ["EpochSeededRandomSampler", "evaluation_sampler", "make_loader", "padded_samples"]
+__all__ = ["EpochSeededRandomSampler", "evaluation_sampler", "make_loader", "padded_samples", "split_loader"]
 
 
 class EpochSeededRandomSampler(Sampler[int]):
@@ -169,3 +169,30 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def split_loader(
+    dataset: Dataset[Any] | None,
+    name: str,
+    stage: str,
+    datamodule: Any,
+    train: bool = False,
+) -> DataLoader[Any]:
+    """:func:`make_loader` over one split of a datamodule, or a clear error if ``setup`` has not built it.
+
+    Args:
+        dataset: the split, or ``None`` if ``setup`` has not built it.
+        name: the split's name, for the error message (``"training"``, ``"test"``, ...).
+        stage: the stage whose ``setup`` builds the split.
+        datamodule: where ``batch_size``, ``num_workers`` and ``seed`` are read.
+        train: shuffle with :class:`EpochSeededRandomSampler`.
+
+    Returns:
+        The loader.
+
+    Raises:
+        RuntimeError: if the split has not been built.
+    """
+    if dataset is None:
+        raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
+    return make_loader(dataset, datamodule.batch_size, datamodule.num_workers, datamodule.seed, train)
