@@ -28,6 +28,8 @@ from lightning_ensembles.data.sampling import EpochSeededRandomSampler, make_loa
 from lightning_ensembles.distributed import plan_members
 from tests.helpers import IN_FEATURES, NUM_CLASSES, TinyConvNet, TinyNet, make_data, trainer_kwargs
 
+pytestmark = pytest.mark.slow  # DDP with gloo: spawned processes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "reproductions" / "configs"
 TRAIN_SEED = 3

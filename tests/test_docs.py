@@ -21,6 +21,7 @@ PUBLIC_MODULES = (
 )
 
 
+@pytest.mark.slow
 def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs", reason="mkdocs is in the `dev` extra")
     site = tmp_path / "site"

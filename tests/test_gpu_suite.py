@@ -189,6 +189,7 @@ def test_cuda_without_cuda_names_the_flag(suite: ModuleType, capsys: pytest.Capt
     assert "`--device`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_suite_imports_without_ptflops() -> None:
     """The lent GPU image has no ptflops: nothing the suite imports may need it."""
     code = "import sys; sys.modules['ptflops'] = None; sys.path.insert(0, 'benchmarks'); import gpu_suite"
@@ -202,6 +203,7 @@ IMAGE_LACKS = ("jsonargparse", "optuna", "ptflops")
 """Packages the lent GPU image does not have (its page in the device tool)."""
 
 
+@pytest.mark.slow
 def test_gpu_tests_collect_where_jsonargparse_optuna_and_ptflops_are_not_installed(tmp_path: Path) -> None:
     """The suite's `tests` stage (`pytest -m gpu tests`) on the GPU image: with the three packages truly absent
     (site-packages without them and without their metadata, as Lightning checks it), every GPU test is collected

@@ -83,6 +83,7 @@ def _tiny_args(tree: Path, tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_on_a_generated_imagefolder(tmp_path: Path) -> None:
     # Two classes, and no num_classes given anywhere: the ImageFolder's count reaches the timm members.
     two = write_fake_imagefolder(tmp_path / "two", classes=("cat", "dog"), size=40)

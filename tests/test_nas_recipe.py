@@ -75,6 +75,7 @@ def test_searched_digits_is_in_the_space_and_costs_what_its_header_says() -> Non
     assert count_macs(net, DigitsDataModule.input_shape) / 1e6 == pytest.approx(float(claimed), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_search_then_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "nas"
     trainer = '{"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2}'

@@ -133,6 +133,7 @@ def test_recipe_with_the_device_resident_loader(tmp_path: Path) -> None:
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "quickstart"
@@ -170,6 +171,7 @@ def test_quickstart_reports_seeds_pairs_and_verdicts(tmp_path: Path, capsys: pyt
     assert [r["skipped"] for r in again["runs"]] == [True] * 6 + [False] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quickstart_on_generated_fashion_mnist_tests_both_trends(
     tmp_path: Path, capsys: pytest.CaptureFixture
@@ -210,6 +212,7 @@ def test_quickstart_on_generated_fashion_mnist_tests_both_trends(
     assert saved["dataset"] == "fashion_mnist" and len(saved["runs"]) == 12
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_uncertainty_digits_compares_uncertainty_and_ood_seed_by_seed(
     tmp_path: Path, capsys: pytest.CaptureFixture

@@ -141,6 +141,7 @@ _DYING_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_dead_workers_trial_is_failed_and_its_architecture_trained_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
