@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -774,7 +775,8 @@ def _title(runs: Sequence[Run], stage: str, curve: str) -> str:
         counts[run.line] += 1
     curve_text = "mean over random k-subsets" if curve == "random" else "first k members"
     named = ", ".join(f"{arch} ({n} run{'s' if n != 1 else ''})" for arch, n in sorted(counts.items()))
-    return f"{stage} split, {curve_text}; error bars: std over runs\n{named}"
+    wrapped = textwrap.fill(named, width=95, break_long_words=False)  # many lines (--group_by) stay on the page
+    return f"{stage} split, {curve_text}; error bars: std over runs\n{wrapped}"
 
 
 def compare(

@@ -183,6 +183,7 @@ def run(
                 "directory": str(o.job.directory),
                 "seconds": round(o.seconds, 1),
                 "skipped": o.skipped,
+                "fit_seconds": (o.results or {}).get("fit_seconds"),  # the run's own, also when kept
                 "sizes": (o.results or {}).get("sizes"),
                 "ensemble": (o.results or {}).get("ensemble"),
             }

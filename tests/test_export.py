@@ -474,11 +474,11 @@ def test_bad_flags_are_reported_as_jsonargparse_does(
         (["--input_shape", "1", "eight"], 'Parser key "input_shape"', "eight"),
         (["--input_shape", "1", "8", "8", "--bogus", "1"], "unrecognized arguments: --bogus", ""),
         (["--input_shape", "1", "8", "8", "--tolerance", "small"], 'Parser key "tolerance"', "small"),
-        ([], "the following arguments are required: input_shape", ""),
+        ([], "the following arguments are required: checkpoint", ""),  # --input_shape has a default now
     ]
     for flags, expected, value in cases:
         with pytest.raises(SystemExit) as exit_info:
-            main([str(fitted_checkpoint), *flags])
+            main([str(fitted_checkpoint), *flags] if flags else [])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("usage: python -m lightning_ensembles.export ")

@@ -184,10 +184,10 @@ def test_quickstart_on_generated_fashion_mnist_tests_both_trends(
     out = tmp_path / "fashion-cpu"
     fast = [*TINY, "--trainer.limit_test_batches=1", f"--data.root={data}", "--data.strict=false"]
     record = quickstart.main(
-        ["--dataset", "fashion_mnist", "--seeds", "2", "--workers", "0", "--out", str(out), "--", *fast]
+        ["--dataset", "fashion_mnist", "--seeds", "1", "--workers", "0", "--out", str(out), "--", *fast]
     )
     printed = capsys.readouterr().out
-    assert "Paper figure 1 on fashion_mnist: 6 arms x 2 seeds = 12 runs" in printed
+    assert "Paper figure 1 on fashion_mnist: 6 arms x 1 seeds = 6 runs" in printed
     assert "Fashion-MNIST test split (10,000 images)" in printed
     assert sorted(record["lines"]) == [
         f"WRN-10-{w} (train_size={size})" for w in (1, 2, 4) for size in ("5900", "None")
@@ -200,16 +200,14 @@ def test_quickstart_on_generated_fashion_mnist_tests_both_trends(
     )
     kinds = sorted(t["kind"] for t in record["trends"])
     assert kinds == ["data size", "data size", "model size", "model size"]
-    assert all(
-        t["outcome"] in ("seen", "reversed", "unresolved") and t["contrast"]["n"] == 2
-        for t in record["trends"]
-    )
+    # One seed (to keep the suite short): every contrast exists, and none can be resolved.
+    assert all(t["outcome"] == "unresolved" and t["contrast"]["n"] == 1 for t in record["trends"])
     assert "Model size: the gap widens as the models grow?" in printed
     assert "Data size: the gap widens as the training set shrinks?" in printed
-    assert "with 80% power" in printed and record["group_by"] == "data/train_size"
+    assert record["group_by"] == "data/train_size"  # the power lines need 2 seeds: the digits test has them
     assert record["environment"]["cpu_model"] is not None or "cpu_model" in record["environment"]
     saved = json.loads((out / "results.json").read_text())
-    assert saved["dataset"] == "fashion_mnist" and len(saved["runs"]) == 12
+    assert saved["dataset"] == "fashion_mnist" and len(saved["runs"]) == 6
 
 
 @pytest.mark.slow

@@ -178,7 +178,10 @@ def test_every_shipped_sweep_parses_and_plans(
         ["--config", str(CONFIGS / "sweeps" / config), "--out", str(tmp_path), "--dry_run", "true"]
     )
     arms = {job["arm"] for job in listing["jobs"]}
-    assert len(listing["jobs"]) == 5 * len(arms) > 0  # the default: 5 seeds per arm
+    import yaml
+
+    seeds = yaml.safe_load((CONFIGS / "sweeps" / config).read_text()).get("seeds", 5)  # the default: 5
+    assert len(listing["jobs"]) == seeds * len(arms) > 0
     assert "SLURM array of --array=0-" in capsys.readouterr().out
 
 
