@@ -775,7 +775,9 @@ def _title(runs: Sequence[Run], stage: str, curve: str) -> str:
         counts[run.line] += 1
     curve_text = "mean over random k-subsets" if curve == "random" else "first k members"
     named = ", ".join(f"{arch} ({n} run{'s' if n != 1 else ''})" for arch, n in sorted(counts.items()))
-    wrapped = textwrap.fill(named, width=95, break_long_words=False)  # many lines (--group_by) stay on the page
+    wrapped = textwrap.fill(
+        named, width=95, break_long_words=False
+    )  # many lines (--group_by) stay on the page
     return f"{stage} split, {curve_text}; error bars: std over runs\n{wrapped}"
 
 
