@@ -105,8 +105,21 @@ class FashionMNISTNotFoundError(FileNotFoundError):
     """A Fashion-MNIST file is missing and could not (or may not) be downloaded."""
 
 
+_REFETCH = (
+    "To get intact files: `apt-get install --reinstall dataset-fashion-mnist` (Debian; they land in "
+    "/usr/share/datasets/fashion-mnist/), or delete the file and pass `--data.download true` where the internet "
+    "is reachable."
+)
+
+
 class FashionMNISTCorruptedError(RuntimeError):
-    """A Fashion-MNIST file is not a readable idx file of the expected shape, count or labels."""
+    """A Fashion-MNIST file is not a readable idx file of the expected shape, count or labels.
+
+    The message names the file and the problem, then says how to get intact files.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message} {_REFETCH}")
 
 
 def _how_to_get(root: str | os.PathLike[str]) -> str:
