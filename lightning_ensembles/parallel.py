@@ -34,6 +34,12 @@ short and the workers mostly take turns. With ``trace=True`` every worker runs a
 (a deep copy of) each member instead: the TorchScript executor runs the whole graph in C++ and releases the GIL
 while it runs, so the workers' members really run at the same time. A graph is traced per input signature
 (shape, dtype, device, inference mode, autocast), in the calling thread, on the first call that has it.
+
+torch deprecates ``torch.jit.trace`` (a ``FutureWarning`` since 2.14, shown, not silenced). The supported forms
+were probed on torch 2.14.1 (``benchmarks/_gil_release_probe.py``): a ``torch.export`` program's
+``.module()`` and ``torch.compile`` (Inductor on CPU) need the GIL between operations, as eager does, and an
+AOTInductor package holds the GIL for its whole call, so none of them lets members overlap. ``trace=True``
+stays on ``torch.jit.trace`` until one does.
 """
 
 from __future__ import annotations
@@ -237,13 +243,13 @@ def _trace(member: nn.Module, index: int, x: Tensor) -> torch.jit.ScriptModule:
 
     A ``TracerWarning`` (a tensor turned into a Python value, which would freeze data-dependent control flow
     into the graph, or a traced output that differs from the member's on a second run) is an error here. torch
-    2.14 deprecates ``torch.jit.trace`` with a ``FutureWarning``, silenced for this call (see the module
-    docstring for why it is used). The warning filters are process-wide while the trace runs.
+    2.14 deprecates ``torch.jit.trace`` with a ``FutureWarning``, which is left for the user to see: no
+    supported form runs a graph without the GIL (see the module docstring). The warning filters are
+    process-wide while the trace runs.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
             return torch.jit.trace(member, x)
     except Exception as err:
         raise ValueError(

@@ -414,3 +414,18 @@ def test_a_traced_member_runs_while_another_thread_holds_the_gil():
             sys.setswitchinterval(interval)
         caller.join()
     assert done
+
+
+def test_the_deprecation_of_jit_trace_reaches_the_user():
+    """No supported form runs a graph without the GIL (benchmarks/_gil_release_probe.py), so trace=True keeps
+    torch.jit.trace; torch's FutureWarning about it is shown, not silenced."""
+    with warnings.catch_warnings(record=True) as direct:
+        warnings.simplefilter("always")
+        torch.jit.trace(nn.Linear(3, 2), torch.randn(1, 3))
+    deprecated = [w for w in direct if issubclass(w.category, FutureWarning)]
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        with torch.no_grad(), ParallelEnsemble([nn.Linear(3, 2)], trace=True) as parallel:
+            parallel(torch.randn(1, 3))
+    shown = [w for w in ours if issubclass(w.category, FutureWarning)]
+    assert [str(w.message) for w in shown] == [str(w.message) for w in deprecated]  # none on older torch
