@@ -22,7 +22,7 @@ must cost nothing measurable. The stages, in order:
    traced members (``trace=True``), with ``measure_ensemble_latency`` in alternating rounds, and the largest
    difference of their outputs (goal: parallel / sequential <= 0.6; 0.5 is the floor for two members).
 8. ``training_memory``: peak ``torch.cuda.max_memory_allocated`` of a few ``Trainer.fit`` steps of 4 x WRN-16-2
-   at batch 128, default vs ``memory_frugal=True`` vs one member alone (``training_memory.child`` in this
+   at batch 128, summed (``memory_frugal=False``) vs ``memory_frugal=True`` vs one member alone (``training_memory.child`` in this
    process; ``reset_peak_memory_stats`` isolates the candidates) (goal: frugal / (1.3 x one + the other
    members' weights and optimizer state) <= 1). Off CUDA the steps run but no peak is recorded.
 9. ``end_to_end``: ``Trainer.fit`` of 4 x WRN-16-2 on a CIFAR-10-sized set held on the device, bf16-mixed.
@@ -635,7 +635,7 @@ def stage_parallel_latency(stage: Stage) -> None:
 
 
 def _memory_round(stage: Stage, index: int, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """One round of ``training_memory.child`` per candidate (default, frugal, one), in this process."""
+    """One round of ``training_memory.child`` per candidate (summed, frugal, one), in this process."""
     dev = stage.device
     cuda = dev.type == "cuda"
     results = {}
@@ -658,7 +658,7 @@ def _memory_round(stage: Stage, index: int, config: dict[str, Any]) -> list[dict
 
 
 def stage_training_memory(stage: Stage) -> None:
-    """Peak memory of ``Trainer.fit`` steps: default vs ``memory_frugal=True`` vs one member, in rounds."""
+    """Peak memory of ``Trainer.fit`` steps: summed vs ``memory_frugal=True`` vs one member, in rounds."""
     plan, dev = stage.plan, stage.device
     batch, steps, rounds = plan.memory
     depth, width = fused_vs_loop.depth_width(plan.pair[0])
@@ -680,8 +680,8 @@ def stage_training_memory(stage: Stage) -> None:
     goal = [r["goal_ratio"] for r in measured]
     stage.settings["summary"] = {
         "peak_mb": {k: _median(v) for k, v in peak.items()},
-        "frugal_over_default": ratio(peak["frugal"], peak["default"]),
-        "default_over_one": ratio(peak["default"], peak["one"]),
+        "frugal_over_summed": ratio(peak["frugal"], peak["summed"]),
+        "summed_over_one": ratio(peak["summed"], peak["one"]),
         "goal_ratio": _median(goal),
     }  # fmt: skip
     value = _median(goal)
@@ -689,7 +689,7 @@ def stage_training_memory(stage: Stage) -> None:
     stage.goal(
         "memory_frugal peak within 1.3x one member + others' state", value,
         "<= 1.0 (frugal / (1.3 x one + weights and optimizer state of the others))", value <= 1.0,
-        f"frugal / default {stage.settings['summary']['frugal_over_default']['median']:.2f}; others' weights "
+        f"frugal / summed {stage.settings['summary']['frugal_over_summed']['median']:.2f}; others' weights "
         f"{others['weights']:.1f} MiB, optimizer state {others['optimizer_state']:.1f} MiB",
     )  # fmt: skip
 
@@ -1164,10 +1164,10 @@ def _render_stages(reports: dict[str, dict[str, Any]]) -> list[str]:
         else:
             lines += [f"Not measured: {mem['rows'][0]['reason']}.", ""]
         names = training_memory.CANDIDATES
-        lines += _table(["round", *(f"{k} MiB" for k in names), "frugal / default", "goal ratio", "others' weights MiB",
+        lines += _table(["round", *(f"{k} MiB" for k in names), "frugal / summed", "goal ratio", "others' weights MiB",
                          "others' optimizer state MiB"],
                         [[str(r["round"] + 1), *(_fmt((r["peak_mb"] or {}).get(k), 0) for k in names),
-                          _fmt(r["peak_mb"]["frugal"] / r["peak_mb"]["default"] if r["peak_mb"] else None),
+                          _fmt(r["peak_mb"]["frugal"] / r["peak_mb"]["summed"] if r["peak_mb"] else None),
                           _fmt(r["goal_ratio"]), _fmt(r["other_members_mb"]["weights"], 1),
                           _fmt(r["other_members_mb"]["optimizer_state"], 1)] for r in mem["rows"]])  # fmt: skip
     e2e = reports.get("end_to_end")

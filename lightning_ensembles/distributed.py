@@ -27,6 +27,7 @@ environments (torchrun, SLURM, ...), devices and precision are Lightning's. It i
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -150,6 +151,31 @@ def plan_members(world_size: int, num_members: int) -> MemberLayout:
     )
 
 
+_EXIT_HANDLER_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group while the interpreter is still whole (once per process).
+
+    Lightning registers this only for NCCL. A gloo group left to interpreter finalization can abort the
+    process ("terminate called without an active exception", SIGABRT): its worker threads still hold work
+    objects when the C++ destructors run (pytorch/pytorch#190489). A spawned worker exits right after the
+    run, so destroying the group there is always safe: nothing collective follows.
+    """
+    global _EXIT_HANDLER_REGISTERED
+    if _EXIT_HANDLER_REGISTERED or not dist.is_available() or not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        return  # Lightning's own handler does it
+    atexit.register(_destroy_default_process_group)
+    _EXIT_HANDLER_REGISTERED = True
+
+
+def _destroy_default_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class MemberParallelStrategy(DDPStrategy):
     """Train each ensemble member on its own group of processes; no gradient crosses member groups.
 
@@ -178,6 +204,9 @@ class MemberParallelStrategy(DDPStrategy):
     """
 
     strategy_name = "member_parallel"
+    #: each process back-propagates only its own members and no gradient crosses members, so a module may
+    #: compute each member's gradients with a backward of its own (``memory_frugal``)
+    supports_per_member_backward = True
 
     def __init__(self, data_order: DataOrder = "shared", **kwargs: Any) -> None:
         if data_order not in ("shared", "per_group"):
@@ -229,6 +258,11 @@ class MemberParallelStrategy(DDPStrategy):
             "`--trainer.strategy member_parallel`",
             hint="It places ensemble members on processes; use `ddp` for other modules.",
         )
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        _destroy_process_group_at_exit()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

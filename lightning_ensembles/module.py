@@ -11,8 +11,9 @@ Semantics that make the ensemble exactly M separate runs:
 - the optimizer has one parameter group per member and gradient clipping is applied per member;
 - a non-finite loss is reported with the member and the step it came from.
 
-With ``memory_frugal=True`` the same summed loss is differentiated one member at a time (each member's
-forward, then its backward), so only one member's activations are alive at once; gradients are bit-identical.
+By default (``memory_frugal="auto"``) the same summed loss is differentiated one member at a time (each
+member's forward, then its backward) wherever that is exact, so only one member's activations are alive at
+once; gradients are bit-identical.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor, nn
 from typing_extensions import override
@@ -109,10 +111,14 @@ class EnsembleLightningModule(LightningModule):
         memory_frugal: differentiate the summed loss one member at a time: member ``m``'s forward, loss and
             backward run before member ``m + 1``'s forward, so only one member's activations are alive at once
             (peak activation memory of one member instead of ``M``). Gradients, clipping, AMP loss scaling,
-            gradient accumulation, NaN reporting and checkpoints are bit-identical to the default; see
-            :meth:`training_step`. Needs ``execution`` ``"loop"`` or ``"auto"`` (training then uses the loop),
-            one device or ``member_parallel`` (data-parallel ``ddp``, FSDP and DeepSpeed are refused at setup),
-            and Lightning's automatic optimization.
+            gradient accumulation, NaN reporting and checkpoints are bit-identical to one backward of the
+            summed loss; see :meth:`training_step`. It needs one device or a strategy that declares
+            ``supports_per_member_backward`` (``member_parallel``; data-parallel ``ddp``, FSDP and DeepSpeed
+            reduce one backward of all members), Lightning's own precision plugins and its automatic
+            optimization. ``"auto"`` (default): on wherever that holds and ``execution`` is ``"loop"``, else
+            one backward of the summed loss, said once at setup. ``True``: on, and a setting under which it
+            is not exact is refused at setup (with ``execution="auto"`` training then uses the loop; ``"vmap"``
+            is refused here). ``False``: always one backward of the summed loss.
 
     Raises:
         ValueError: for an invalid argument, naming its CLI flag, the value and what is allowed.
@@ -150,7 +156,7 @@ class EnsembleLightningModule(LightningModule):
         compile_backend: str = "inductor",
         ood_criteria: Sequence[str] | None = None,
         temperature_scaling: Literal["none", "ensemble", "members"] = "none",
-        memory_frugal: bool = False,
+        memory_frugal: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         specs = self._member_specs(member, num_members, members)
@@ -212,18 +218,20 @@ class EnsembleLightningModule(LightningModule):
         self._make_metrics()
         if execution == "vmap":
             check_fusable(list(self.members))
-        if not isinstance(memory_frugal, bool):
+        if not isinstance(memory_frugal, bool) and memory_frugal != "auto":
             raise ValueError(
-                f"Expected `--model.memory_frugal` to be true or false, but got {memory_frugal!r}."
+                f"Expected `--model.memory_frugal` to be true, false or 'auto', but got {memory_frugal!r}."
             )
-        if memory_frugal and execution == "vmap":
+        if memory_frugal is True and execution == "vmap":
             raise ValueError(
                 "`--model.memory_frugal true` runs each member's forward and backward on its own, which the fused "
                 "`--model.execution vmap` cannot (it runs all members as one computation), but got 'vmap'. Use "
                 "`--model.execution loop` (or `auto`, which trains with the loop when memory_frugal is on), or "
                 "`--model.memory_frugal false`."
             )
-        self.memory_frugal = memory_frugal
+        self.memory_frugal: bool | Literal["auto"] = memory_frugal
+        # whether this fit differentiates member by member: `memory_frugal` resolved at setup
+        self._frugal_active = False
         # memory_frugal: this step's gradients were zeroed (and computed) in `training_step` already
         self._zeroed_in_step = False
         if compile and execution != "loop":
@@ -455,7 +463,7 @@ class EnsembleLightningModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self._check_memory_frugal()
+            self._frugal_active = self._resolve_memory_frugal()
         if stage == "fit" and self.temperature_scaling != "none":
             self._check_validation_split()
         # Lightning logs `hparams_initial` to the loggers (TensorBoard's HParams dashboard) right after setup;
@@ -598,7 +606,7 @@ class EnsembleLightningModule(LightningModule):
         the backward of this step (``trainer.fit_loop._skip_backward``, set by StochasticWeightAveraging)
         so does this module.
         """
-        if not self.memory_frugal or len(indices) < 2 or self._trainer is None:
+        if not self._frugal_active or len(indices) < 2 or self._trainer is None:
             return False
         return not backward_skipped(self.trainer)
 
@@ -907,18 +915,39 @@ class EnsembleLightningModule(LightningModule):
             return
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
-    def _check_memory_frugal(self) -> None:
-        """Refuse, before any step, the settings under which the per-member backward would not be exact."""
+    def _resolve_memory_frugal(self) -> bool:
+        """Whether this fit differentiates member by member: ``true`` where it is exact (else an error),
+        ``"auto"`` wherever it is exact (else the summed backward, said once at setup), ``false`` never."""
+        if self.memory_frugal is False:
+            return False
+        if self.memory_frugal == "auto" and self.execution != "loop":
+            rank_zero_info(
+                f"`--model.memory_frugal auto`: training with one backward of the summed loss, because "
+                f"`--model.execution {self.execution}` runs all members' forwards together. Memory-frugal "
+                "training needs `--model.execution loop`; `--model.memory_frugal false` silences this."
+            )
+            return False
+        refusal = self._memory_frugal_refusal()
+        if refusal is None:
+            return True
+        if self.memory_frugal is True:
+            raise ValueError(refusal)
+        rank_zero_info(
+            "`--model.memory_frugal auto`: training with one backward of the summed loss (every member's "
+            "activations alive until it), because member-by-member backward is not exact here. "
+            + refusal.replace("`--model.memory_frugal true` ", "Memory-frugal training ", 1)
+        )
+        return False
+
+    def _memory_frugal_refusal(self) -> str | None:
+        """Why the per-member backward would not be exact under this trainer, or ``None`` when it is."""
         from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-        from lightning.pytorch.strategies import SingleDeviceStrategy
 
-        from lightning_ensembles.distributed import MemberParallelStrategy
-
-        if not self.memory_frugal:
-            return
         strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, MemberParallelStrategy)):
-            raise ValueError(
+        # a strategy declares that a member's gradients may be computed by a backward of its own (nothing
+        # reduces them across members): `MemberParallelStrategy.supports_per_member_backward`
+        if not getattr(strategy, "supports_per_member_backward", isinstance(strategy, SingleDeviceStrategy)):
+            return (
                 "`--model.memory_frugal true` back-propagates each member on its own inside `training_step`, "
                 f"which needs one device or `--trainer.strategy member_parallel`, but got `--trainer.strategy` "
                 f"{type(strategy).__name__}. Data-parallel DDP (`ddp`, `ddp_spawn`, ...) wraps all members in one "
@@ -930,14 +959,14 @@ class EnsembleLightningModule(LightningModule):
         if plugin.pre_backward not in (Precision.pre_backward, MixedPrecision.pre_backward) or (
             plugin.backward is not Precision.backward
         ):
-            raise ValueError(
+            return (
                 "`--model.memory_frugal true` repeats the precision plugin's loss scaling for each member, which "
                 f"it knows for Lightning's own plugins only, but got {plugin.__name__}, whose backward differs. "
                 "Use `--trainer.precision` 32-true, 16-mixed, bf16-mixed, 16-true or bf16-true, or "
                 "`--model.memory_frugal false`."
             )
         if not self.automatic_optimization or type(self).backward is not LightningModule.backward:
-            raise ValueError(
+            return (
                 "`--model.memory_frugal true` computes the gradients inside `training_step` under Lightning's "
                 "automatic optimization with its default `backward`, but this module "
                 + (
@@ -947,6 +976,7 @@ class EnsembleLightningModule(LightningModule):
                 )
                 + " Set `--model.memory_frugal false`."
             )
+        return None
 
     @override
     def configure_gradient_clipping(

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,25 @@ def test_one_process_is_trivially_the_plain_run(in_process_group: None) -> None:
     assert isinstance(trainer.strategy, MemberParallelStrategy) and trainer.strategy.gradient_bytes == {}
     _assert_same_weights(member_parallel, single)
     assert member_parallel._assigned is None  # the placement ends with the run
+
+
+def test_a_gloo_group_is_destroyed_at_exit_before_the_interpreter_tears_down(
+    in_process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning registers its exit handler for NCCL only; a gloo group left to interpreter finalisation can
+    # abort a spawned worker (SIGABRT after a finished fit, seen once in CI). The strategy registers one, once.
+    import lightning_ensembles.distributed as distributed
+
+    registered: list[Callable[[], None]] = []
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    monkeypatch.setattr(distributed, "_EXIT_HANDLER_REGISTERED", False)
+    _fit(ensemble(), Data(), strategy="member_parallel", max_epochs=1)
+    _fit(ensemble(), Data(), strategy="member_parallel", max_epochs=1)
+    assert len(registered) == 1
+    assert torch.distributed.is_initialized()
+    registered[0]()
+    assert not torch.distributed.is_initialized()
+    registered[0]()  # a second call (a user destroyed it first) does nothing
 
 
 def test_a_module_left_by_a_member_parallel_run_trains_every_member_again() -> None:

@@ -83,7 +83,7 @@ def test_the_deployment_stages_compare_parallel_outputs_and_record_no_cpu_peak(
         assert row["parallel_traced_over_sequential"]["median"] > 0
     memory = json.loads((out / "training_memory.json").read_text())
     (row,) = memory["rows"]
-    assert set(row["fit_s"]) == {"default", "frugal", "one"} and row["other_members_mb"]["weights"] > 0
+    assert set(row["fit_s"]) == {"summed", "frugal", "one"} and row["other_members_mb"]["weights"] > 0
     if not torch.cuda.is_available():  # a CPU's resident set is not per candidate: no number, a reason
         assert row["peak_mb"] is None and row["goal_ratio"] is None and "CUDA" in row["reason"]
         assert memory["goals"][0]["value"] is None and memory["goals"][0]["met"] is None
@@ -94,7 +94,7 @@ def test_the_training_memory_goal_ratio_on_cuda_numbers(
 ) -> None:
     """The CUDA path without a GPU: ``training_memory.child`` faked, the ratios and the rendered table checked."""
     mib = 2**20
-    peaks = {"default": 400 * mib, "frugal": 120 * mib, "one": 100 * mib}
+    peaks = {"summed": 400 * mib, "frugal": 120 * mib, "one": 100 * mib}
     others = {"weights": 3 * mib, "optimizer_state": 3 * mib, "gradients": 3 * mib}
 
     def child(config: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def test_the_training_memory_goal_ratio_on_cuda_numbers(
     suite.stage_training_memory(stage)
     (goal,) = stage.goals
     assert goal["value"] == pytest.approx(120 / (1.3 * 100 + 6)) and goal["met"] is True
-    assert stage.settings["summary"]["frugal_over_default"]["median"] == pytest.approx(120 / 400)
+    assert stage.settings["summary"]["frugal_over_summed"]["median"] == pytest.approx(120 / 400)
     text = "\n".join(
         suite._render_stages({"training_memory": {"rows": stage.rows, "settings": stage.settings}})
     )

@@ -8,6 +8,8 @@ optimizer state, NaN reports and checkpoints.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 
 from lightning_ensembles.module import EnsembleLightningModule
@@ -257,7 +260,7 @@ def test_vmap_is_refused_and_auto_trains_with_the_loop() -> None:
             member=TinyNet, num_members=2, num_classes=NUM_CLASSES, execution="vmap", memory_frugal=True
         )
     with pytest.raises(
-        ValueError, match=r"Expected `--model.memory_frugal` to be true or false, but got 'yes'"
+        ValueError, match=r"Expected `--model.memory_frugal` to be true, false or 'auto', but got 'yes'"
     ):
         EnsembleLightningModule(member=TinyNet, num_classes=NUM_CLASSES, memory_frugal="yes")  # type: ignore[arg-type]
 
@@ -308,3 +311,117 @@ def test_member_parallel_layouts_equal_the_summed_backward(num_members: int) -> 
     assert_identical(frugal.state_dict(), summed.state_dict())  # every member, gathered from its process
     assert {f"train/member_{i}/loss_epoch" for i in range(num_members)} <= set(summed_metrics)
     assert_identical(dict(frugal_metrics), dict(summed_metrics))
+
+
+# ------------------------------------------------------------------------------------------------ auto (default)
+
+
+class _CountingModule(EnsembleLightningModule):
+    """Counts the steps that took the per-member backward."""
+
+    per_member_steps = 0
+
+    def _backward_per_member(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.per_member_steps += 1
+        return super()._backward_per_member(*args, **kwargs)
+
+
+class _NoPerMemberBackward(SingleDeviceStrategy):
+    """A one-device strategy that declares it cannot take a backward per member (as one that reduces
+    gradients across members would)."""
+
+    supports_per_member_backward = False
+
+
+def _auto_fit(
+    caplog: pytest.LogCaptureFixture, module: EnsembleLightningModule, **trainer_overrides: Any
+) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(max_steps=2, **trainer_kwargs(**trainer_overrides)).fit(module, make_loader())
+    return [r.getMessage() for r in caplog.records if "memory_frugal auto" in r.getMessage()]
+
+
+def test_auto_is_the_default_and_trains_member_by_member_with_the_same_weights(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)  # weights and the dropout stream
+    auto = _CountingModule(member=Dropout, num_members=3, num_classes=NUM_CLASSES, optimizer=sgd())
+    assert auto.memory_frugal == "auto" and auto.hparams["memory_frugal"] == "auto"
+    assert _auto_fit(caplog, auto) == []  # nothing to say where it applies
+    assert auto.per_member_steps == 2
+    torch.manual_seed(0)
+    summed = _CountingModule(
+        member=Dropout, num_members=3, num_classes=NUM_CLASSES, optimizer=sgd(), memory_frugal=False
+    )
+    assert _auto_fit(caplog, summed) == [] and summed.per_member_steps == 0
+    assert_identical(auto.state_dict(), summed.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("module_kwargs", "trainer_overrides", "reason"),
+    [
+        ({"execution": "vmap"}, {}, r"`--model.execution vmap` runs all members' forwards together"),
+        ({"execution": "auto"}, {}, r"`--model.execution auto` runs all members' forwards together"),
+        ({}, {"strategy": _NoPerMemberBackward(torch.device("cpu"))}, r"got `--trainer.strategy` _NoPer"),
+        ({"automatic_optimization": False}, {}, r"sets `automatic_optimization = False`"),
+    ],
+    ids=["vmap", "execution_auto", "strategy_without_the_capability", "manual_optimization"],
+)
+def test_auto_falls_back_to_the_summed_backward_and_says_why_once(
+    caplog: pytest.LogCaptureFixture,
+    module_kwargs: dict[str, Any],
+    trainer_overrides: dict[str, Any],
+    reason: str,
+) -> None:
+    manual = module_kwargs.pop("automatic_optimization", True) is False
+
+    class Module(_CountingModule):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.automatic_optimization:
+                return super().training_step(batch, batch_idx)
+            optimizer = self.optimizers()
+            optimizer.zero_grad()  # type: ignore[union-attr]
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x).flatten(0, 1), y.repeat(self.num_members))
+            self.manual_backward(loss)
+            optimizer.step()  # type: ignore[union-attr]
+            return loss
+
+    module = Module(member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd(), **module_kwargs)
+    messages = _auto_fit(caplog, module, **trainer_overrides)
+    assert len(messages) == 1, messages  # once, at setup, not per step
+    assert "training with one backward of the summed loss" in messages[0]
+    assert re.search(reason, messages[0]), messages[0]
+    assert module.per_member_steps == 0 and module.global_step == 2  # it trained, summed
+
+
+def test_true_refuses_where_auto_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    module = EnsembleLightningModule(
+        member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd(), memory_frugal=True
+    )
+    with pytest.raises(
+        ValueError, match=r"`--model.memory_frugal true`.*`--trainer.strategy` _NoPerMemberBackward"
+    ):
+        _auto_fit(caplog, module, strategy=_NoPerMemberBackward(torch.device("cpu")))
+    module = EnsembleLightningModule(
+        member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd(), memory_frugal=False
+    )
+    assert (
+        _auto_fit(caplog, module, strategy=_NoPerMemberBackward(torch.device("cpu"))) == []
+    )  # false: silent
+
+
+def test_auto_under_data_parallel_ddp_trains_summed(
+    caplog: pytest.LogCaptureFixture, in_process_group: None
+) -> None:
+    module = _CountingModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd())
+    (message,) = _auto_fit(caplog, module, strategy="ddp")
+    assert (
+        "`--trainer.strategy` DDPStrategy" in message and "Memory-frugal training back-propagates" in message
+    )
+    assert module.per_member_steps == 0 and module.global_step == 2
