@@ -20,7 +20,7 @@ timed ones, whose median is the round's value), so drift on a shared machine hit
 median and 10th-90th percentiles of the round values, and of the per-round ratios parallel / sequential
 against both baselines (goal <= 0.6, floor 0.5 for two members), and of traced parallel / traced sequential
 (the overlap alone). Also recorded: whether the parallel logits (eager and traced) equal the sequential ones, what ``torch.get_num_threads()`` says inside every worker, the thread-count probe
-of :mod:`lightning_ensembles.parallel` (is the count per thread?), the CPU model from ``lscpu`` and the load
+(:func:`thread_count_after_overwrite`: is the count per thread?), the CPU model from ``lscpu`` and the load
 average before and after (the machine is shared).
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -39,8 +40,50 @@ from torch import Tensor, nn
 
 from lightning_ensembles.aggregation import aggregate
 from lightning_ensembles.models import WideResNet
-from lightning_ensembles.parallel import ParallelEnsemble, thread_count_after_overwrite
+from lightning_ensembles.parallel import ParallelEnsemble
 from lightning_ensembles.results import cpu_model
+
+
+def thread_count_after_overwrite(prime: bool) -> int:
+    """What ``torch.get_num_threads()`` reads in a thread that asked for 1 after another thread set 2.
+
+    The finding :class:`~lightning_ensembles.parallel.ParallelEnsemble`'s workers rely on: torch's intra-op
+    thread count is per thread once torch has initialised the thread, but that lazy initialisation (on its
+    first parallel operation or query) copies the process-wide value, which every ``torch.set_num_threads``
+    call overwrites, over a count set before it. So a worker queries the count (``prime``) before setting it.
+    Events order the two threads' steps, so the answer does not depend on scheduling. The caller's
+    process-wide count is overwritten (2). ``tests/test_parallel.py`` checks the finding; :func:`thread_probe`
+    records it with the results.
+
+    Args:
+        prime: let torch initialise the asking thread (``torch.get_num_threads()``) before it asks for 1.
+
+    Returns:
+        The asking thread's count at the end: 1 when primed, 2 when not (with torch's OpenMP backend).
+    """
+    asked, overwritten = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def ask_for_one() -> None:
+        if prime:
+            torch.get_num_threads()
+        torch.set_num_threads(1)
+        asked.set()
+        overwritten.wait(30)
+        seen.append(torch.get_num_threads())
+
+    def set_two() -> None:
+        torch.get_num_threads()
+        asked.wait(30)
+        torch.set_num_threads(2)
+        overwritten.set()
+
+    threads = [threading.Thread(target=ask_for_one), threading.Thread(target=set_two)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return seen[0]
 
 
 def thread_probe() -> dict[str, int]:

@@ -226,7 +226,7 @@ PRIVATE_SURFACE: tuple[PrivateName, ...] = (
         "_skip_backward",
         "property",
         None,
-        "lightning_ensembles/module.py (memory_frugal) via backward_skipped",
+        "lightning_ensembles/_frugal.py (frugal_this_step) via backward_skipped",
     ),
     *(
         PrivateName(
@@ -258,7 +258,7 @@ PRIVATE_SURFACE: tuple[PrivateName, ...] = (
         CLI_INSTANTIATOR_KEY,
         "key",
         None,
-        "lightning_ensembles/module.py (_recorded_architecture) via CLI_INSTANTIATOR_KEY",
+        "lightning_ensembles/_saving.py (recorded_architecture) via CLI_INSTANTIATOR_KEY",
     ),
     # torch
     PrivateName(

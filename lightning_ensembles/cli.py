@@ -45,6 +45,7 @@ __all__ = [
     "check_strategy",
     "log_run_summary",
     "recipe_main",
+    "run_hparams",
     "run_recipe",
     "split_at_dashes",
     "split_own_flags",
@@ -335,6 +336,7 @@ class EnsembleCLI(LightningCLI):
                 "global_step": trainer.global_step,
                 "world_size": trainer.world_size,
                 "config": _plain(self.config),
+                "hparams": _jsonable(run_hparams(model, datamodule)),
             },
         )
         log_run_summary(trainer, model, datamodule, {**val_metrics, **metrics}, results)
@@ -378,9 +380,7 @@ def log_run_summary(
     loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
     if not loggers or not trainer.is_global_zero:
         return
-    params = {k: v for k, v in dict(model.hparams_initial).items() if not k.startswith("_")}
-    data = dict(getattr(datamodule, "hparams_initial", {}) or {})
-    params.update({f"data/{k}": v for k, v in data.items() if not k.startswith("_")})
+    params = run_hparams(model, datamodule)
     summary = {
         f"hparams/{key.replace('/', '_')}": float(metrics[key]) for key in SUMMARY_METRICS if key in metrics
     }
@@ -389,6 +389,26 @@ def log_run_summary(
         summary["hparams/ensemble_gmacs"] = sizes[-1]["macs"] / 1e9
     for logger in loggers:
         logger.log_hyperparams(params, summary, step=trainer.global_step)
+
+
+def run_hparams(model: LightningModule, datamodule: Any) -> dict[str, Any]:
+    """The run's hyperparameters: the module's (``model/``, ``ensemble/``, e.g. ``ensemble/architecture``) and
+    the datamodule's under ``data/``, without Lightning's internal keys (``_instantiator``, ...).
+
+    The same dict goes to TensorBoard's HParams session (:func:`log_run_summary`) and to ``results.json``
+    (``hparams``), where :mod:`lightning_ensembles.compare` reads it whatever the logger.
+
+    Args:
+        model: the module, after its ``setup`` (which adds the ``ensemble/`` summary).
+        datamodule: the datamodule, or ``None``.
+
+    Returns:
+        ``{name: value}``, e.g. ``{"ensemble/architecture": "WRN-16-2", "data/train_size": 5900, ...}``.
+    """
+    params = {k: v for k, v in dict(model.hparams_initial).items() if not k.startswith("_")}
+    data = dict(getattr(datamodule, "hparams_initial", {}) or {})
+    params.update({f"data/{k}": v for k, v in data.items() if not k.startswith("_")})
+    return params
 
 
 def _plain(config: Namespace) -> Any:
@@ -510,3 +530,25 @@ def split_at_dashes(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
         return args, []
     cut = args.index("--")
     return args[:cut], args[cut + 1 :]
+
+
+def _run_tool(name: str) -> None:
+    """Run ``python -m lightning_ensembles.<name>``'s ``main`` as a console command: a console script exits
+    with whatever its function returns, and the tools' ``main`` returns their results, so this returns
+    ``None`` (exit status 0)."""
+    importlib.import_module(f"lightning_ensembles.{name}").main()
+
+
+def compare_command() -> None:
+    """``lightning-ensembles-compare``: ``python -m lightning_ensembles.compare``."""
+    _run_tool("compare")
+
+
+def sweep_command() -> None:
+    """``lightning-ensembles-sweep``: ``python -m lightning_ensembles.sweep``."""
+    _run_tool("sweep")
+
+
+def export_command() -> None:
+    """``lightning-ensembles-export``: ``python -m lightning_ensembles.export``."""
+    _run_tool("export")

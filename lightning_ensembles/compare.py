@@ -2,14 +2,21 @@
 
 Kondratyuk et al. 2020 (figure 1) draw one line per architecture and one point per ensemble size, accuracy
 against FLOPs (multiply-adds) or latency. Every run with the
-:class:`~lightning_ensembles.callbacks.EnsembleSizeAblation` callback logs those points; this command reads
-the event files of many runs with TensorBoard's own reader and draws the figure:
+:class:`~lightning_ensembles.callbacks.EnsembleSizeAblation` callback records those points; this command reads
+them back from many runs and draws the figure:
 
     python -m lightning_ensembles.compare lightning_logs/ [--stage test] [--curve random] [--metric top1]
 
+A run is a folder with the ablation's ``ablation_{stage}.json`` (its rows: the metrics of
+:data:`~lightning_ensembles.metrics.SIZE_METRICS`, multiply-adds and latency for every ``k``), whatever the
+logger, or without any logger; its hyperparameters come from the recipe's ``results.json`` (``hparams``) or
+the ``hparams.yaml`` Lightning's loggers write. TensorBoard event files are read, with TensorBoard's own
+reader, only for what a run's files lack (runs from before the files held it); either source gives the same
+comparison.
+
 Runs sharing an architecture form one line; runs of the same size (seeds) give the point's mean and its
 sample standard deviation (the error bar). A run's seed is the ``seed_everything`` of the ``config.yaml``
-LightningCLI saves next to its events (a :mod:`~lightning_ensembles.sweep` sets it). Matched pairs, each
+LightningCLI saves in the run folder (a :mod:`~lightning_ensembles.sweep` sets it). Matched pairs, each
 ensemble point against the single model (``k = 1``) of another architecture with the nearest multiply-adds
 within ``--pair_tolerance`` (or the pairs given with ``--pairs``), are compared seed by seed
 (:func:`~lightning_ensembles.stats.paired_difference`): mean difference, 95% confidence interval, t and
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_ensembles._validation import command_line_errors
+from lightning_ensembles.metrics import SIZE_METRIC_LABELS, SIZE_METRICS, SizeMetric
 from lightning_ensembles.plotting import close, png_bytes, pyplot, style_axes
 from lightning_ensembles.results import atomic_write_text
 from lightning_ensembles.stats import (
@@ -70,29 +78,26 @@ __all__ = [
     "main",
     "match_pairs",
     "Trend",
+    "ablation_points",
     "pair_contrast",
     "paper_trends",
     "pair_verdicts",
     "pairs_table",
     "parse_pair",
     "per_seed",
+    "read_hparams",
     "read_run",
     "run_seed",
 ]
 
 EVENT_GLOB = "events.out.tfevents.*"
+ABLATION_GLOB = "ablation_*.json"  # EnsembleSizeAblation's rows, one file per stage
+RESULTS_FILE = "results.json"  # a recipe's results, with the run's hyperparameters
 MARKER = ".lightning_ensembles_comparison"  # marks an output folder, so later comparisons skip it
-METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc")
+METRICS = SIZE_METRICS
+"""The metrics compared: :data:`lightning_ensembles.metrics.SIZE_METRICS`, those the ablation records."""
 COLUMNS = ("gmacs", "latency_ms", *METRICS)
-_LABELS = {
-    "top1": "top-1 accuracy (%)",
-    "nll": "negative log-likelihood",
-    "ece": "expected calibration error",
-    "aece": "adaptive (equal-mass) ECE",
-    "aurc": "AURC (area under risk-coverage)",
-    "risk80": "error at 80% coverage",
-    "ood_auroc": "OOD detection AUROC (entropy)",
-}
+_LABELS = SIZE_METRIC_LABELS
 
 
 @dataclass
@@ -176,8 +181,16 @@ def _point_name(point: Point) -> str:
     return point.architecture if point.k == 1 else f"{point.k} x {point.architecture}"
 
 
+def _is_run(files: Sequence[str]) -> bool:
+    """Whether a folder holding ``files`` is a run: the ablation's ``ablation_*.json`` or, for runs of any age,
+    TensorBoard event files. (A ``results.json`` alone is not: the quickstart's summary of a sweep has that
+    name too.)"""
+    return any(fnmatch.fnmatch(f, ABLATION_GLOB) or fnmatch.fnmatch(f, EVENT_GLOB) for f in files)
+
+
 def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
-    """Directories under ``logdir`` (itself included) that hold TensorBoard event files.
+    """Directories under ``logdir`` (itself included) that hold a run: the ``ablation_*.json`` files
+    :class:`~lightning_ensembles.callbacks.EnsembleSizeAblation` writes, or TensorBoard event files.
 
     Args:
         logdir: the root to search.
@@ -187,23 +200,26 @@ def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
 
     Raises:
         FileNotFoundError: if ``logdir`` does not exist.
-        ValueError: if it holds no event files.
+        ValueError: if it holds no run.
     """
     root = Path(logdir)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"Expected `logdir` to be a directory of TensorBoard runs, but {str(root)!r} is not."
+            f"Expected `logdir` to be a directory of TensorBoard runs or other run folders, but {str(root)!r} is "
+            "not."
         )
     runs = sorted(
         {
             Path(directory)
             for directory, _, files in os.walk(root, followlinks=True)  # runs are often symlinked together
-            if any(fnmatch.fnmatch(f, EVENT_GLOB) for f in files)
-            and not any((parent / MARKER).exists() for parent in Path(directory).parents)
+            if _is_run(files) and not any((parent / MARKER).exists() for parent in Path(directory).parents)
         }
     )
     if not runs:
-        raise ValueError(f"Found no TensorBoard runs (files {EVENT_GLOB}) under {str(root)!r}.")
+        raise ValueError(
+            f"Found no TensorBoard runs (files {EVENT_GLOB}) and no run folders with the ablation's result files "
+            f"({ABLATION_GLOB}) under {str(root)!r}."
+        )
     return runs
 
 
@@ -224,10 +240,161 @@ def _hparams(accumulator: Any) -> dict[str, Any]:
     return found
 
 
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hyperparameters named as Lightning's TensorBoard logger names them in the HParams session:
+    ``{"model/member": {"init_args": {"depth": 16}}}`` -> ``{"model/member/init_args/depth": 16}``, a list of
+    mappings by index (``model/members/0/class_path``)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, list) and all(isinstance(item, Mapping) for item in value):
+            for i, item in enumerate(value):
+                flat.update(_flatten(item, f"{name}/{i}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` where there is no such file (result files are written atomically, so
+    one that exists is whole).
+
+    Raises:
+        ValueError: naming the file, if it is not JSON.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"Expected {str(path)!r} to hold JSON, as the run wrote it, but: {err}") from err
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML in ``path``; ``None`` where there is none or it is not plain YAML (``hparams.yaml`` can hold
+    Python objects that ``safe_load`` refuses; :func:`run_seed` reads it the same way)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _has_events(path: Path) -> bool:
+    return any(fnmatch.fnmatch(entry.name, EVENT_GLOB) for entry in path.iterdir() if entry.is_file())
+
+
+def _accumulator(path: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def read_hparams(path: Path, accumulator: Any = None) -> dict[str, Any]:
+    """A run's hyperparameters, flattened as ``{"ensemble/architecture": "WRN-16-2", "data/train_size": 5900}``.
+
+    The recipe's ``results.json`` records them (``hparams``: the module's and, under ``data/``, the datamodule's)
+    whatever the logger. Without it (a run trained from Python, or from before ``results.json`` held them):
+    the ``hparams.yaml`` Lightning's TensorBoard and CSV loggers write, and, where the run has event files, its
+    TensorBoard HParams session over it.
+
+    Args:
+        path: the run directory.
+        accumulator: the run's loaded ``EventAccumulator``, if it has been read already (else it is read here
+            when needed).
+
+    Returns:
+        The hyperparameters; empty when the run recorded none.
+    """
+    results = _read_json(path / RESULTS_FILE)
+    if isinstance(results, dict) and isinstance(results.get("hparams"), dict):
+        return _flatten(results["hparams"])
+    saved = _read_yaml(path / "hparams.yaml")
+    found = _flatten(saved) if isinstance(saved, dict) else {}
+    if accumulator is None and _has_events(path):
+        accumulator = _accumulator(path)
+    if accumulator is not None:
+        found.update(_hparams(accumulator))
+    return found
+
+
+def ablation_points(rows: Sequence[Mapping[str, Any]], curve: str) -> dict[int, dict[str, float]]:
+    """A run's points from the rows of its ``ablation_{stage}.json``: ``{k: {column: value}}``, as from its
+    TensorBoard scalars.
+
+    Every column holds its last value (rows are in the order they were recorded). The metrics and the cost are
+    the curve's own (``{curve}_{column}``; the cost of a run from before ``random_gmacs`` existed falls back to
+    the first-k ``first_gmacs``); ``latency_ms`` and ``latency_ms/{mode}`` are shared by both curves.
+
+    Args:
+        rows: the ablation's rows (``k``, ``first_top1``, ``random_top1``, ..., ``first_gmacs``,
+            ``random_gmacs``, ``latency_ms``, ``latency_ms/{mode}``).
+        curve: ``"first"`` (first k members) or ``"random"`` (mean over random k-subsets).
+
+    Returns:
+        ``{k: {column: value}}`` with columns ``gmacs``, the metrics and the latency columns.
+
+    Example:
+        >>> rows = [{"k": 1, "first_top1": 0.9, "random_top1": 0.8, "first_gmacs": 1.0, "latency_ms": 2.0}]
+        >>> ablation_points(rows, "random")
+        {1: {'top1': 0.8, 'gmacs': 1.0, 'latency_ms': 2.0}}
+    """
+    points: dict[int, dict[str, float]] = {}
+    fallback: dict[int, dict[str, float]] = {}
+    own = f"{curve}_"
+    for row in rows:
+        k = row.get("k")
+        if not isinstance(k, int) or isinstance(k, bool):
+            continue
+        for key, value in row.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key.startswith(own):
+                points.setdefault(k, {})[key[len(own) :]] = float(value)
+            elif key == "first_gmacs":
+                fallback.setdefault(k, {})["gmacs"] = float(value)
+            elif key == "latency_ms" or key.startswith("latency_ms/"):
+                fallback.setdefault(k, {})[key] = float(value)
+    return _with_shared(points, fallback)
+
+
+def _with_shared(
+    points: dict[int, dict[str, float]], shared: dict[int, dict[str, float]]
+) -> dict[int, dict[str, float]]:
+    """``points`` with the columns both curves share (first-k ``gmacs``, latency) where the curve has none."""
+    for k, columns in shared.items():
+        for column, value in columns.items():
+            points.setdefault(k, {}).setdefault(column, value)
+    return points
+
+
+def _event_points(accumulator: Any, stage: str, curve: str) -> dict[int, dict[str, float]]:
+    """A run's points from its TensorBoard scalars ``ablation/{stage}/...`` (runs without ``ablation_*.json``)."""
+    pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+|latency_ms/\w+)$")
+    points: dict[int, dict[str, float]] = {}
+    fallback: dict[int, dict[str, float]] = {}
+    for tag in accumulator.Tags().get("scalars", []):
+        match = pattern.match(tag)
+        if match is None:
+            continue
+        kind, k, column = match.group(1), int(match.group(2)), match.group(3)
+        value = float(accumulator.Scalars(tag)[-1].value)
+        if kind == curve:
+            points.setdefault(k, {})[column] = value
+        elif kind is None:  # shared columns: first-k gmacs and latency
+            fallback.setdefault(k, {})[column] = value
+    return _with_shared(points, fallback)
+
+
 def run_seed(path: Path, hparams: dict[str, Any] | None = None) -> int | None:
     """The run's seed: ``seed_everything`` in the ``config.yaml`` LightningCLI saved in ``path``; for a run
-    trained from Python (no ``config.yaml``), the module's ``seed`` hyperparameter (from ``hparams``, the run's
-    HParams session, or the ``hparams.yaml`` Lightning's TensorBoard logger writes); else ``None``."""
+    trained from Python (no ``config.yaml``), the ``seed`` hyperparameter (from ``hparams``, see
+    :func:`read_hparams`, or the ``hparams.yaml`` Lightning's TensorBoard and CSV loggers write); else ``None``."""
     import yaml
 
     config = path / "config.yaml"
@@ -250,11 +417,13 @@ def run_seed(path: Path, hparams: dict[str, Any] | None = None) -> int | None:
 
 
 def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | None = None) -> Run:
-    """Read one run's hyperparameters, seed and its last logged ablation points.
+    """Read one run's hyperparameters, seed and its last recorded ablation points.
 
-    The cost of a point is the curve's own (``ablation/{stage}/random/size_k/gmacs``: the mean over the
-    k-subsets, which differs from the first k members' when the members differ); runs logged before that tag
-    existed fall back to the first-k cost.
+    The points come from the run's ``ablation_{stage}.json`` (:func:`ablation_points`), whatever the logger;
+    a run without it is read from its TensorBoard scalars ``ablation/{stage}/...``, which hold the same
+    values. Hyperparameters come from :func:`read_hparams`. The cost of a point is the curve's own (for
+    ``random``, the mean over the k-subsets, which differs from the first k members' when the members
+    differ); runs recorded before that column existed fall back to the first-k cost.
 
     Args:
         path: the run directory.
@@ -269,12 +438,12 @@ def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | Non
     Raises:
         ValueError: naming ``--group_by``, when the run did not log that hyperparameter.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    accumulator.Reload()
+    rows = _read_json(path / f"ablation_{stage}.json")
+    accumulator = None
+    if not isinstance(rows, list) and _has_events(path):  # a run from before the ablation's JSON
+        accumulator = _accumulator(path)
     name = path.relative_to(root).as_posix() if path != root else path.name
-    hparams = _hparams(accumulator)
+    hparams = read_hparams(path, accumulator)
     run = Run(path=path, name=name or path.name, hparams=hparams, seed=run_seed(path, hparams))
     if group_by is not None:
         if group_by not in run.hparams:
@@ -286,21 +455,10 @@ def read_run(path: Path, root: Path, stage: str, curve: str, group_by: str | Non
         value = run.hparams[group_by]  # TensorBoard keeps numbers as floats: 5900 comes back as 5900.0
         integral = isinstance(value, float) and value.is_integer()
         run.group, run.group_by = str(int(value) if integral else value), group_by
-    pattern = re.compile(rf"^ablation/{stage}/(?:(first|random)/)?size_(\d+)/(\w+|latency_ms/\w+)$")
-    fallback: dict[int, dict[str, float]] = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        match = pattern.match(tag)
-        if match is None:
-            continue
-        kind, k, column = match.group(1), int(match.group(2)), match.group(3)
-        value = float(accumulator.Scalars(tag)[-1].value)
-        if kind == curve:
-            run.points.setdefault(k, {})[column] = value
-        elif kind is None:  # shared columns: first-k gmacs and latency
-            fallback.setdefault(k, {})[column] = value
-    for k, columns in fallback.items():
-        for column, value in columns.items():
-            run.points.setdefault(k, {}).setdefault(column, value)
+    if isinstance(rows, list):
+        run.points = ablation_points([r for r in rows if isinstance(r, dict)], curve)
+    elif accumulator is not None:
+        run.points = _event_points(accumulator, stage, curve)
     return run
 
 
@@ -785,7 +943,7 @@ def compare(
     logdir: str,
     stage: Literal["val", "test"] = "test",
     curve: Literal["first", "random"] = "random",
-    metric: Literal["top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc"] = "top1",
+    metric: SizeMetric = "top1",
     out: str | None = None,
     skip_incomplete: bool = False,
     pairs: list[str] | None = None,
@@ -796,20 +954,22 @@ def compare(
     """Read every run under ``logdir`` and write the comparison figure, tables and TensorBoard entries.
 
     Args:
-        logdir: a directory of TensorBoard runs (e.g. ``lightning_logs/`` or a sweep's folder).
+        logdir: a directory of runs (e.g. ``lightning_logs/`` or a sweep's folder): folders with the ablation's
+            ``ablation_{stage}.json``, whatever the logger, or older runs' TensorBoard event files.
         stage: which evaluation's ablation to compare.
         curve: ``"random"`` (mean over random k-subsets) or ``"first"`` (the first k members).
         metric: the y-axis of the figure and the metric of the verdicts: ``top1``, ``nll``, ``ece``, ``aece``,
             ``aurc``, ``risk80`` or ``ood_auroc`` (at test, with an OOD test loader).
         out: where to write (default: ``<logdir>/comparison``).
-        skip_incomplete: leave out runs that lack the ablation tags instead of failing.
+        skip_incomplete: leave out runs that lack the ablation's points instead of failing.
         pairs: the matched pairs, as ``"WRN-16-2@4 vs WRN-16-4@1"``; by default every ensemble point is
             paired with the single model of nearest multiply-adds within ``pair_tolerance``; ``[]`` for none.
         pair_tolerance: the largest relative multiply-add gap of an automatic pair.
         confidence: coverage of the paired differences' intervals.
-        group_by: a hyperparameter every run logged in its HParams session (e.g. ``data/train_size``): runs
-            with different values become separate lines, ``"WRN-10-2 (train_size=5900)"``, and automatic pairs
-            stay within a group. ``None``: one line per architecture.
+        group_by: a hyperparameter every run recorded (in ``results.json``, ``hparams.yaml`` or its HParams
+            session; e.g. ``data/train_size``): runs with different values become separate lines,
+            ``"WRN-10-2 (train_size=5900)"``, and automatic pairs stay within a group. ``None``: one line per
+            architecture.
 
     Returns:
         ``{"lines", "pairs", "verdicts", "trends", "files", "runs", "skipped", "table", "record"}``; ``trends``
@@ -817,7 +977,7 @@ def compare(
 
     Raises:
         ValueError: for an unknown stage, curve or metric, a bad pair, no runs, or runs lacking the needed
-            tags (naming them).
+            points (naming them).
     """
     if stage not in ("val", "test"):
         raise ValueError(f"Expected `--stage` to be 'val' or 'test', but got {stage!r}.")
@@ -839,13 +999,15 @@ def compare(
     if incomplete and not skip_incomplete:
         names = ", ".join(r.name for r in incomplete)
         raise ValueError(
-            f"These runs lack the `ablation/{stage}/...` tags (ensemble-size {metric} and gmacs): {names}. Train "
-            "them with the EnsembleSizeAblation callback (e.g. `--config callbacks/efficiency.yaml`), pass "
-            "`--skip_incomplete true`, or choose another `--stage`."
+            f"These runs lack the `ablation/{stage}/...` tags and `ablation_{stage}.json` rows (ensemble-size "
+            f"{metric} and gmacs): {names}. Train them with the EnsembleSizeAblation callback (e.g. `--config "
+            "callbacks/efficiency.yaml`), pass `--skip_incomplete true`, or choose another `--stage`."
         )
     complete = [r for r in runs if r not in incomplete]
     if not complete:
-        raise ValueError(f"No run under {str(root)!r} has the `ablation/{stage}/...` tags.")
+        raise ValueError(
+            f"No run under {str(root)!r} has the `ablation/{stage}/...` tags or `ablation_{stage}.json` rows."
+        )
     lines = collect(complete)
     groups = {run.line: run.group for run in complete}
     automatic = match_pairs(lines, pair_tolerance, groups if group_by is not None else None)
@@ -952,7 +1114,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         )
     print(results["table"], "\n".join(f"wrote {f}" for f in results["files"]), sep="\n")
     if results["skipped"]:
-        print("skipped (no ablation tags): " + ", ".join(results["skipped"]))
+        print("skipped (no ablation points): " + ", ".join(results["skipped"]))
     return results
 
 

@@ -50,12 +50,10 @@ from lightning_ensembles._compat import (
     layer_sync,
     set_layer_sync,
 )
-from lightning_ensembles.sharding import TrainingShard, training_shard
+from lightning_ensembles.sharding import PlacedMembers, TrainingShard, training_shard
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from lightning_ensembles.module import EnsembleLightningModule
 
 __all__ = ["MemberLayout", "MemberParallelStrategy", "plan_members", "training_shard"]
 
@@ -250,14 +248,14 @@ class MemberParallelStrategy(DDPStrategy):
         offset = group if self.data_order == "per_group" else 0
         return TrainingShard(self.global_rank % layout.group_size, layout.group_size, offset)
 
-    def _ensemble(self) -> EnsembleLightningModule:
-        from lightning_ensembles.module import as_ensemble
-
-        return as_ensemble(
-            self.lightning_module,
-            "`--trainer.strategy member_parallel`",
-            hint="It places ensemble members on processes; use `ddp` for other modules.",
-        )
+    def _ensemble(self) -> Any:
+        module = self.lightning_module
+        if not isinstance(module, PlacedMembers):
+            raise TypeError(
+                "`--trainer.strategy member_parallel` needs an EnsembleLightningModule, but got "
+                f"{type(module).__name__}. It places ensemble members on processes; use `ddp` for other modules."
+            )
+        return module
 
     @override
     def setup_distributed(self) -> None:
@@ -459,11 +457,9 @@ class MemberParallelStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        from lightning_ensembles.module import EnsembleLightningModule
-
         module = self.lightning_module
         super().teardown()
-        if isinstance(module, EnsembleLightningModule):
+        if isinstance(module, PlacedMembers):
             module.assign_members(None)  # the module trains every member again outside this strategy
 
     @override

@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+from lightning_ensembles._validation import check_int
+
 __all__ = [
     "MEMBERS_PREFIX",
     "MemberFactory",
@@ -31,12 +33,16 @@ __all__ = [
     "StateDict",
     "build_member",
     "build_members",
+    "check_frozen",
+    "check_member_optimizer",
     "describe_factory",
     "is_plain_data",
     "load_member_state_dicts",
     "load_member_weights",
+    "member_specs",
     "resolve_member_spec",
     "split_member_state_dicts",
+    "stack_member_logits",
 ]
 
 MemberFactory = Callable[[], nn.Module]
@@ -318,3 +324,103 @@ def load_member_weights(member: nn.Module, state_dict: Mapping[str, Tensor], sou
             f"The weights of {source} do not fit member architecture {type(member).__name__}: "
             f"the checkpoint comes from another architecture. {err}"
         ) from err
+
+
+def member_specs(
+    member: MemberSpec | None, num_members: int | None, members: Sequence[MemberSpec] | None
+) -> list[MemberSpec]:
+    """One spec per member from the constructor's ``member``/``num_members`` or ``members``.
+
+    Raises:
+        ValueError: naming the flags, for neither or both of ``member`` and ``members``, an empty list, a
+            ``num_members`` that disagrees with the list, or one module instance asked for several members.
+    """
+    if num_members is not None:
+        check_int(num_members, "--model.num_members", 1)
+    if (member is None) == (members is None):
+        raise ValueError(
+            "Expected exactly one of `--model.member` (one factory, repeated `--model.num_members` "
+            "times) or `--model.members` (a list, one per member), but got "
+            + ("neither." if member is None else "both.")
+        )
+    if members is not None:
+        members = list(members)
+        if not members:
+            raise ValueError("Expected `--model.members` to hold at least one member, but got [].")
+        if num_members is not None and num_members != len(members):
+            raise ValueError(
+                f"Expected `--model.num_members` to equal the {len(members)} entries of "
+                f"`--model.members` (or be left unset), but got {num_members}."
+            )
+        return members
+    if isinstance(member, nn.Module) and (num_members or 1) > 1:
+        raise ValueError(
+            "Expected `member` to be a factory when `num_members` > 1 (an nn.Module instance cannot be "
+            f"initialised independently {num_members} times), but got a {type(member).__name__} module."
+        )
+    return [member] * (num_members or 1)  # type: ignore[list-item]
+
+
+def check_frozen(frozen_members: Sequence[int], num_members: int) -> tuple[int, ...]:
+    """The sorted distinct indices of ``frozen_members``, which must leave at least one member to train.
+
+    Raises:
+        ValueError: for an index outside ``[0, num_members)`` or every member frozen.
+    """
+    frozen = tuple(sorted(set(int(i) for i in frozen_members)))
+    bad = [i for i in frozen if not 0 <= i < num_members]
+    if bad or len(frozen) == num_members:
+        raise ValueError(
+            f"Expected `--model.frozen_members` to be distinct member indices in [0, {num_members}) "
+            f"that leave at least one member to train, but got {list(frozen_members)}."
+        )
+    return frozen
+
+
+def stack_member_logits(outputs: list[Tensor], indices: Sequence[int], num_classes: int) -> Tensor:
+    """The members' logits ``(B, C)`` stacked to ``(M, B, C)``, after checking each one's shape.
+
+    Raises:
+        ValueError: naming the first member whose output is not ``(B, num_classes)``, with every member's shape.
+    """
+    expected = (outputs[0].shape[0], num_classes)
+    for i, out in zip(indices, outputs):
+        if not isinstance(out, Tensor) or out.ndim != 2 or tuple(out.shape) != expected:
+            shapes = {f"member {j}": tuple(o.shape) for j, o in zip(indices, outputs)}
+            raise ValueError(
+                f"Expected every member to output logits of shape (B, C) = {expected} "
+                f"(C = `--model.num_classes`, linked from `--data.num_classes`), but member {i} gave "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; "
+                f"member outputs: {shapes}. A member whose own num_classes is set (e.g. "
+                "`--model.member.init_args.num_classes`) must match; leave it unset (null) where the "
+                "member takes it from the ensemble."
+            )
+    return torch.stack(outputs)
+
+
+def check_member_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Refuse an optimizer that would couple the members it was given one parameter group each.
+
+    Raises:
+        ValueError: naming ``--model.optimizer``, if it regrouped the parameters, or if it rescales gradients
+            by a global norm over all groups (``max_grad_norm``, ``clip_threshold_global``) with several
+            members.
+    """
+    name = type(optimizer).__name__
+    if len(optimizer.param_groups) != len(groups) or any(
+        {id(p) for p in g["params"]} != {id(p) for p in expected["params"]}
+        for g, expected in zip(optimizer.param_groups, groups)
+    ):
+        raise ValueError(
+            f"Expected `--model.optimizer` ({name}) to keep the {len(groups)} parameter groups it is given "
+            f"(one per member), but it has {len(optimizer.param_groups)} groups that do not match them."
+        )
+    if len(groups) > 1:
+        for key in ("max_grad_norm", "clip_threshold_global"):
+            if optimizer.defaults.get(key) not in (None, 0, 0.0):
+                raise ValueError(
+                    f"`--model.optimizer` {name} has {key}={optimizer.defaults[key]!r}, which rescales "
+                    "gradients by their global norm across all parameter groups and so couples ensemble "
+                    f"members. Set {key}=None and use `--trainer.gradient_clip_val`, which clips each "
+                    "member separately."
+                )

@@ -4,18 +4,20 @@ The quantities are those reported for deep ensembles of Wide ResNets (uncertaint
 which Kondratyuk et al. 2020 compare against): top-1/top-5 accuracy, negative log-likelihood of the
 aggregated prediction, expected calibration error with 15 equal-width bins, the Brier score, and the mean
 pairwise disagreement of the members' top-1 predictions. Every metric is a torchmetrics ``Metric``, so its
-state is synchronised across processes under DDP.
+state is synchronised across processes under DDP; :class:`EnsembleMetrics` keeps each one once, in
+``MetricCollection`` objects whose compute groups share a state, and synchronises each state once per epoch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, Literal, cast, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.utilities import dim_zero_cat
 
@@ -31,12 +33,14 @@ __all__ = [
     "EnsembleMetrics",
     "MemberLossMean",
     "RiskAtCoverage",
+    "SIZE_METRICS",
+    "SIZE_METRIC_HEADERS",
+    "SIZE_METRIC_LABELS",
+    "SizeMetric",
     "UNCERTAINTY",
     "brier_per_sample",
     "disagreement_per_sample",
     "nll_per_sample",
-    "uncertainty_metrics",
-    "update_uncertainty",
 ]
 
 ECE_BINS = 15
@@ -46,9 +50,9 @@ def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro", validate_args=False)
 
 
-def _calibration_error(num_classes: int) -> MulticlassCalibrationError:
+def _calibration_error(num_classes: int, **kwargs: Any) -> MulticlassCalibrationError:
     return MulticlassCalibrationError(
-        num_classes=num_classes, n_bins=ECE_BINS, norm="l1", validate_args=False
+        num_classes=num_classes, n_bins=ECE_BINS, norm="l1", validate_args=False, **kwargs
     )
 
 
@@ -104,17 +108,22 @@ COVERAGE = 0.8
 class _ConfidenceAndCorrectness(Metric):
     """Keeps each sample's confidence (maximum probability) and whether its top-1 prediction is right.
 
-    States are concatenated over batches and gathered over processes by torchmetrics (uneven shards too).
+    The states are those of torchmetrics' ``MulticlassCalibrationError`` (``confidences``, ``accuracies``, the
+    same values), so that the metrics can share one state in a compute group (:class:`EnsembleMetrics`). They
+    are concatenated over batches and gathered over processes by torchmetrics (uneven shards too).
+
+    Args:
+        kwargs: torchmetrics' ``Metric`` options (``sync_on_compute``, ``distributed_available_fn``, ...).
     """
 
     full_state_update = False
-    confidence: list[Tensor]
-    correct: list[Tensor]
+    confidences: list[Tensor]
+    accuracies: list[Tensor]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("confidence", default=[], dist_reduce_fx="cat")
-        self.add_state("correct", default=[], dist_reduce_fx="cat")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("confidences", default=[], dist_reduce_fx="cat")
+        self.add_state("accuracies", default=[], dist_reduce_fx="cat")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         """Add one batch.
@@ -124,13 +133,13 @@ class _ConfidenceAndCorrectness(Metric):
             target: class indices ``(B,)``.
         """
         confidence, prediction = probs.detach().float().max(dim=-1)
-        self.confidence.append(confidence)
-        self.correct.append((prediction == target).float())
+        self.confidences.append(confidence)
+        self.accuracies.append((prediction == target).float())
 
     def _sorted(self, descending: bool = True) -> tuple[Tensor, Tensor]:
         """Confidences and correctness sorted by confidence (stable: ties keep their order)."""
-        confidence = dim_zero_cat(self.confidence)
-        correct = dim_zero_cat(self.correct)
+        confidence = dim_zero_cat(self.confidences)
+        correct = dim_zero_cat(self.accuracies)
         order = torch.sort(confidence, descending=descending, stable=True).indices
         return confidence[order], correct[order]
 
@@ -146,6 +155,7 @@ class AdaptiveCalibrationError(_ConfidenceAndCorrectness):
 
     Args:
         n_bins: the number of bins (15, as for ``ece``).
+        kwargs: torchmetrics' ``Metric`` options.
 
     Example:
         >>> metric = AdaptiveCalibrationError(n_bins=2)
@@ -154,8 +164,8 @@ class AdaptiveCalibrationError(_ConfidenceAndCorrectness):
         tensor(0.3500)
     """
 
-    def __init__(self, n_bins: int = ECE_BINS) -> None:
-        super().__init__()
+    def __init__(self, n_bins: int = ECE_BINS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.n_bins = check_int(n_bins, "n_bins", 1)
 
     def compute(self) -> Tensor:
@@ -207,6 +217,7 @@ class RiskAtCoverage(_ConfidenceAndCorrectness):
 
     Args:
         coverage: the fraction of samples accepted, in ``(0, 1]`` (0.8: ``risk80``).
+        kwargs: torchmetrics' ``Metric`` options.
 
     Example:
         >>> metric = RiskAtCoverage(0.5)
@@ -215,8 +226,8 @@ class RiskAtCoverage(_ConfidenceAndCorrectness):
         tensor(0.5000)
     """
 
-    def __init__(self, coverage: float = COVERAGE) -> None:
-        super().__init__()
+    def __init__(self, coverage: float = COVERAGE, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not isinstance(coverage, (int, float)) or isinstance(coverage, bool) or not 0 < coverage <= 1:
             raise ValueError(f"Expected `coverage` to be in (0, 1], but got {coverage!r}.")
         self.coverage = float(coverage)
@@ -233,41 +244,76 @@ class RiskAtCoverage(_ConfidenceAndCorrectness):
 UNCERTAINTY = ("entropy", "mutual_information", "variation_ratio", "aece", "aurc", "risk80")
 """Uncertainty metrics of :class:`EnsembleMetrics`, for the ensemble and every size ``k``."""
 
+SizeMetric = Literal["top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc"]
+"""The name of a metric of the ensemble-size ablation (one of :data:`SIZE_METRICS`)."""
 
-def uncertainty_metrics(num_members: int) -> dict[str, Metric]:
-    """The uncertainty metrics of an ensemble of ``num_members``: the members' disagreement ones only when
-    there are several (mutual information and variation ratio are 0 for one member)."""
-    metrics: dict[str, Metric] = {
-        "entropy": MeanMetric(),
-        "aece": AdaptiveCalibrationError(),
-        "aurc": AURC(),
-        "risk80": RiskAtCoverage(COVERAGE),
+SIZE_METRICS: tuple[SizeMetric, ...] = get_args(SizeMetric)
+"""The metrics of every ensemble size k, in order: the one list that
+:class:`~lightning_ensembles.callbacks.EnsembleSizeAblation` computes and writes and
+:mod:`lightning_ensembles.compare` reads back. Accuracy, NLL, calibration (15-bin and equal-mass ECE), selective
+classification (AURC, the risk at 80% coverage) and OOD detection: ``ood_auroc``, the AUROC of the predictive
+entropy separating the OOD test loader from the test set (:mod:`lightning_ensembles.ood`; at test, when the
+datamodule has an OOD loader). Which direction is better is
+:data:`lightning_ensembles.stats.LOWER_IS_BETTER`."""
+
+SIZE_METRIC_HEADERS: dict[str, str] = {
+    "top1": "top-1 (%)",
+    "nll": "NLL",
+    "ece": "ECE",
+    "aece": "aECE",
+    "aurc": "AURC",
+    "risk80": "risk@80%",
+    "ood_auroc": "OOD AUROC",
+}
+"""Each of :data:`SIZE_METRICS` as a short table header (top-1 is shown in percent)."""
+
+SIZE_METRIC_LABELS: dict[str, str] = {
+    "top1": "top-1 accuracy (%)",
+    "nll": "negative log-likelihood",
+    "ece": "expected calibration error",
+    "aece": "adaptive (equal-mass) ECE",
+    "aurc": "AURC (area under risk-coverage)",
+    "risk80": "error at 80% coverage",
+    "ood_auroc": "OOD detection AUROC (entropy)",
+}
+"""Each of :data:`SIZE_METRICS` as a figure's axis label."""
+
+
+_PER_SAMPLE = ("ece", "aece", "aurc", "risk80")
+"""The metrics of one ensemble size computed from each sample's confidence and correctness: one compute group of
+:class:`EnsembleMetrics`, which keeps one per-sample state for the four (the first one's, torchmetrics' ECE)."""
+
+
+class _GroupSync:
+    """The ``distributed_available_fn`` of the metrics in a compute group of :class:`EnsembleMetrics`:
+    torchmetrics' own test, except while :meth:`EnsembleMetrics.compute` computes the group from the state it
+    synchronised once for all of it. Alone (``metrics["aurc"].compute()``), each metric synchronises itself."""
+
+    def __init__(self) -> None:
+        self.group_synchronised = False
+
+    def __call__(self) -> bool:
+        return not self.group_synchronised and dist.is_available() and dist.is_initialized()
+
+
+def _size_metrics(num_classes: int, top5: bool, group_sync: _GroupSync) -> MetricCollection:
+    """The metrics of one ensemble size fed its probabilities and the targets: top-1 (and top-5), and
+    :data:`_PER_SAMPLE` as one compute group."""
+    metrics: dict[str, Metric | MetricCollection] = {
+        "top1": _accuracy(num_classes),
+        "ece": _calibration_error(num_classes, distributed_available_fn=group_sync),
+        "aece": AdaptiveCalibrationError(ECE_BINS, distributed_available_fn=group_sync),
+        "aurc": AURC(distributed_available_fn=group_sync),
+        "risk80": RiskAtCoverage(COVERAGE, distributed_available_fn=group_sync),
     }
-    if num_members >= 2:
-        metrics["mutual_information"] = MeanMetric()
-        metrics["variation_ratio"] = MeanMetric()
-    return metrics
+    if top5:
+        metrics["top5"] = _accuracy(num_classes, top_k=5)
+    return MetricCollection(metrics, compute_groups=[list(_PER_SAMPLE)])
 
 
-def update_uncertainty(
-    metrics: dict[str, Metric], logits: Tensor, log_probs: Tensor, target: Tensor, prefix: str = ""
-) -> None:
-    """Update the metrics of :func:`uncertainty_metrics` (names under ``prefix``) for one batch.
-
-    Args:
-        metrics: the metrics by name.
-        logits: the logits ``(k, B, C)`` of the ensemble's members.
-        log_probs: its aggregated log-probabilities ``(B, C)``.
-        target: class indices ``(B,)``.
-        prefix: where the names live, e.g. ``"size_2/"``.
-    """
-    probs = log_probs.exp().clamp(0.0, 1.0)
-    metrics[f"{prefix}entropy"].update(entropy(log_probs))
-    for name in ("aece", "aurc", "risk80"):
-        metrics[f"{prefix}{name}"].update(probs, target)
-    if f"{prefix}mutual_information" in metrics:
-        metrics[f"{prefix}mutual_information"].update(mutual_information(logits))
-        metrics[f"{prefix}variation_ratio"].update(variation_ratio(logits))
+def _metric(collection: MetricCollection, key: str) -> Metric:
+    """``collection[key]``, without the copy of its compute group's state that ``MetricCollection[key]`` makes."""
+    return cast(Metric, getattr(collection, key))
 
 
 class EnsembleMetrics(nn.Module):
@@ -286,6 +332,12 @@ class EnsembleMetrics(nn.Module):
     - first ``k`` members, ``k = 1..M``: ``size_{k}/top1``, ``size_{k}/nll``, ``size_{k}/ece`` and the
       uncertainty metrics above (``size_{k}/mutual_information`` from ``k = 2``).
 
+    Every metric is kept once, in torchmetrics ``MetricCollection`` objects: ``size_{M}/...`` names the ensemble's
+    own metrics (the first ``M`` members are the ensemble), and ``ece``, ``aece``, ``aurc`` and ``risk80`` of
+    each ensemble size are one compute group, which keeps one per-sample state (each sample's confidence and
+    correctness) for the four. :meth:`compute` synchronises every state across processes once and keeps the
+    values until the next :meth:`update` or :meth:`reset`.
+
     Args:
         num_members: ``M``.
         num_classes: ``C``.
@@ -301,6 +353,8 @@ class EnsembleMetrics(nn.Module):
         torch.Size([2, 1, 3])
         >>> metrics.compute()["top1"], metrics.compute()["member_1/top1"]
         (tensor(1.), tensor(0.))
+        >>> metrics["size_2/top1"] is metrics["top1"]  # the full size is the ensemble: one metric
+        True
     """
 
     def __init__(self, num_members: int, num_classes: int, aggregation: str = "mean_probs") -> None:
@@ -311,34 +365,71 @@ class EnsembleMetrics(nn.Module):
         self.num_members = num_members
         self.num_classes = num_classes
         self.aggregation = aggregation
-        metrics: dict[str, Metric] = {
-            "top1": _accuracy(num_classes),
-            "nll": MeanMetric(),
-            "ece": _calibration_error(num_classes),
-            "brier": MeanMetric(),
+        self._group_sync = _GroupSync()
+        # The metrics fed the probabilities of the first k members (one collection per k; the last is the
+        # ensemble), and the metrics with a state of their own, fed one value per sample (and the members'
+        # accuracy), updated one by one.
+        collections: dict[str, MetricCollection] = {
+            f"size_{k}": _size_metrics(num_classes, k == num_members and num_classes >= 5, self._group_sync)
+            for k in range(1, num_members + 1)
         }
-        if num_classes >= 5:
-            metrics["top5"] = _accuracy(num_classes, top_k=5)
+        separate: dict[str, Metric | MetricCollection] = {
+            "nll": MeanMetric(),
+            "brier": MeanMetric(),
+            "entropy": MeanMetric(),
+        }
         if num_members >= 2:
-            metrics["disagreement"] = MeanMetric()
+            separate.update(
+                disagreement=MeanMetric(), mutual_information=MeanMetric(), variation_ratio=MeanMetric()
+            )
         for i in range(num_members):
-            metrics[f"member_{i}/top1"] = _accuracy(num_classes)
-            metrics[f"member_{i}/nll"] = MeanMetric()
-        metrics.update(uncertainty_metrics(num_members))
+            separate[f"member_{i}/top1"] = _accuracy(num_classes)
+            separate[f"member_{i}/nll"] = MeanMetric()
+        for k in range(1, num_members):
+            separate[f"size_{k}/nll"] = MeanMetric()
+            separate[f"size_{k}/entropy"] = MeanMetric()
+            if k >= 2:
+                separate[f"size_{k}/mutual_information"] = MeanMetric()
+                separate[f"size_{k}/variation_ratio"] = MeanMetric()
+        collections["separate"] = MetricCollection(separate, compute_groups=False)
+        self.collections = nn.ModuleDict(collections)
+        # Each name's (collection, key), in the order of the class docstring; `size_{M}/...` are the ensemble's.
+        ensemble = f"size_{num_members}"
+        self._where: dict[str, tuple[str, str]] = {}
+        for name in ("top1", "top5", "nll", "ece", "brier", "disagreement", *UNCERTAINTY):
+            self._where.update(self._place(name, (ensemble, name), ("separate", name)))
+        for i in range(num_members):
+            for name in ("top1", "nll"):
+                self._where[f"member_{i}/{name}"] = ("separate", f"member_{i}/{name}")
         for k in range(1, num_members + 1):
-            metrics[f"size_{k}/top1"] = _accuracy(num_classes)
-            metrics[f"size_{k}/nll"] = MeanMetric()
-            metrics[f"size_{k}/ece"] = _calibration_error(num_classes)
-            metrics.update({f"size_{k}/{name}": metric for name, metric in uncertainty_metrics(k).items()})
-        self.metrics = nn.ModuleDict(metrics)
+            for name in ("top1", "nll", "ece", *UNCERTAINTY):
+                if k == num_members:
+                    if name in self._where:
+                        self._where[f"size_{k}/{name}"] = self._where[name]
+                else:
+                    self._where.update(
+                        self._place(f"size_{k}/{name}", (f"size_{k}", name), ("separate", f"size_{k}/{name}"))
+                    )
+        self._values: dict[str, Tensor] | None = None
+
+    def _place(self, name: str, *places: tuple[str, str]) -> dict[str, tuple[str, str]]:
+        """``{name: place}`` for the first of ``places`` that holds a metric, or ``{}`` if none does."""
+        for collection, key in places:
+            if key in cast(MetricCollection, self.collections[collection]):
+                return {name: (collection, key)}
+        return {}
+
+    def _collection(self, key: str) -> MetricCollection:
+        return cast(MetricCollection, self.collections[key])
 
     def __getitem__(self, name: str) -> Metric:
-        """The metric called ``name`` (see the class docstring)."""
-        return cast(Metric, self.metrics[name])
+        """The metric called ``name`` (see the class docstring); ``size_{M}/...`` is the ensemble's own."""
+        collection, key = self._where[name]
+        return _metric(self._collection(collection), key)
 
     def __contains__(self, name: object) -> bool:
         """Whether there is a metric called ``name`` (``"size_1/mutual_information"`` is not one)."""
-        return isinstance(name, str) and name in self.metrics
+        return isinstance(name, str) and name in self._where
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor, temperature: Tensor | float | None = None) -> Tensor:
@@ -348,8 +439,8 @@ class EnsembleMetrics(nn.Module):
             logits: member logits, shape ``(M, B, C)``.
             target: class indices, shape ``(B,)``.
             temperature: the ensemble's temperature (:mod:`lightning_ensembles.calibration`), applied to the
-                aggregate of all ``M`` members (the ensemble's metrics and ``size_M``); member temperatures are
-                applied to ``logits`` by the caller.
+                aggregate of all ``M`` members (the ensemble's metrics, which are ``size_M``'s); member
+                temperatures are applied to ``logits`` by the caller.
 
         Returns:
             The log-probabilities of the first ``k`` members for every ``k = 1..M``, ``(M, B, C)``
@@ -365,6 +456,7 @@ class EnsembleMetrics(nn.Module):
             raise ValueError(
                 f"Expected member logits of shape (M, B, C) = {expected}, but got {tuple(logits.shape)}."
             )
+        self._values = None
         logits = logits.detach().float()
         member_log_probs = logits.log_softmax(dim=-1)
         size_log_probs = first_k = cumulative_log_probs(logits, self.aggregation)  # (M, B, C)
@@ -374,49 +466,88 @@ class EnsembleMetrics(nn.Module):
         size_probs = size_log_probs.exp().clamp(0.0, 1.0)
         member_nll = nll_per_sample(member_log_probs, target)  # (M, B)
         size_nll = nll_per_sample(size_log_probs, target)  # (M, B)
-        metrics = cast(dict[str, Metric], self.metrics)
+        separate = self._collection("separate")
         for i in range(self.num_members):
-            self[f"member_{i}/top1"].update(member_log_probs[i], target)
-            self[f"member_{i}/nll"].update(member_nll[i])
-            self[f"size_{i + 1}/top1"].update(size_probs[i], target)
-            self[f"size_{i + 1}/nll"].update(size_nll[i])
-            self[f"size_{i + 1}/ece"].update(size_probs[i], target)
-            update_uncertainty(metrics, logits[: i + 1], size_log_probs[i], target, prefix=f"size_{i + 1}/")
-        update_uncertainty(metrics, logits, size_log_probs[-1], target)
-        probs = size_probs[-1]
-        self["top1"].update(probs, target)
-        self["nll"].update(size_nll[-1])
-        self["ece"].update(probs, target)
-        self["brier"].update(brier_per_sample(probs, target))
-        if "top5" in self.metrics:
-            self["top5"].update(probs, target)
-        if "disagreement" in self.metrics:
-            self["disagreement"].update(disagreement_per_sample(logits))
+            k = i + 1
+            # top-1 (and top-5) and the one per-sample state of ece, aece, aurc and risk80
+            self._collection(f"size_{k}").update(size_probs[i], target)
+            prefix = "" if k == self.num_members else f"size_{k}/"
+            _metric(separate, f"{prefix}nll").update(size_nll[i])
+            _metric(separate, f"{prefix}entropy").update(entropy(size_log_probs[i]))
+            if k >= 2:
+                _metric(separate, f"{prefix}mutual_information").update(mutual_information(logits[:k]))
+                _metric(separate, f"{prefix}variation_ratio").update(variation_ratio(logits[:k]))
+            _metric(separate, f"member_{i}/top1").update(member_log_probs[i], target)
+            _metric(separate, f"member_{i}/nll").update(member_nll[i])
+        _metric(separate, "brier").update(brier_per_sample(size_probs[-1], target))
+        if self.num_members >= 2:
+            _metric(separate, "disagreement").update(disagreement_per_sample(logits))
         return first_k
 
     def items(self) -> Iterator[tuple[str, Metric]]:
         """Yield ``(name, metric)`` pairs, in the naming scheme of the class docstring.
 
         Yields:
-            The metric objects themselves (ensemble, then members, then sizes).
+            The metric objects themselves (ensemble, then members, then sizes); the ``size_{M}/...`` names
+            yield the ensemble's metrics again.
         """
-        for name in self.metrics:
+        for name in self._where:
             yield name, self[name]
 
     def compute(self) -> dict[str, Tensor]:
-        """Compute every metric.
+        """Compute every metric, each once, with every state synchronised across processes once.
+
+        A compute group's state is synchronised once for the whole group. The values are kept until the next
+        :meth:`update` or :meth:`reset`, so callbacks that read them before the module logs them (in their own
+        ``on_*_epoch_end``) cost nothing more.
 
         Returns:
-            A dict from the names of :meth:`items` to scalar tensors.
+            A dict from the names of :meth:`items` to scalar tensors, and ``loss``.
         """
-        values = {name: metric.compute() for name, metric in self.items()}
-        values["loss"] = torch.stack([values[f"member_{i}/nll"] for i in range(self.num_members)]).sum()
+        if self._values is None:
+            by_place = {
+                (name, key): value
+                for name, collection in self.collections.items()
+                for key, value in self._compute_collection(cast(MetricCollection, collection)).items()
+            }
+            values = {name: by_place[place] for name, place in self._where.items()}
+            values["loss"] = torch.stack([values[f"member_{i}/nll"] for i in range(self.num_members)]).sum()
+            self._values = values
+        return dict(self._values)
+
+    def _compute_collection(self, collection: MetricCollection) -> dict[str, Tensor]:
+        groups = list(collection.compute_groups.values()) or [
+            [str(key)] for key in collection.keys(keep_base=True)
+        ]
+        values: dict[str, Tensor] = {}
+        for group in groups:
+            if len(group) == 1:
+                values[group[0]] = _metric(collection, group[0]).compute()
+                continue
+            # One synchronisation for the group (torchmetrics' own, on its first metric; nothing on one process),
+            # then every metric of the group computed from that state without synchronising again.
+            metrics = [_metric(collection, key) for key in group]
+            with metrics[0].sync_context(dist_sync_fn=metrics[0].dist_sync_fn):
+                synchronised = metrics[0].metric_state
+            local = metrics[0].metric_state
+            self._group_sync.group_synchronised = True
+            try:
+                for key, metric in zip(group, metrics):
+                    for state, value in synchronised.items():
+                        setattr(metric, state, value)
+                    values[key] = metric.compute()
+            finally:
+                self._group_sync.group_synchronised = False
+                for metric in metrics:  # back on the first metric's own (local) state, shared again
+                    for state, value in local.items():
+                        setattr(metric, state, value)
         return values
 
     def reset(self) -> None:
         """Reset every metric's state."""
-        for _, metric in self.items():
-            metric.reset()
+        for collection in self.collections.values():
+            cast(MetricCollection, collection).reset()
+        self._values = None
 
 
 class MemberLossMean(Metric):

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from lightning_ensembles._validation import check_bool, check_int
 
-__all__ = ["ParallelEnsemble", "check_devices", "check_layout", "thread_count_after_overwrite"]
+__all__ = ["ParallelEnsemble", "check_devices", "check_layout"]
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -117,46 +117,6 @@ def check_devices(devices: Sequence[str | torch.device], flag: str = "devices") 
         assert device is not None
         checked.append(device)
     return checked
-
-
-def thread_count_after_overwrite(prime: bool) -> int:
-    """What ``torch.get_num_threads()`` reads in a thread that asked for 1 after another thread set 2.
-
-    The finding :class:`ParallelEnsemble`'s workers rely on: torch's intra-op thread count is per thread once
-    torch has initialised the thread, but that lazy initialisation (on its first parallel operation or query)
-    copies the process-wide value, which every ``torch.set_num_threads`` call overwrites, over a count set
-    before it. So a worker queries the count (``prime``) before setting it. Events order the two threads'
-    steps, so the answer does not depend on scheduling. The caller's process-wide count is overwritten (2).
-
-    Args:
-        prime: let torch initialise the asking thread (``torch.get_num_threads()``) before it asks for 1.
-
-    Returns:
-        The asking thread's count at the end: 1 when primed, 2 when not (with torch's OpenMP backend).
-    """
-    asked, overwritten = threading.Event(), threading.Event()
-    seen: list[int] = []
-
-    def ask_for_one() -> None:
-        if prime:
-            torch.get_num_threads()
-        torch.set_num_threads(1)
-        asked.set()
-        overwritten.wait(30)
-        seen.append(torch.get_num_threads())
-
-    def set_two() -> None:
-        torch.get_num_threads()
-        asked.wait(30)
-        torch.set_num_threads(2)
-        overwritten.set()
-
-    threads = [threading.Thread(target=ask_for_one), threading.Thread(target=set_two)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return seen[0]
 
 
 def check_layout(

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_text",
     "build_results",
     "cpu_model",
+    "ensemble_summary",
     "environment",
     "format_table",
     "member_name",
@@ -98,6 +99,38 @@ def member_name(member: nn.Module) -> str:
     """A short architecture name: the member's ``name`` attribute (``"WRN-28-10"``) or its class name."""
     name = getattr(member, "name", None)
     return name if isinstance(name, str) else type(member).__name__
+
+
+def ensemble_summary(
+    members: Sequence[nn.Module], input_shape: Sequence[int] | None = None, scope: Any = None
+) -> dict[str, Any]:
+    """What an ensemble is, for the HParams dashboard and results tables
+    (:meth:`~lightning_ensembles.EnsembleLightningModule.summary`).
+
+    Args:
+        members: the ensemble's members.
+        input_shape: one sample's shape; when given, multiply-adds are counted (meta device, no compute).
+        scope: where counted multiply-adds are cached (a Trainer: once per run), see
+            :func:`~lightning_ensembles.cost.member_macs`.
+
+    Returns:
+        ``architecture`` (e.g. ``"WRN-16-2"``, ``"+"``-joined when mixed), ``num_members``, ``depth`` and
+        ``width`` when every member has them and they agree, ``member_gmacs`` (mean) and ``ensemble_gmacs``
+        when ``input_shape`` is given.
+    """
+    from lightning_ensembles.cost import member_macs
+
+    names = sorted({member_name(m) for m in members})
+    info: dict[str, Any] = {"architecture": "+".join(names), "num_members": len(members)}
+    for attribute in ("depth", "width"):
+        values = {getattr(m, attribute, None) for m in members}
+        if len(values) == 1 and isinstance(next(iter(values)), int):
+            info[attribute] = values.pop()
+    if input_shape is not None:
+        macs = [member_macs(m, input_shape, scope=scope) for m in members]
+        info["member_gmacs"] = sum(macs) / len(macs) / 1e9
+        info["ensemble_gmacs"] = sum(macs) / 1e9
+    return info
 
 
 def cpu_model() -> str | None:

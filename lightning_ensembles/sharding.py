@@ -11,14 +11,46 @@ The question is duck-typed, so that data modules know nothing of any strategy: a
 ``training_shard()`` method returning a :class:`TrainingShard` is asked; any other strategy is taken to
 shard by global rank over the whole world, as Lightning's DDP does. Both sides import this module, which
 imports nothing of the package.
+
+The other contract here is between a member-parallel strategy and the module it trains
+(:class:`PlacedMembers`): the strategy asks the module how many members it has and tells it which ones this
+process trains, so that neither imports the other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["TrainingShard", "training_shard"]
+__all__ = ["PlacedMembers", "TrainingShard", "training_shard"]
+
+
+@runtime_checkable
+class PlacedMembers(Protocol):
+    """A module whose members a member-parallel strategy places on processes.
+
+    :class:`~lightning_ensembles.EnsembleLightningModule` is one; the strategy
+    (:class:`~lightning_ensembles.distributed.MemberParallelStrategy`) checks ``isinstance(module,
+    PlacedMembers)`` and uses nothing else of the module's class.
+    """
+
+    members: Any
+    """The members, indexable by member index (an ``nn.ModuleList``)."""
+
+    @property
+    def num_members(self) -> int:
+        """``M``."""
+        ...
+
+    @property
+    def local_members(self) -> list[int]:
+        """The trainable members this process trains."""
+        ...
+
+    def assign_members(self, indices: Sequence[int] | None) -> None:
+        """Train only ``indices`` in this process (``None``: every trainable member)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,48 @@ def test_checkpoints_from_before_temperature_scaling_load(tmp_path: Path) -> Non
     trainer.fit(module, datamodule=_data())
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
-    del checkpoint["state_dict"]["member_temperature"], checkpoint["state_dict"]["ensemble_temperature"]
+    del checkpoint["state_dict"]["temperature.member"], checkpoint["state_dict"]["temperature.ensemble"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     loaded = EnsembleLightningModule.load_from_checkpoint(tmp_path / "old.ckpt")
     assert torch.equal(loaded.member_temperature, torch.ones(2)) and loaded.ensemble_temperature.item() == 1.0
+
+
+def test_temperatures_at_their_keys_before_the_submodule_load(tmp_path: Path) -> None:
+    # Until the temperatures moved into `TemperatureScaling` (`temperature.member`, `temperature.ensemble`),
+    # checkpoints held them as the ensemble's own buffers `member_temperature` and `ensemble_temperature`.
+    module = _module("members")
+    module.temperature.member.copy_(torch.tensor([0.5, 2.0]))
+    module.temperature.ensemble.fill_(1.5)
+    state = module.state_dict()
+    assert {"temperature.member", "temperature.ensemble"} <= set(state)
+    old = {k: v for k, v in state.items() if not k.startswith("temperature.")}
+    old["member_temperature"], old["ensemble_temperature"] = (
+        state["temperature.member"],
+        state["temperature.ensemble"],
+    )
+    plain = _module("members")
+    plain.load_state_dict(old)  # strict: no unexpected or missing key
+    assert (
+        torch.equal(plain.member_temperature, torch.tensor([0.5, 2.0]))
+        and plain.ensemble_temperature.item() == 1.5
+    )
+    assert "member_temperature" in old  # the caller's dict is left alone
+    trainer = pl.Trainer(max_epochs=1, **trainer_kwargs(default_root_dir=tmp_path, limit_val_batches=0))
+    trainer.fit(_module("none"), datamodule=_data())
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    checkpoint["state_dict"] = {
+        k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("temperature.")
+    }
+    checkpoint["state_dict"].update(
+        member_temperature=torch.tensor([0.25, 4.0]), ensemble_temperature=torch.tensor(3.0)
+    )
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = EnsembleLightningModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert (
+        torch.equal(loaded.member_temperature, torch.tensor([0.25, 4.0]))
+        and loaded.ensemble_temperature.item() == 3.0
+    )
 
 
 def test_needs_a_validation_split_and_a_known_mode(tmp_path: Path) -> None:

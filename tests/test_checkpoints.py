@@ -165,7 +165,7 @@ def test_grow_trains_only_new_members(tmp_path: Path) -> None:
     for key, value in before.items():  # weights and BatchNorm running statistics of old members
         if key.startswith("members."):
             assert torch.equal(after[key], value), key
-    assert torch.equal(after["member_temperature"], torch.ones(4))  # one per member, the identity
+    assert torch.equal(after["temperature.member"], torch.ones(4))  # one per member, the identity
     assert not torch.equal(after["members.2.head.weight"], fresh.head.weight)
     (results,) = trainer.test(module, make_loader(n=32), verbose=False)
     assert "test/member_3/top1" in results and "test/size_4/nll" in results
@@ -246,7 +246,7 @@ def test_the_checkpoint_note_callback_is_added_once(caplog: pytest.LogCaptureFix
         trainer.test(module, make_loader(n=32), verbose=False)
         trainer.validate(module, make_loader(n=32), verbose=False)
     assert "override existing callbacks" not in caplog.text
-    assert sum(type(c).__name__ == "_NameUnreadableCheckpoint" for c in trainer.callbacks) == 1
+    assert sum(type(c).__name__ == "NameUnreadableCheckpoint" for c in trainer.callbacks) == 1
 
 
 def test_resumed_mixup_run_matches_uninterrupted_run(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from lightning_ensembles import cli as cli_module
 from lightning_ensembles import compare as compare_module
 from lightning_ensembles import sweep as sweep_module
 from lightning_ensembles._help import first_sentence, short_classes
@@ -253,3 +254,31 @@ def test_split_own_flags_keeps_the_tools_flags_and_forwards_the_rest() -> None:
     assert own == ["--out=a", "--help", "--out", "c"]
     assert rest == ["--trainer.max_epochs", "3", "--config", "b.yaml", "--outx=1"]
     assert split_own_flags(parser, ["--out"]) == (["--out"], [])  # left for the parser to report
+
+
+def test_console_scripts_run_the_tools() -> None:
+    # pyproject's [project.scripts], installed next to the interpreter by `pip install`
+    import importlib.metadata
+    import subprocess
+
+    for tool in ("compare", "sweep", "export"):
+        name = f"lightning-ensembles-{tool}"
+        (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == name]
+        assert entry.value == f"lightning_ensembles.cli:{tool}_command"
+        assert entry.load() is getattr(cli_module, f"{tool}_command")
+        script = Path(sys.executable).with_name(name)
+        assert script.is_file(), f"{script} is missing: reinstall the package (pip install -e .)"
+    # one of them run for real (each takes seconds to import torch and Lightning)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lightning-ensembles-sweep")), "--help"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "--config" in done.stdout
+
+
+def test_a_console_script_exits_0_after_a_successful_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a console script calls `sys.exit(function())`: the tools' `main` returns results, the command None
+    called: list[str] = []
+    monkeypatch.setattr(sweep_module, "main", lambda: called.append("sweep") or {"some": "result"})
+    assert cli_module.sweep_command() is None and called == ["sweep"]

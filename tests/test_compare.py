@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -491,3 +492,193 @@ def test_paper_trends_order_pairs_by_model_size_and_data_size() -> None:
         metric="nll",
     )
     assert nll.outcome == "seen" and nll.as_dict()["kind"] == "model size"
+
+
+def test_one_list_of_metrics_for_the_ablation_and_compare() -> None:
+    import typing
+
+    from lightning_ensembles import compare as compare_module
+    from lightning_ensembles.callbacks import ablation
+    from lightning_ensembles.metrics import SIZE_METRIC_HEADERS, SIZE_METRIC_LABELS, SIZE_METRICS
+    from lightning_ensembles.stats import LOWER_IS_BETTER
+
+    assert compare_module.METRICS is SIZE_METRICS and ablation.METRICS is SIZE_METRICS
+    assert tuple(EnsembleSizeAblation().metric_names) == SIZE_METRICS
+    assert typing.get_args(typing.get_type_hints(compare)["metric"]) == SIZE_METRICS  # the `--metric` choices
+    assert list(SIZE_METRIC_HEADERS) == list(SIZE_METRIC_LABELS) == list(SIZE_METRICS)
+    assert {m for m in SIZE_METRICS if m not in LOWER_IS_BETTER} == {"top1", "ood_auroc"}
+
+
+def _assert_same(got: object, expected: object, where: str = "record") -> None:
+    """Equal nested data, numbers to float32 precision (TensorBoard keeps scalars as float32, the files float64)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same(got[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(expected, float) and not isinstance(expected, bool):
+        assert isinstance(got, (int, float)), where
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7, nan_ok=True), where
+    else:
+        assert got == expected, where
+
+
+@pytest.fixture(scope="module")
+def run_sources(cifar_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The recipe runs three times over: as written (result files and event files), with their result files
+    only, and with their event files only (runs from before the result files)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("sources")
+    trees = {}
+    for source in ("both", "files", "events"):
+        trees[source] = root / source
+        shutil.copytree(cifar_runs, trees[source], ignore=shutil.ignore_patterns("comparison", "checkpoints"))
+    for path in trees["files"].rglob("events.out.tfevents.*"):
+        path.unlink()
+    for pattern in ("ablation_*", "results.*"):
+        for path in trees["events"].rglob(pattern):
+            path.unlink()
+    return trees
+
+
+@pytest.mark.parametrize(
+    ("stage", "curve", "group_by"), [("test", "random", None), ("val", "first", "data/batch_size")]
+)
+def test_compare_gives_the_same_result_from_result_files_and_from_event_files(
+    run_sources: dict[str, Path], tmp_path: Path, stage: Any, curve: Any, group_by: str | None
+) -> None:
+    got = {
+        source: compare(
+            str(tree),
+            stage=stage,
+            curve=curve,
+            group_by=group_by,
+            out=str(tmp_path / source),
+        )
+        for source, tree in run_sources.items()
+    }
+    # The result files come first: a run folder with both reads exactly what one without event files reads.
+    assert got["both"]["record"] == got["files"]["record"]
+    assert got["both"]["table"] == got["files"]["table"]
+    assert (tmp_path / "both" / "comparison.csv").read_text() == (
+        tmp_path / "files" / "comparison.csv"
+    ).read_text()
+    # The event files hold the same values (as float32): the same lines, points, seeds, groups and pairs.
+    _assert_same(got["events"]["record"], got["files"]["record"])
+    lines = sorted(got["files"]["lines"])
+    assert lines == (
+        ["WRN-16-1", "WRN-16-2"]
+        if group_by is None
+        else ["WRN-16-1 (batch_size=32)", "WRN-16-2 (batch_size=32)"]
+    )
+    assert [row["k"] for row in got["files"]["lines"][lines[0]]] == [1, 2, 3]
+    assert {run["seed"] for run in got["files"]["record"]["runs"]} == {0}
+
+    # The points are the ablation's rows: for every k, the last row's values of the curve.
+    for saved in got["files"]["record"]["runs"]:
+        rows = json.loads((run_sources["files"] / saved["name"] / f"ablation_{stage}.json").read_text())
+        for k, point in saved["points"].items():
+            last = [row for row in rows if row["k"] == k][-1]
+            assert point["top1"] == last[f"{curve}_top1"] and point["gmacs"] == last[f"{curve}_gmacs"]
+
+
+def test_compare_reads_old_runs_from_event_files_only(
+    run_sources: dict[str, Path], cifar_runs: Path, tmp_path: Path
+) -> None:
+    events = run_sources["events"]
+    assert not [*events.rglob("ablation_*.json"), *events.rglob("results.json")]
+    results = compare(str(events), group_by="data/batch_size", out=str(tmp_path / "old"))
+    wrn162 = results["lines"]["WRN-16-2 (batch_size=32)"]
+    assert [(row["k"], row["runs"]) for row in wrn162] == [(1, 2), (2, 1)]
+    assert [row["k"] for row in results["lines"]["WRN-16-1 (batch_size=32)"]] == [1, 2, 3]
+
+    # A run with the ablation's JSON but a results.json from before it recorded the hyperparameters: the points
+    # come from the JSON, the `data/` hyperparameters from its TensorBoard HParams session.
+    import shutil
+
+    before = tmp_path / "before"
+    shutil.copytree(run_sources["both"], before)
+    for path in before.rglob("results.json"):
+        results_json = json.loads(path.read_text())
+        del results_json["hparams"]
+        path.write_text(json.dumps(results_json))
+    again = compare(str(before), group_by="data/batch_size", out=str(tmp_path / "before_out"))
+    assert (
+        again["lines"]
+        == compare(str(run_sources["files"]), group_by="data/batch_size", out=str(tmp_path / "files"))[
+            "lines"
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_compare_reads_runs_without_a_tensorboard_logger(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_ensembles.module import EnsembleLightningModule
+    from tests.helpers import NUM_CLASSES, TinyDataModule, TinyNet, sgd, trainer_kwargs
+
+    data, logs = tmp_path / "data", tmp_path / "logs"
+    write_fake_cifar10(data, num_train=64, num_test=32)
+    recipe_runs = [
+        cifar_wrn.main(
+            [
+                *(arg for config in configs for arg in ("--config", str(CONFIGS / config))),
+                "--config",
+                str(PRESETS / "ablation.yaml"),
+                f"--data.root={data}",
+                "--data.verify_checksums=false",
+                "--data.num_workers=0",
+                "--data.batch_size=32",
+                "--trainer.max_epochs=1",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.init_args.save_dir={logs / 'csv'}",
+            ]
+        )  # fmt: skip
+        for configs in (("cifar/wrn-16-1.yaml", "ensemble-2.yaml"), ("cifar/wrn-16-2.yaml",))
+    ]
+    # A run trained from Python without any logger: its ablation writes into the Trainer's default_root_dir.
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES, optimizer=sgd())
+    ablation = EnsembleSizeAblation(latency_batch_size=None, figures=False, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=1, default_root_dir=logs / "python_run", **trainer_kwargs(callbacks=[ablation])
+    )
+    trainer.fit(module, datamodule=TinyDataModule())
+    trainer.test(module, datamodule=TinyDataModule(), verbose=False)
+    assert not list(logs.rglob("events.out.tfevents.*"))
+
+    results = compare(str(logs), out=str(tmp_path / "out"))  # before: "Found no TensorBoard runs"
+    # The architecture from the recipes' results.json (a run without recorded hyperparameters: its folder).
+    assert sorted(results["lines"]) == ["WRN-16-1", "WRN-16-2", "python_run"]
+    seeds = {run["name"]: run["seed"] for run in results["record"]["runs"]}
+    assert seeds == {"csv/cifar_wrn/version_0": 0, "csv/cifar_wrn/version_1": 0, "python_run": None}
+    python_rows = [row for row in ablation.history if row["stage"] == "test"]
+    for rows, line in (
+        (
+            json.loads((Path(recipe_runs[0]["results_file"]).parent / "ablation_test.json").read_text()),
+            "WRN-16-1",
+        ),
+        (
+            json.loads((Path(recipe_runs[1]["results_file"]).parent / "ablation_test.json").read_text()),
+            "WRN-16-2",
+        ),
+        (python_rows, "python_run"),
+    ):
+        points = results["lines"][line]
+        assert [p["k"] for p in points] == [row["k"] for row in rows]
+        for point, row in zip(points, rows):
+            assert point["top1"] == row["random_top1"] and point["nll"] == row["random_nll"]
+            assert point["gmacs"] == row["random_gmacs"]
+    assert all(row["latency_ms"] > 0 for row in results["lines"]["WRN-16-1"])
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+
+    # The `data/` hyperparameters come from the recipes' results.json: the same lines as with TensorBoard.
+    grouped = compare(str(logs / "csv"), group_by="data/batch_size", out=str(tmp_path / "grouped"))
+    assert sorted(grouped["lines"]) == ["WRN-16-1 (batch_size=32)", "WRN-16-2 (batch_size=32)"]

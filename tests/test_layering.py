@@ -9,6 +9,7 @@ another layer, add a rule to ``LAYERS``.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,13 @@ NEVER: dict[str, tuple[str, ...]] = {
             f"{PACKAGE}.{top}" for top in ("module", "data", "distributed", "callbacks", "cli", "nas")
         )
         for name in ("nas", "timm_member", "wide_resnet")
+    },
+    # The module and the member-parallel strategy meet only in `sharding.PlacedMembers` (a Protocol) and the
+    # strategy's declared `supports_per_member_backward`: neither imports the other, so no import circle.
+    f"{PACKAGE}.distributed": (f"{PACKAGE}.module", f"{PACKAGE}._frugal", f"{PACKAGE}._saving"),
+    **{
+        f"{PACKAGE}.{name}": (f"{PACKAGE}.distributed", f"{PACKAGE}.callbacks", f"{PACKAGE}.cli")
+        for name in ("module", "_frugal", "_saving")
     },
 }
 """Parts of the package, and the parts they must never import (for layers whose allowed set is wide)."""
@@ -160,3 +168,18 @@ def test_the_rule_sees_every_kind_of_import() -> None:
         "lightning_ensembles.cli",
         "lightning_ensembles.models.TimmModel",
     ]
+
+
+def test_a_planted_violation_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy of the two files the new rules guard, one of them with the import the rules forbid.
+    package = tmp_path / PACKAGE
+    package.mkdir()
+    for name in ("distributed.py", "module.py"):
+        (package / name).write_text((ROOT / name).read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", package)
+    test_layer_never_imports_a_higher_one(f"{PACKAGE}.distributed")  # as shipped: clean
+    planted = (package / "distributed.py").read_text(encoding="utf-8")
+    planted += "\n\ndef _planted():\n    from lightning_ensembles.module import EnsembleLightningModule\n"
+    (package / "distributed.py").write_text(planted, encoding="utf-8")
+    with pytest.raises(AssertionError, match=r"distributed.py:\d+ imports lightning_ensembles.module"):
+        test_layer_never_imports_a_higher_one(f"{PACKAGE}.distributed")

@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 
+from lightning_ensembles import _frugal
 from lightning_ensembles.module import EnsembleLightningModule
 from tests.helpers import (
     NUM_CLASSES,
@@ -321,9 +322,10 @@ class _CountingModule(EnsembleLightningModule):
 
     per_member_steps = 0
 
-    def _backward_per_member(self, *args: Any, **kwargs: Any) -> Tensor:
-        self.per_member_steps += 1
-        return super()._backward_per_member(*args, **kwargs)
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.automatic_optimization and _frugal.frugal_this_step(self, self.local_members):
+            self.per_member_steps += 1
+        return super().training_step(batch, batch_idx)
 
 
 class _NoPerMemberBackward(SingleDeviceStrategy):

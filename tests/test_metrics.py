@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 from torch.testing import assert_close
+from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_ensembles.aggregation import aggregate, cumulative_log_probs, cumulative_probs
-from lightning_ensembles.metrics import EnsembleMetrics
+from lightning_ensembles.metrics import AURC, UNCERTAINTY, AdaptiveCalibrationError, EnsembleMetrics
 
 M, B, C = 4, 97, 6
 
@@ -187,3 +188,109 @@ def test_ece_uses_15_bins_on_a_case_that_depends_on_the_bins() -> None:
     values = metrics.compute()
     for name in ("ece", "size_1/ece", "size_2/ece"):
         assert float(values[name]) == pytest.approx(0.53, abs=1e-5), name
+
+
+def _batch(members: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return 2.5 * torch.randn(members, B, classes, generator=g), torch.randint(0, classes, (B,), generator=g)
+
+
+def _distinct_states(metrics: EnsembleMetrics) -> set[int]:
+    """The state objects (tensors and lists) behind every name: what torchmetrics updates and synchronises."""
+    return {id(state) for _, metric in metrics.items() for state in metric.metric_state.values()}
+
+
+def test_every_metric_and_state_is_kept_once() -> None:
+    metrics = EnsembleMetrics(3, 5)
+    metrics.update(*_batch(3, 5))
+    # Distinct states for M = 3, C = 5 (an accuracy keeps 4, a mean 2, a per-sample group 2):
+    # sizes 1 and 2: top-1 + one per-sample group (ece, aece, aurc, risk80) = 6 each; the ensemble (size 3):
+    # top-1, top-5 and its group = 10; the means nll, brier, entropy, disagreement, mutual information and
+    # variation ratio = 12; 3 members' top-1 and NLL = 18; NLL and entropy of sizes 1 and 2, mutual
+    # information and variation ratio of size 2 = 12. Before, size_3 kept copies of the ensemble's 9
+    # metrics and ece, aece, aurc and risk80 one state each: 102.
+    assert len(_distinct_states(metrics)) == 6 + 6 + 10 + 12 + 18 + 12 == 64
+    assert len({id(metric) for _, metric in metrics.items()}) == 34  # 43 names, 9 of them size_3's
+    names = {name for name, _ in metrics.items()}
+    assert len(names) == 43 and {f"size_3/{n}" for n in ("top1", "nll", "ece", *UNCERTAINTY)} <= names
+
+
+def test_the_full_size_is_the_ensemble_itself() -> None:
+    metrics = EnsembleMetrics(3, 5)
+    for name in ("top1", "nll", "ece", *UNCERTAINTY):
+        assert metrics[f"size_3/{name}"] is metrics[name], name
+    assert metrics["size_2/top1"] is not metrics["top1"]
+    metrics.update(*_batch(3, 5))
+    values = metrics.compute()
+    assert values["size_3/top1"] is values["top1"] and values["size_3/aurc"] is values["aurc"]
+
+
+def test_calibration_and_selective_metrics_share_one_per_sample_state() -> None:
+    metrics = EnsembleMetrics(3, 5)
+    metrics.update(*_batch(3, 5))
+    metrics.update(*_batch(3, 5, seed=1))
+    per_size = []
+    for prefix in ("size_1/", "size_2/", ""):
+        states = [metrics[f"{prefix}{name}"].metric_state for name in ("ece", "aece", "aurc", "risk80")]
+        assert all(s.keys() == {"confidences", "accuracies"} for s in states)
+        for key in ("confidences", "accuracies"):
+            assert all(s[key] is states[0][key] for s in states), (prefix, key)
+        assert len(states[0]["confidences"]) == 2  # one entry per batch, appended once
+        per_size.append(id(states[0]["confidences"]))
+    assert len(set(per_size)) == 3  # one per-sample state per ensemble size
+    # and the values are those of each metric on its own
+    logits, target = _batch(3, 5)
+    alone = {
+        "ece": MulticlassCalibrationError(5, n_bins=15),
+        "aece": AdaptiveCalibrationError(),
+        "aurc": AURC(),
+    }
+    probs = cumulative_log_probs(logits)[1].exp().clamp(0.0, 1.0)
+    fresh = EnsembleMetrics(3, 5)
+    fresh.update(logits, target)
+    for name, metric in alone.items():
+        metric.update(probs, target)
+        assert float(fresh.compute()[f"size_2/{name}"]) == float(metric.compute()), name
+
+
+def test_compute_synchronises_each_state_once_and_keeps_its_values(
+    in_process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import torchmetrics.metric
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    batches = [_batch(3, 5, seed) for seed in range(3)]
+    alone = EnsembleMetrics(3, 5)  # no process group: nothing is synchronised
+    for batch in batches:
+        alone.update(*batch)
+    expected = alone.compute()
+
+    gathered: list[tuple[int, ...]] = []
+
+    def counting_gather(tensor: torch.Tensor, *args: object, **kwargs: object) -> list[torch.Tensor]:
+        gathered.append(tuple(tensor.shape))
+        return gather_all_tensors(tensor, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", counting_gather)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    metrics = EnsembleMetrics(3, 5)
+    for batch in batches:
+        metrics.update(*batch)
+    got = metrics.compute()
+    # one gather per distinct state (64, see above), each per-sample group's once: 3 x 97 samples
+    assert len(gathered) == len(_distinct_states(metrics)) == 64
+    assert gathered.count((3 * 97,)) == 3 * 2  # confidences and accuracies of 3 ensemble sizes
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    metrics.compute()  # kept: what a callback read is what the module logs, with no second synchronisation
+    assert len(gathered) == 64
+    metrics.update(*batches[0])  # an update, or a reset, starts over
+    metrics.compute()
+    assert len(gathered) == 128
+    # alone, a metric of a group still synchronises itself
+    metrics.update(*batches[1])
+    assert float(metrics["aurc"].compute()) == float(metrics.compute()["aurc"])

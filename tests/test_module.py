@@ -176,6 +176,43 @@ def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
         EnsembleLightningModule(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(seed=True), r"Expected `--model.seed` to be an int >= 0, but got True"),
+        (dict(seed=-1), r"Expected `--model.seed` to be an int >= 0, but got -1"),
+        (
+            dict(label_smoothing="x"),
+            r"Expected `--model.label_smoothing` to be a float in \[0, 1\), but got 'x'",
+        ),
+        (
+            dict(lr_scheduler_interval="batch"),
+            r"`--model.lr_scheduler_interval` to be one of \['epoch', 'step'\]",
+        ),
+        (dict(execution="fused"), r"`--model.execution` to be one of .*'fused'"),
+        (dict(temperature_scaling="member"), r"`--model.temperature_scaling` to be one of .*'member'"),
+        (dict(memory_frugal=1), r"`--model.memory_frugal` to be true, false or 'auto', but got 1"),
+        (dict(channels_last="yes"), r"`--model.channels_last` to be"),
+        (dict(execution="vmap", compile=True), r"`--model.compile true`.*needs `--model.execution loop`"),
+        (
+            dict(execution="vmap", memory_frugal=True),
+            r"`--model.memory_frugal true`.*`--model.execution vmap`",
+        ),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "",
+)
+def test_every_argument_is_checked_before_any_member_is_built(kwargs: dict, message: str) -> None:
+    built: list[int] = []
+
+    def factory() -> nn.Module:
+        built.append(1)
+        return TinyNet()
+
+    with pytest.raises(ValueError, match=message):
+        EnsembleLightningModule(member=factory, num_members=2, num_classes=NUM_CLASSES, **kwargs)
+    assert built == []
+
+
 def test_num_classes_is_required() -> None:
     with pytest.raises(ValueError, match=r"`--model.num_classes` to be an int >= 2.*None"):
         EnsembleLightningModule(member=TinyNet)
@@ -263,6 +300,29 @@ def test_evaluation_metrics_by_stage() -> None:
     assert module.evaluation_metrics("test") is module.test_metrics
     with pytest.raises(ValueError, match="Expected `stage` to be 'val' or 'test', but got 'fit'"):
         module.evaluation_metrics("fit")
+
+
+def test_evaluation_values_are_logged_as_synchronised_with_no_second_reduction(
+    in_process_group: None, recwarn: pytest.WarningsRecorder
+) -> None:
+    """torchmetrics synchronises the metrics' states once; the values, equal on every process, are logged as
+    they are: no all-reduce per name, and no advice from Lightning to add one."""
+    module = EnsembleLightningModule(member=TinyNet, num_members=2, num_classes=NUM_CLASSES)
+    trainer = pl.Trainer(**trainer_kwargs(strategy="ddp"))  # a process group of one, in this process
+    reduced: list[torch.Tensor] = []
+    reduce = trainer.strategy.reduce
+
+    def recording_reduce(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if tensor.is_floating_point():  # Lightning reduces the number of batches too
+            reduced.append(tensor)
+        return reduce(tensor, *args, **kwargs)  # type: ignore[arg-type]
+
+    trainer.strategy.reduce = recording_reduce  # type: ignore[method-assign]
+    (logged,) = trainer.validate(module, make_loader(n=40), verbose=False)
+    assert torch.distributed.is_initialized() and reduced == []
+    assert not [w for w in recwarn if "It is recommended to use `self.log('val/" in str(w.message)]
+    (plain,) = pl.Trainer(**trainer_kwargs()).validate(module, make_loader(n=40), verbose=False)
+    assert logged == plain and {"val/top1", "val/size_2/top1", "val/aurc", "val/loss"} <= set(logged)
 
 
 def test_input_shape_is_recorded_and_lightnings_summary_counts_the_flops() -> None:

@@ -1,12 +1,12 @@
 """What the callbacks share: finding the shape of one sample to count multiply-adds at, the setting a latency
-is measured in, restoring state from checkpoints written under an older ``state_key``, and one hook for the
-outputs of every evaluation batch."""
+is measured in and the names of its scalars, restoring state from checkpoints written under an older
+``state_key``, and one hook for the outputs of every evaluation batch and one for the end of every evaluation."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
@@ -14,6 +14,10 @@ from typing_extensions import override
 
 from lightning_ensembles._compat import loop_data_source
 from lightning_ensembles._validation import check_shape, init_arg
+
+if TYPE_CHECKING:
+    from lightning_ensembles.latency import LatencyStats
+    from lightning_ensembles.module import EnsembleLightningModule
 
 
 def is_shape(value: object) -> bool:
@@ -145,6 +149,67 @@ def measuring_on_trainer(trainer: Any, module: nn.Module) -> Iterator[None]:
         module.to(found_on)
 
 
+def latency_scalars(mode: str, size: int, stats: LatencyStats) -> dict[str, float]:
+    """The scalars the callbacks log for one latency measurement, named by
+    :func:`~lightning_ensembles.latency.latency_metric_name`.
+
+    Args:
+        mode: how the members ran, one of :data:`~lightning_ensembles.latency.MODES`.
+        size: the ensemble size ``k``.
+        stats: the measurement of the first ``k`` members.
+
+    Returns:
+        ``{"latency/{mode}/size_{k}/batch{b}_ms_p50": ..., ..._ms_p10, ..._ms_p90, ..._samples_per_s}``.
+    """
+    from lightning_ensembles.latency import latency_metric_name
+
+    b = stats.batch_size
+    return {
+        latency_metric_name(mode, size, b, "ms_p50"): stats.p50_ms,
+        latency_metric_name(mode, size, b, "ms_p10"): stats.p10_ms,
+        latency_metric_name(mode, size, b, "ms_p90"): stats.p90_ms,
+        latency_metric_name(mode, size, b, "samples_per_s"): stats.throughput,
+    }
+
+
+def measure_latency(
+    trainer: Any,
+    module: EnsembleLightningModule,
+    input_shape: Sequence[int],
+    mode: str,
+    batch_size: int,
+    **options: Any,
+) -> tuple[dict[int, LatencyStats], dict[str, float]]:
+    """Measure one mode at one batch size for every ensemble size, shared within the Trainer, and name the
+    scalars to log.
+
+    Every callback that logs latency measures through here, inside :func:`measuring_on_trainer`:
+    :func:`~lightning_ensembles.latency.measure_ensemble_latency` with ``scope=trainer``, so a configuration
+    one callback measured is what another one logs.
+
+    Args:
+        trainer: the Trainer, the scope the measurement is shared in.
+        module: the ensemble.
+        input_shape: one sample's shape, without the batch axis.
+        mode: how the members run, one of :data:`~lightning_ensembles.latency.MODES`.
+        batch_size: samples per timed run.
+        options: the other keyword arguments of ``measure_ensemble_latency`` (``sizes``, ``warmup``,
+            ``repeats``, ``clock``, ``workers``, ...; its defaults where not given).
+
+    Returns:
+        The statistics of every ensemble size ``k``, and their scalars (:func:`latency_scalars`).
+    """
+    from lightning_ensembles.latency import measure_ensemble_latency
+
+    stats = measure_ensemble_latency(
+        module, input_shape, batch_size=batch_size, mode=mode, scope=trainer, **options
+    )
+    scalars: dict[str, float] = {}
+    for k, s in stats.items():
+        scalars.update(latency_scalars(mode, k, s))
+    return stats, scalars
+
+
 def restore_class_keyed_state(callback: Callback, checkpoint: dict[str, Any]) -> None:
     """Let a checkpoint written before ``callback`` had a ``state_key`` of its own restore it.
 
@@ -166,10 +231,12 @@ def restore_class_keyed_state(callback: Callback, checkpoint: dict[str, Any]) ->
 
 
 class EvaluationBatchCallback(Callback):
-    """A callback that reads the outputs of every validation and test batch through one method.
+    """A callback that reads the outputs of every validation and test batch, and reports at the end of every
+    validation and test epoch, through one method each.
 
-    Lightning has one hook per stage with the same six arguments; subclasses override
-    :meth:`on_evaluation_batch` instead, which is told the stage (``"val"`` or ``"test"``) and the loader.
+    Lightning has one hook per stage for each; subclasses override :meth:`on_evaluation_batch` and
+    :meth:`on_evaluation_epoch_end` instead, which are told the stage (``"val"`` or ``"test"``). Neither is
+    called during the sanity check.
     """
 
     def on_evaluation_batch(
@@ -185,21 +252,26 @@ class EvaluationBatchCallback(Callback):
             dataloader_idx: which of the stage's loaders the batch came from.
         """
 
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.on_evaluation_batch(trainer, pl_module, outputs, "val", dataloader_idx)
+    def on_evaluation_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Called at the end of every validation (``stage="val"``) and test (``stage="test"``) epoch.
+
+        Args:
+            trainer: the Trainer.
+            pl_module: the model.
+            stage: ``"val"`` or ``"test"``.
+        """
 
     @override
-    def on_test_batch_end(
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._batch_end("val", *args, **kwargs)
+
+    @override
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._batch_end("test", *args, **kwargs)
+
+    def _batch_end(
         self,
+        stage: str,
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Any,
@@ -207,4 +279,15 @@ class EvaluationBatchCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.on_evaluation_batch(trainer, pl_module, outputs, "test", dataloader_idx)
+        """Lightning's ``on_{validation,test}_batch_end``, told its stage."""
+        if not trainer.sanity_checking:
+            self.on_evaluation_batch(trainer, pl_module, outputs, stage, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.on_evaluation_epoch_end(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_evaluation_epoch_end(trainer, pl_module, "test")

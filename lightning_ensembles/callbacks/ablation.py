@@ -37,23 +37,19 @@ from lightning_ensembles.aggregation import cumulative_log_probs
 from lightning_ensembles.callbacks._shared import (
     EvaluationBatchCallback,
     evaluation_outputs,
+    measure_latency,
     measuring_on_trainer,
     resolve_input_shape,
     restore_class_keyed_state,
 )
 from lightning_ensembles.cost import member_macs
-from lightning_ensembles.latency import (
-    DEFAULT_REPEATS,
-    DEFAULT_WARMUP,
-    check_fused_members,
-    check_mode,
-    latency_metric_name,
-    measure_ensemble_latency,
-)
+from lightning_ensembles.latency import check_fused_members, check_mode
 from lightning_ensembles.metrics import (
     AURC,
     COVERAGE,
     ECE_BINS,
+    SIZE_METRIC_HEADERS,
+    SIZE_METRICS,
     AdaptiveCalibrationError,
     RiskAtCoverage,
     nll_per_sample,
@@ -66,11 +62,10 @@ from lightning_ensembles.results import atomic_write_text, run_directory
 if TYPE_CHECKING:
     from lightning_ensembles.module import EnsembleLightningModule
 
-METRICS = ("top1", "nll", "ece", "aece", "aurc", "risk80", "ood_auroc")
+METRICS = SIZE_METRICS
 """Accuracy, NLL, calibration (15-bin and equal-mass ECE), selective classification (AURC, the risk at 80%
-coverage), as defined in :mod:`lightning_ensembles.metrics`, and OOD detection: ``ood_auroc``, the AUROC of the
-predictive entropy separating the OOD test loader from the test set (:mod:`lightning_ensembles.ood`; logged at
-test, when the datamodule has an OOD loader)."""
+coverage) and OOD detection (``ood_auroc``, logged at test when the datamodule has an OOD loader): the one list
+:data:`lightning_ensembles.metrics.SIZE_METRICS`, which :mod:`lightning_ensembles.compare` reads back."""
 OOD_CRITERION = "entropy"  # defined for every k, unlike mutual information (0 for one member)
 STAGES = ("val", "test")
 
@@ -340,7 +335,8 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
 
     def _compute(self, pl_module: LightningModule, stage: str) -> dict[str, dict[str, float]]:
         assert self._metrics is not None
-        computed = as_ensemble(pl_module, "EnsembleSizeAblation").evaluation_metrics(stage)
+        # the module's values, computed (and synchronised) once: it logs the same ones after this hook
+        computed = as_ensemble(pl_module, "EnsembleSizeAblation").evaluation_metrics(stage).compute()
         values = {}
         for key, group in self._metrics.items():
             values[key] = {
@@ -353,7 +349,7 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
             # the first k members: the module's own values (it logs and resets them after this hook)
             k = len(key.split("_"))
             for name in self._from_module.get(key, ()):
-                values[key][name] = float(computed[f"size_{k}/{name}"].compute())
+                values[key][name] = float(computed[f"size_{k}/{name}"])
         return values
 
     def _rows(
@@ -396,23 +392,12 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         scalars: dict[str, float] = {}
         with measuring_on_trainer(trainer, module):
             for mode in self.latency_modes:
-                stats = measure_ensemble_latency(
-                    module,
-                    shape,
-                    batch_size=self.latency_batch_size,
-                    warmup=DEFAULT_WARMUP,
-                    repeats=DEFAULT_REPEATS,
-                    mode=mode,
-                    clock=self._clock,
-                    scope=trainer,
+                # DEFAULT_WARMUP and DEFAULT_REPEATS runs, as LatencyMonitor's defaults
+                stats, measured = measure_latency(
+                    trainer, module, shape, mode, self.latency_batch_size, clock=self._clock
                 )
                 self.latency_ms_by_mode[mode] = {int(k): float(s.p50_ms) for k, s in stats.items()}
-                for k, s in stats.items():
-                    b = s.batch_size
-                    scalars[latency_metric_name(mode, k, b, "ms_p50")] = s.p50_ms
-                    scalars[latency_metric_name(mode, k, b, "ms_p10")] = s.p10_ms
-                    scalars[latency_metric_name(mode, k, b, "ms_p90")] = s.p90_ms
-                    scalars[latency_metric_name(mode, k, b, "samples_per_s")] = s.throughput
+                scalars.update(measured)
         self.latency_ms = dict(self.latency_ms_by_mode[self.latency_modes[0]])
         return scalars
 
@@ -472,9 +457,9 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
         atomic_write_text(directory / f"ablation_{stage}.json", json.dumps(rows, indent=2) + "\n")
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "val"):
-            self._report(trainer, pl_module, "val")
+    def on_evaluation_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._active(trainer, stage):
+            self._report(trainer, pl_module, stage)
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -484,11 +469,6 @@ class EnsembleSizeAblation(EvaluationBatchCallback):
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ood_loader = False
-
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "test"):
-            self._report(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ state
 
@@ -532,15 +512,7 @@ def format_ablation(rows: Sequence[dict[str, Any]], stage: str, epoch: int, metr
         |---:|---:|---:|---:|
         | 1 | 0.0016 | 98.50 (98.00) | 0.0500 |
     """
-    names = {
-        "top1": "top-1 (%)",
-        "nll": "NLL",
-        "ece": "ECE",
-        "aece": "aECE",
-        "aurc": "AURC",
-        "risk80": "risk@80%",
-        "ood_auroc": "OOD AUROC",
-    }
+    names = SIZE_METRIC_HEADERS
     lines = [
         f"EnsembleSizeAblation, {stage} after epoch {epoch} (mean over k-subsets; top-1 of the first k members "
         "in brackets)",

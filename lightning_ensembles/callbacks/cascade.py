@@ -227,9 +227,7 @@ class CascadeMonitor(EvaluationBatchCallback):
     def on_evaluation_batch(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str, dataloader_idx: int
     ) -> None:
-        if stage == "val" and not trainer.sanity_checking:
-            self._collect(trainer, pl_module, outputs)
-        elif stage == "test" and dataloader_idx == 0:  # loader 1 is an OOD set (lightning_ensembles.ood)
+        if stage == "val" or dataloader_idx == 0:  # test loader 1 is an OOD set (lightning_ensembles.ood)
             self._collect(trainer, pl_module, outputs)
 
     def _gathered(self, trainer: Trainer, pl_module: LightningModule) -> CascadeStages | None:
@@ -266,15 +264,7 @@ class CascadeMonitor(EvaluationBatchCallback):
     # ------------------------------------------------------------------ report
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._report(trainer, pl_module, "val")
-
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module, "test")
-
-    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_evaluation_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         stages = self._gathered(trainer, pl_module)  # every rank computes the same numbers
         directory = run_directory(trainer)  # every rank: a collective under DDP
         if stages is None:

@@ -40,7 +40,7 @@ from typing_extensions import override
 
 from lightning_ensembles._validation import check_choice, check_int, check_int_sequence, check_shape, init_arg
 from lightning_ensembles.aggregation import aggregate
-from lightning_ensembles.callbacks._shared import measuring_on_trainer
+from lightning_ensembles.callbacks._shared import measure_latency, measuring_on_trainer
 from lightning_ensembles.cascade import NEVER_EXIT, Thresholds
 from lightning_ensembles.latency import (
     DEFAULT_REPEATS,
@@ -51,8 +51,6 @@ from lightning_ensembles.latency import (
     check_mode,
     check_sizes,
     device_and_dtype,
-    latency_metric_name,
-    measure_ensemble_latency,
     time_runs,
 )
 from lightning_ensembles.module import EnsembleLightningModule, as_ensemble
@@ -93,16 +91,6 @@ def _check_cascade_thresholds(value: Any) -> float | tuple[float, ...] | None:
     raise ValueError(
         f"Expected `{init_arg('LatencyMonitor', 'cascade_thresholds')}` to be {allowed}, but got {value!r}."
     )
-
-
-def _metrics(mode: str, size: int, stats: LatencyStats) -> dict[str, float]:
-    b = stats.batch_size
-    return {
-        latency_metric_name(mode, size, b, "ms_p50"): stats.p50_ms,
-        latency_metric_name(mode, size, b, "ms_p10"): stats.p10_ms,
-        latency_metric_name(mode, size, b, "ms_p90"): stats.p90_ms,
-        latency_metric_name(mode, size, b, "samples_per_s"): stats.throughput,
-    }
 
 
 class LatencyMonitor(Callback):
@@ -312,24 +300,24 @@ class LatencyMonitor(Callback):
                     cascade = self._measure_cascade(trainer, module, input_shape)
                     metrics.update(cascade.pop("metrics", {}))
                     continue
+                parallel = mode == "parallel"
                 for batch_size in self.batch_sizes:
-                    stats = measure_ensemble_latency(
+                    stats, measured = measure_latency(
+                        trainer,
                         module,
                         input_shape,
+                        mode,
+                        batch_size,
                         sizes=self.sizes,
-                        batch_size=batch_size,
                         warmup=self.warmup,
                         repeats=self.repeats,
-                        mode=mode,
                         clock=self._clock,
-                        workers=self.workers if mode == "parallel" else None,
-                        threads_per_worker=self.threads_per_worker if mode == "parallel" else None,
-                        devices=self.devices if mode == "parallel" else None,
-                        scope=trainer,
+                        workers=self.workers if parallel else None,
+                        threads_per_worker=self.threads_per_worker if parallel else None,
+                        devices=self.devices if parallel else None,
                     )
-                    for k, s in stats.items():
-                        metrics.update(_metrics(mode, k, s))
-                        measurements.append({"mode": mode, "size": k, **s.as_dict()})
+                    metrics.update(measured)
+                    measurements += [{"mode": mode, "size": k, **s.as_dict()} for k, s in stats.items()]
         self.results = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "torch_version": str(torch.__version__),

@@ -312,14 +312,9 @@ class ReliabilityDiagram(EvaluationBatchCallback):
         close(figure)
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "val"):
-            self._report(trainer, pl_module, "val")
-
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "test"):
-            self._report(trainer, pl_module, "test")
+    def on_evaluation_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._active(trainer, stage):
+            self._report(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ state
 

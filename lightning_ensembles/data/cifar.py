@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, SVHN
@@ -36,7 +35,7 @@ from torchvision.datasets import utils as tv_utils
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_int
-from lightning_ensembles.data.sampling import split_loader
+from lightning_ensembles.data.sampling import SplitDataModule
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -44,6 +43,7 @@ __all__ = [
     "CIFAR10CorruptedError",
     "CIFAR10DataModule",
     "CIFAR10NotFoundError",
+    "CIFAR10Shapes",
 ]
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,18 @@ class _TransformedSubset(Dataset[tuple[Any, int]]):
         return len(self.indices)
 
 
-class CIFAR10DataModule(LightningDataModule):
+class CIFAR10Shapes:
+    """What every CIFAR-10 datamodule tells the model and the cost callbacks: 10 classes of ``(3, 32, 32)``
+    images."""
+
+    num_classes: int = 10
+    """The number of classes."""
+
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    """The shape ``(C, H, W)`` of one image tensor."""
+
+
+class CIFAR10DataModule(CIFAR10Shapes, SplitDataModule):
     """CIFAR-10 (50,000 train / 10,000 test 32x32 RGB images, 10 classes) with Wide ResNet augmentation.
 
     Training images are reflect-padded by 4 pixels, randomly cropped back to 32x32, randomly flipped
@@ -449,12 +460,6 @@ class CIFAR10DataModule(LightningDataModule):
         >>> dm.num_classes, dm.input_shape
         (10, (3, 32, 32))
     """
-
-    num_classes: int = 10
-    """The number of classes."""
-
-    input_shape: tuple[int, int, int] = (3, 32, 32)
-    """The shape ``(C, H, W)`` of one image tensor."""
 
     def __init__(
         self,
@@ -660,35 +665,6 @@ class CIFAR10DataModule(LightningDataModule):
             self._setup_test()
         if stage == "test" and self.ood == "svhn" and self.ood_set is None:
             self.ood_set = _SVHN(self.ood_root, self.verify_checksums, self.eval_transform)
-
-    def _loader(
-        self, dataset: Dataset[tuple[Any, int]] | None, name: str, stage: str, train: bool = False
-    ) -> DataLoader[Any]:
-        return split_loader(dataset, name, stage, self, train)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        """Return the training loader, shuffled by ``(seed, epoch)``.
-
-        Returns:
-            Batches ``(images (B, 3, 32, 32), labels (B,))``.
-
-        Raises:
-            RuntimeError: If ``setup("fit")`` has not run.
-        """
-        return self._loader(self.train_set, "training", "fit", train=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        """Return the validation loader: the held-out split, or the test split when ``val_size == 0``.
-
-        Returns:
-            Batches ``(images (B, 3, 32, 32), labels (B,))`` in a fixed order.
-
-        Raises:
-            RuntimeError: If ``setup("fit")`` or ``setup("validate")`` has not run.
-        """
-        return self._loader(self.val_set, "validation", "validate")
 
     @override
     def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:

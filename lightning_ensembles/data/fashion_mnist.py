@@ -45,13 +45,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_held_out_classes, check_int, expected
-from lightning_ensembles.data.sampling import split_loader
+from lightning_ensembles.data.sampling import SplitDataModule
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -314,7 +313,7 @@ class _AugmentedImages(Dataset[tuple[torch.Tensor, int]]):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
-class FashionMNISTDataModule(LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST (28x28 grey-scale, 10 classes) with a seeded validation split and training subset.
 
     Images are float32 tensors ``(1, 28, 28)``: pixels divided by 255, then normalised with
@@ -530,29 +529,6 @@ class FashionMNISTDataModule(LightningDataModule):
                 self._setup_test()
         if stage in ("test", "predict"):
             self._setup_test()
-
-    def _loader(
-        self, dataset: Dataset[Any] | None, name: str, stage: str, train: bool = False
-    ) -> DataLoader[Any]:
-        return split_loader(dataset, name, stage, self, train)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        """Return the training loader, shuffled by ``(seed, epoch)``: batches ``(images (B, 1, 28, 28), labels (B,))``.
-
-        Raises:
-            RuntimeError: if ``setup("fit")`` has not run.
-        """
-        return self._loader(self.train_set, "training", "fit", train=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        """Return the validation loader: the held-out split, or the test split when ``val_size == 0``.
-
-        Raises:
-            RuntimeError: if ``setup("fit")`` or ``setup("validate")`` has not run.
-        """
-        return self._loader(self.val_set, "validation", "validate")
 
     @override
     def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:

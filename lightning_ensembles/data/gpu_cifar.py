@@ -40,7 +40,7 @@ from torchvision.datasets import CIFAR10
 from typing_extensions import override
 
 from lightning_ensembles._validation import check_bool, check_int
-from lightning_ensembles.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
+from lightning_ensembles.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, CIFAR10Shapes
 from lightning_ensembles.data.sampling import EpochSeededRandomSampler
 from lightning_ensembles.sharding import training_shard
 
@@ -324,7 +324,7 @@ class DeviceBatches:
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
 
-class GPUCIFAR10DataModule(LightningDataModule):
+class GPUCIFAR10DataModule(CIFAR10Shapes, LightningDataModule):
     """CIFAR-10 kept as uint8 on the training device, cropped, flipped and shuffled there (airbench-style).
 
     The files are read and verified by :class:`~lightning_ensembles.data.CIFAR10DataModule` (same ``root``,
@@ -361,12 +361,6 @@ class GPUCIFAR10DataModule(LightningDataModule):
         >>> dm.num_classes, dm.input_shape, dm.device
         (10, (3, 32, 32), None)
     """
-
-    num_classes: int = 10
-    """The number of classes."""
-
-    input_shape: tuple[int, int, int] = (3, 32, 32)
-    """The shape ``(C, H, W)`` of one image tensor."""
 
     def __init__(
         self,
@@ -586,7 +580,7 @@ class GPUCIFAR10DataModule(LightningDataModule):
         """Return the test split for prediction.
 
         Returns:
-            Batches ``(images (B, 3, 32, 32), labels (B,))`` on the device, in a fixed order.
+            The batches of :meth:`test_dataloader`.
 
         Raises:
             RuntimeError: If ``setup("predict")`` has not run.

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup, create_transform, resolve_data_config
 from torch import Tensor
@@ -43,7 +42,7 @@ from typing_extensions import override
 
 from lightning_ensembles._timm import timm_pretrained_cfg
 from lightning_ensembles._validation import check_float, check_int
-from lightning_ensembles.data.sampling import split_loader
+from lightning_ensembles.data.sampling import SplitDataModule
 
 __all__ = ["ImageNetDataModule"]
 
@@ -69,7 +68,7 @@ def _few(names: list[str]) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet from ``<root>/train/<class>/`` and ``<root>/val/<class>/`` with timm's transforms.
 
     The input size, interpolation, mean/std and evaluation ``crop_pct`` come from timm's pretrained config
@@ -423,35 +422,6 @@ class ImageNetDataModule(LightningDataModule):
         off = self.label_smoothing / self.num_classes
         target = torch.full((len(y), self.num_classes), off, device=y.device)
         return target.scatter_(1, y.view(-1, 1), 1.0 - self.label_smoothing + off)
-
-    def _loader(
-        self, dataset: ImageFolder | None, name: str, stage: str, train: bool = False
-    ) -> DataLoader[Any]:
-        return split_loader(dataset, name, stage, self, train)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        """Return the training loader, shuffled by ``(seed, epoch)``.
-
-        Returns:
-            Batches ``(images (B, 3, S, S), labels (B,))``; Mixup/CutMix is applied after the transfer.
-
-        Raises:
-            RuntimeError: If ``setup("fit")`` has not run.
-        """
-        return self._loader(self.train_set, "training", "fit", train=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        """Return the ``val`` split in a fixed order.
-
-        Returns:
-            Batches ``(images (B, 3, S, S), labels (B,))``.
-
-        Raises:
-            RuntimeError: If :meth:`setup` has not run.
-        """
-        return self._loader(self.val_set, "validation", "validate")
 
     @override
     def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:

@@ -12,6 +12,9 @@ Lightning's fit loop calls ``set_epoch`` at the start of every epoch on any samp
 distributed strategy Lightning wraps a custom sampler like this one in its ``DistributedSamplerWrapper``,
 which forwards ``set_epoch`` and shards the permutation across ranks, so the order stays a function of
 ``(seed, epoch)`` there too.
+
+:func:`make_loader` is the DataLoader every datamodule here builds over a split; :class:`SplitDataModule` gives
+the datamodules whose ``setup`` builds ``train_set`` and ``val_set`` their training and validation loaders.
 """
 
 from __future__ import annotations
@@ -20,11 +23,21 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
+from typing_extensions import override
 
 from lightning_ensembles._validation import check_int
 
-__all__ = ["EpochSeededRandomSampler", "evaluation_sampler", "make_loader", "padded_samples", "split_loader"]
+__all__ = [
+    "EpochSeededRandomSampler",
+    "SplitDataModule",
+    "evaluation_sampler",
+    "make_loader",
+    "padded_samples",
+    "padding_warning",
+    "split_loader",
+]
 
 
 class EpochSeededRandomSampler(Sampler[int]):
@@ -141,6 +154,27 @@ def padded_samples(loader: Any) -> int:
     return int(sampler.total_size) - len(dataset)
 
 
+def padding_warning(stage: str, loaders: Any, world_size: int) -> str | None:
+    """What to tell the user when ``loaders``' ``DistributedSampler`` repeats samples, so that ``stage``'s
+    metrics count them twice; ``None`` when no sample repeats.
+
+    Args:
+        stage: ``"val"`` or ``"test"``.
+        loaders: one loader or a list of them (``None`` entries are skipped).
+        world_size: the number of processes, for the message.
+    """
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    repeated = sum(padded_samples(loader) for loader in loaders if loader is not None)
+    if not repeated:
+        return None
+    return (
+        f"The {stage} loader's DistributedSampler repeats {repeated} sample(s) to even out the {world_size} "
+        f"processes' shards, so {stage}/ metrics count them twice. Give the datamodule's evaluation loaders "
+        "`sampler=lightning_ensembles.data.sampling.evaluation_sampler(dataset)` (or use `make_loader`, as the "
+        "library's datamodules do) to evaluate every sample exactly once."
+    )
+
+
 def make_loader(
     dataset: Dataset[Any], batch_size: int, num_workers: int, seed: int, train: bool
 ) -> DataLoader[Any]:
@@ -196,3 +230,48 @@ def split_loader(
     if dataset is None:
         raise RuntimeError(f"The {name} set is not built yet: call `setup({stage!r})` first.")
     return make_loader(dataset, datamodule.batch_size, datamodule.num_workers, datamodule.seed, train)
+
+
+class SplitDataModule(LightningDataModule):
+    """A datamodule whose ``setup`` builds its splits as datasets: the loaders of its training and validation
+    splits, by :func:`split_loader` over ``train_set`` and ``val_set`` with its ``batch_size``, ``num_workers``
+    and ``seed``.
+
+    Subclasses set the four attributes (the splits to ``None`` until ``setup`` builds them) and return their
+    test and prediction loaders with :meth:`_loader`.
+    """
+
+    train_set: Dataset[Any] | None
+    val_set: Dataset[Any] | None
+    batch_size: int
+    num_workers: int
+    seed: int
+
+    def _loader(
+        self, dataset: Dataset[Any] | None, name: str, stage: str, train: bool = False
+    ) -> DataLoader[Any]:
+        return split_loader(dataset, name, stage, self, train)
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        """Return the training loader, shuffled by ``(seed, epoch)``.
+
+        Returns:
+            Batches ``(inputs (B, *input_shape), labels (B,))``.
+
+        Raises:
+            RuntimeError: If ``setup("fit")`` has not run.
+        """
+        return self._loader(self.train_set, "training", "fit", train=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        """Return the validation loader, in a fixed order (which split it is, the datamodule says).
+
+        Returns:
+            Batches ``(inputs (B, *input_shape), labels (B,))``.
+
+        Raises:
+            RuntimeError: If ``setup("fit")`` or ``setup("validate")`` has not run.
+        """
+        return self._loader(self.val_set, "validation", "validate")

@@ -15,7 +15,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-import lightning_ensembles.callbacks.latency as latency_callback
 from lightning_ensembles.callbacks.latency import LatencyMonitor
 from lightning_ensembles.latency import MODES, LatencyStats, measure_ensemble_latency
 from lightning_ensembles.module import EnsembleLightningModule
@@ -299,12 +298,12 @@ def scalars(trainer: Trainer) -> dict[str, list[tuple[int, float]]]:
 
 
 class Spy:
-    """Wraps ``measure_ensemble_latency`` in the callback module and records the Trainer's state per call."""
+    """Wraps ``measure_ensemble_latency``, which the callbacks call, and records the Trainer's state per call."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.trainer: Trainer | None = None
         self.calls: list[dict[str, Any]] = []
-        monkeypatch.setattr(latency_callback, "measure_ensemble_latency", self)
+        monkeypatch.setattr("lightning_ensembles.latency.measure_ensemble_latency", self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         assert self.trainer is not None

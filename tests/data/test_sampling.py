@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles.data import EpochSeededRandomSampler
+from lightning_ensembles.data.sampling import SplitDataModule
 from tests.helpers import trainer_kwargs
 
 
@@ -128,3 +129,28 @@ def test_lightning_sets_the_epoch_and_a_resumed_run_sees_the_same_order(tmp_path
     assert first_part.seen[0] == uninterrupted.seen[0]
     assert resumed.seen[1] == uninterrupted.seen[1]
     assert resumed.seen[2] == uninterrupted.seen[2]
+
+
+class _Splits(SplitDataModule):
+    def __init__(self, built: bool) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed = 4, 0, 3
+        self.train_set = TensorDataset(torch.arange(10)) if built else None
+        self.val_set = TensorDataset(torch.arange(10, 16)) if built else None
+
+
+def test_split_datamodule_loads_training_shuffled_by_seed_and_validation_in_order() -> None:
+    datamodule = _Splits(built=True)
+    train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
+    assert isinstance(train.sampler, EpochSeededRandomSampler) and train.sampler.seed == 3
+    assert train.batch_size == val.batch_size == 4
+    assert sorted(torch.cat([x for (x,) in train]).tolist()) == list(range(10))
+    assert torch.cat([x for (x,) in val]).tolist() == list(range(10, 16))
+
+
+def test_split_datamodule_names_the_stage_whose_setup_builds_the_split() -> None:
+    datamodule = _Splits(built=False)
+    with pytest.raises(RuntimeError, match=r"The training set is not built yet: call `setup\('fit'\)` first"):
+        datamodule.train_dataloader()
+    with pytest.raises(RuntimeError, match=r"The validation set .* call `setup\('validate'\)` first"):
+        datamodule.val_dataloader()
