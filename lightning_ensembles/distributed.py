@@ -28,6 +28,7 @@ environments (torchrun, SLURM, ...), devices and precision are Lightning's. It i
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -158,7 +159,8 @@ def _destroy_process_group_at_exit() -> None:
     Lightning registers this only for NCCL. A gloo group left to interpreter finalization can abort the
     process ("terminate called without an active exception", SIGABRT): its worker threads still hold work
     objects when the C++ destructors run (pytorch/pytorch#190489). A spawned worker exits right after the
-    run, so destroying the group there is always safe: nothing collective follows.
+    run, so destroying the group there is always safe: nothing collective follows. The handler collects
+    garbage first, so that a DDP reducer in a reference cycle releases the group before it is destroyed.
     """
     global _EXIT_HANDLER_REGISTERED
     if _EXIT_HANDLER_REGISTERED or not dist.is_available() or not dist.is_initialized():
@@ -170,8 +172,13 @@ def _destroy_process_group_at_exit() -> None:
 
 
 def _destroy_default_process_group() -> None:
+    # First free what still holds the group: a DDP wrapper and its reducer often sit in reference cycles
+    # (module, hooks, trainer) that only the cyclic collector frees, and its finished gloo work objects hold
+    # tensors. Left to interpreter finalisation, their destruction needs a GIL that is going away.
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 class MemberParallelStrategy(DDPStrategy):

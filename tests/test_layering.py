@@ -62,7 +62,7 @@ NEVER: dict[str, tuple[str, ...]] = {
         f"{PACKAGE}.models.{name}": tuple(
             f"{PACKAGE}.{top}" for top in ("module", "data", "distributed", "callbacks", "cli", "nas")
         )
-        for name in ("nas", "timm_member", "wide_resnet")
+        for name in ("implicit", "nas", "timm_member", "wide_resnet")
     },
     # The module and the member-parallel strategy meet only in `sharding.PlacedMembers` (a Protocol) and the
     # strategy's declared `supports_per_member_backward`: neither imports the other, so no import circle.
