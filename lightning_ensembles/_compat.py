@@ -45,7 +45,9 @@ __all__ = [
     "layer_sync",
     "loop_data_source",
     "private_aten_ops",
+    "set_launcher",
     "set_layer_sync",
+    "spawn_launcher_base",
     "uncompiled",
 ]
 
@@ -150,6 +152,19 @@ def loop_data_source(loop: Any) -> Any:
 
 #: The hyperparameter key under which Lightning (``save_hyperparameters`` under LightningCLI, 2.3+) records
 #: how a module was instantiated; a checkpoint with it rebuilds its members from the recorded configuration.
+def spawn_launcher_base() -> type:
+    """Lightning's launcher of ``ddp_spawn``-style processes (the private ``_MultiProcessingLauncher``), which
+    ``MemberParallelStrategy`` subclasses so that a spawned worker exits as soon as its work is done."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return _MultiProcessingLauncher
+
+
+def set_launcher(strategy: Any, launcher: Any) -> None:
+    """Replace a strategy's launcher (Lightning's private ``Strategy._launcher``) in its ``_configure_launcher``."""
+    strategy._launcher = launcher
+
+
 CLI_INSTANTIATOR_KEY = "_instantiator"
 
 # -------------------------------------------------------------------------------------------------- torch
@@ -200,6 +215,34 @@ PRIVATE_SURFACE: tuple[PrivateName, ...] = (
         "method",
         ("self",),
         _STRATEGY + ": registers the per-group comm hook",
+    ),
+    # the spawned worker's launcher: MemberParallelStrategy exits a worker once its work is done
+    PrivateName(
+        "lightning", _DDP, "_configure_launcher", "method", ("self",), _STRATEGY + ": its spawn launcher"
+    ),
+    PrivateName(
+        "lightning",
+        "lightning.pytorch.strategies.launchers.multiprocessing",
+        "_MultiProcessingLauncher",
+        "function",
+        ("strategy", "start_method"),
+        _STRATEGY + " via spawn_launcher_base",
+    ),
+    PrivateName(
+        "lightning",
+        "lightning.pytorch.strategies.launchers.multiprocessing._MultiProcessingLauncher",
+        "_wrapping_function",
+        "method",
+        ("self", "process_idx", "trainer", "function", "args", "kwargs", "return_queue", "global_states"),
+        _STRATEGY + ": _ExitingSpawnLauncher",
+    ),
+    PrivateName(
+        "lightning",
+        _DDP,
+        "_launcher",
+        "instance_attribute",
+        None,
+        _STRATEGY + " via set_launcher",
     ),
     # DDPStrategy state read through the functions above
     PrivateName("lightning", _DDP, "_ddp_kwargs", "instance_attribute", None, _STRATEGY + " via ddp_kwargs"),

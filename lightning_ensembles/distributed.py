@@ -31,6 +31,7 @@ import atexit
 import gc
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,7 +50,9 @@ from lightning_ensembles._compat import (
     ddp_kwargs,
     ignore_in_ddp,
     layer_sync,
+    set_launcher,
     set_layer_sync,
+    spawn_launcher_base,
 )
 from lightning_ensembles.sharding import PlacedMembers, TrainingShard, training_shard
 
@@ -181,6 +184,30 @@ def _destroy_default_process_group() -> None:
     gc.collect()
 
 
+def _exit_finished_worker() -> None:
+    """End a spawned worker whose run is done, without interpreter finalisation.
+
+    multiprocessing ends a forked child this way (``os._exit`` after its target); a spawned one goes through
+    interpreter finalisation, where a gloo process group's threads can abort the process after a run that
+    succeeded ("terminate called without an active exception": see :func:`_destroy_process_group_at_exit`).
+    Rank 0's results are in the launcher's queue already, the loggers were finalised at teardown, and nothing
+    collective follows. Like a forked child, the worker runs no ``atexit`` handler.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _destroy_default_process_group()
+    os._exit(0)
+
+
+class _ExitingSpawnLauncher(spawn_launcher_base()):  # type: ignore[misc]
+    """Lightning's launcher of spawned processes, whose workers exit as soon as their work is done."""
+
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        _exit_finished_worker()  # only after a run that returned; an exception is reported as before
+
+
 class MemberParallelStrategy(DDPStrategy):
     """Train each ensemble member on its own group of processes; no gradient crosses member groups.
 
@@ -223,6 +250,7 @@ class MemberParallelStrategy(DDPStrategy):
                 "MemberParallelStrategy builds one process group per member group itself; do not pass "
                 "`process_group`."
             )
+        self._spawns = kwargs.get("start_method") == "spawn"
         super().__init__(**kwargs)
         self.data_order: DataOrder = data_order
         self.layout: MemberLayout | None = None
@@ -263,6 +291,12 @@ class MemberParallelStrategy(DDPStrategy):
                 f"{type(module).__name__}. It places ensemble members on processes; use `ddp` for other modules."
             )
         return module
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._spawns:
+            set_launcher(self, _ExitingSpawnLauncher(self, start_method="spawn"))
 
     @override
     def setup_distributed(self) -> None:

@@ -213,6 +213,38 @@ def test_a_gloo_group_is_destroyed_at_exit_before_the_interpreter_tears_down(
     registered[0]()  # a second call (a user destroyed it first) does nothing
 
 
+def test_a_spawned_worker_exits_at_once_after_its_work_and_not_after_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `member_parallel_spawn` ends a worker whose run returned with os._exit, as multiprocessing ends a forked
+    # child, so that no gloo thread can abort it during interpreter finalisation (SIGABRT after a finished fit,
+    # seen twice in CI). An exception still takes Lightning's path (the parent reports it).
+    import lightning_ensembles.distributed as distributed
+
+    trainer = pl.Trainer(**trainer_kwargs(devices=2, strategy="member_parallel_spawn"))
+    launcher = trainer.strategy.launcher
+    assert isinstance(launcher, distributed._ExitingSpawnLauncher)
+    plain = pl.Trainer(**trainer_kwargs(devices=2, strategy="member_parallel"))  # popen: the user's script
+    assert not isinstance(plain.strategy.launcher, distributed._ExitingSpawnLauncher)
+
+    events: list[str] = []
+    base = type(launcher).__mro__[1]
+    monkeypatch.setattr(base, "_wrapping_function", lambda self, *a, **k: events.append("work"))
+    monkeypatch.setattr(distributed, "_destroy_default_process_group", lambda: events.append("destroy"))
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: events.append(f"exit {code}"))
+    launcher._wrapping_function(0, None, None, (), {}, None)
+    assert events == ["work", "destroy", "exit 0"]
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the run failed")
+
+    events.clear()
+    monkeypatch.setattr(base, "_wrapping_function", failing)
+    with pytest.raises(RuntimeError, match="the run failed"):
+        launcher._wrapping_function(0, None, None, (), {}, None)
+    assert events == []
+
+
 def test_a_module_left_by_a_member_parallel_run_trains_every_member_again() -> None:
     module = ensemble()
     module.assign_members([1])
