@@ -119,8 +119,7 @@ class EnsembleLightningModule(CheckpointFormat, LightningModule):  # type: ignor
             (:mod:`~lightning_ensembles.calibration`), fitted on the validation split at the end of every
             validation epoch and applied at test and predict; buffers, so checkpoints keep them.
         memory_frugal: each member's forward, loss and backward before the next member's forward, so only one
-            member's activations are alive at once, with bit-identical gradients (:mod:`~lightning_ensembles.
-            _frugal`). ``"auto"`` (default): wherever that is exact (one device or a strategy declaring
+            member's activations are alive at once, with bit-identical gradients. ``"auto"`` (default): wherever that is exact (one device or a strategy declaring
             ``supports_per_member_backward``, ``execution="loop"``, Lightning's precision plugins, automatic
             optimization), else one backward of the summed loss, said once at setup. ``True``: refuse a
             setting where it is not exact. ``False``: always one backward of the summed loss.

@@ -1,11 +1,9 @@
-"""Member architectures: the CIFAR Wide ResNet of Zagoruyko & Komodakis (arXiv 1605.07146) and its implicit-ensemble
-forms (Packed-Ensembles, BatchEnsemble, MIMO), timm models, and the searched MnasNet/EfficientNet-style networks
-of the NAS recipe (Tan et al., arXiv 1807.11626)."""
+"""Member architectures: the CIFAR Wide ResNet of Zagoruyko & Komodakis (arXiv 1605.07146), timm models, and
+the searched MnasNet/EfficientNet-style networks of the NAS recipe (Tan et al., arXiv 1807.11626)."""
 
 from typing import TYPE_CHECKING
 
 from lightning_ensembles._lazy import lazy_getattr
-from lightning_ensembles.models.implicit import BatchEnsembleWideResNet, MIMOWideResNet, PackedWideResNet
 from lightning_ensembles.models.nas import NASArchitecture, NASNet, StageArch
 from lightning_ensembles.models.timm_member import TimmModel, resolution_of
 from lightning_ensembles.models.wide_resnet import WideResNet
@@ -21,12 +19,9 @@ __getattr__ = lazy_getattr(
 )
 
 __all__ = [
-    "BatchEnsembleWideResNet",
-    "MIMOWideResNet",
     "NASArchitecture",
     "NASNet",
     "NASSearchSpace",
-    "PackedWideResNet",
     "StageArch",
     "StageSpace",
     "TimmModel",

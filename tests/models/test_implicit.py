@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ensembles.cost import count_macs, count_params
-from lightning_ensembles.models import BatchEnsembleWideResNet, MIMOWideResNet, PackedWideResNet, WideResNet
+from lightning_ensembles.models import WideResNet
+from lightning_ensembles.models.implicit import BatchEnsembleWideResNet, MIMOWideResNet, PackedWideResNet
 
 pytestmark = pytest.mark.usefixtures(
     "one_torch_thread"
