@@ -86,7 +86,7 @@ class CheckpointFormat:
             ValueError: if it is truncated, corrupted or not loadable with ``weights_only=True`` (unless
                 ``weights_only=False`` is passed), naming the file.
         """
-        check_loadable(checkpoint_path, kwargs, "hyper_parameters")
+        check_loadable(checkpoint_path, kwargs, LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -247,7 +247,11 @@ def recorded_members(checkpoints: list[tuple[str, int]]) -> tuple[list[Any], int
     classes: set[int] = set()
     for path, count in checkpoints:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        hparams = (
+            checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
+            if isinstance(checkpoint, dict)
+            else None
+        )
         if not isinstance(hparams, dict):
             raise ValueError(
                 f"Expected `member=` or `members=` to say how to build the members of {path!r}: it is a plain "

@@ -58,26 +58,37 @@ def _flag(name: str) -> str:
     return f"{_FLAG}.{name}"
 
 
-def _check_common(
-    depth: object,
-    width: object,
-    num_members: object,
-    num_classes: object,
-    in_channels: object,
-    dropout: object,
-) -> tuple[int, int, int, int, int, float]:
-    """Validate the arguments every implicit WRN shares; return them with ``num_classes`` defaulted to 10."""
-    num_classes = 10 if num_classes is None else num_classes
-    if not is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:  # type: ignore[operator]
-        raise expected(_flag("depth"), "an int of the form 6n+4 (10, 16, 22, 28, 40, ...)", depth)
-    return (
-        depth,  # type: ignore[return-value]
-        check_int(width, _flag("width"), 1),
-        check_int(num_members, _flag("num_members"), 1),
-        check_int(num_classes, _flag("num_classes"), 1),
-        check_int(in_channels, _flag("in_channels"), 1),
-        check_float(dropout, _flag("dropout"), 0.0, 1.0, include_maximum=False),
-    )
+class _ImplicitWideResNet(nn.Module):
+    """What the implicit WRNs share: the arguments of a WRN and ``num_members``, checked and kept once."""
+
+    depth: int
+    width: int
+    num_members: int
+    num_classes: int
+    in_channels: int
+    dropout: float
+
+    def _set_common(
+        self,
+        depth: object,
+        width: object,
+        num_members: object,
+        num_classes: object,
+        in_channels: object,
+        dropout: object,
+    ) -> tuple[int, int, int, int, int, float]:
+        """Validate the arguments every implicit WRN shares, keep them as attributes of the same names
+        (``num_classes`` defaulted to 10), and return them."""
+        num_classes = 10 if num_classes is None else num_classes
+        if not is_int(depth) or depth < 10 or (depth - 4) % 6 != 0:  # type: ignore[operator]
+            raise expected(_flag("depth"), "an int of the form 6n+4 (10, 16, 22, 28, 40, ...)", depth)
+        self.depth = int(depth)  # type: ignore[call-overload]
+        self.width = check_int(width, _flag("width"), 1)
+        self.num_members = check_int(num_members, _flag("num_members"), 1)
+        self.num_classes = check_int(num_classes, _flag("num_classes"), 1)
+        self.in_channels = check_int(in_channels, _flag("in_channels"), 1)
+        self.dropout = check_float(dropout, _flag("dropout"), 0.0, 1.0, include_maximum=False)
+        return self.depth, self.width, self.num_members, self.num_classes, self.in_channels, self.dropout
 
 
 class _Block(nn.Module):
@@ -204,7 +215,7 @@ class _GroupedLinear(nn.Module):
         return f"num_members={members}, in_features={in_features}, out_features={out_features}"
 
 
-class PackedWideResNet(nn.Module):
+class PackedWideResNet(_ImplicitWideResNet):
     """Packed-Ensembles (Laurent et al., ICLR 2023) of WRN-``depth``-``width``: M grouped members in one network.
 
     Every member is a WRN-``depth``-``width`` whose every layer is ``alpha / num_members`` times as wide: its
@@ -263,7 +274,7 @@ class PackedWideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        depth, width, num_members, num_classes, in_channels, dropout = _check_common(
+        depth, width, num_members, num_classes, in_channels, dropout = self._set_common(
             depth, width, num_members, num_classes, in_channels, dropout
         )
         if not (isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha < math.inf):
@@ -290,14 +301,8 @@ class PackedWideResNet(nn.Module):
                 gamma,
             )
 
-        self.depth = depth
-        self.width = width
-        self.num_members = num_members
         self.alpha = alpha
         self.gamma = gamma
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.dropout = dropout
         self.member_widths: tuple[int, ...] = tuple(member_widths)
         self.num_features = member_widths[-1]
 
@@ -553,7 +558,7 @@ class _BatchEnsembleLinear(nn.Module):
         return f"num_members={self.r.shape[0]}, in_features={in_features}, out_features={out_features}"
 
 
-class BatchEnsembleWideResNet(nn.Module):
+class BatchEnsembleWideResNet(_ImplicitWideResNet):
     """BatchEnsemble (Wen et al., ICLR 2020) of WRN-``depth``-``width``: shared weights, rank-1 fast weights.
 
     Every convolution (stem, block convolutions, projection shortcuts) and the classifier has one weight ``W``
@@ -603,15 +608,9 @@ class BatchEnsembleWideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        depth, width, num_members, num_classes, in_channels, dropout = _check_common(
+        depth, width, num_members, num_classes, in_channels, dropout = self._set_common(
             depth, width, num_members, num_classes, in_channels, dropout
         )
-        self.depth = depth
-        self.width = width
-        self.num_members = num_members
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.dropout = dropout
         self.num_features = 64 * width
 
         def conv(cin: int, cout: int, kernel: int, stride: int) -> nn.Module:
@@ -748,7 +747,7 @@ class BatchEnsembleWideResNet(nn.Module):
         return f"name={self.name}, num_classes={self.num_classes}, dropout={self.dropout}, in_channels={self.in_channels}"
 
 
-class MIMOWideResNet(nn.Module):
+class MIMOWideResNet(_ImplicitWideResNet):
     """MIMO (Havasi et al., ICLR 2021) WRN-``depth``-``width``: M inputs in, M predictions out of one network.
 
     The network is one plain :class:`~lightning_ensembles.models.WideResNet`, :attr:`body`, whose stem reads
@@ -795,15 +794,9 @@ class MIMOWideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        depth, width, num_members, num_classes, in_channels, dropout = _check_common(
+        depth, width, num_members, num_classes, in_channels, dropout = self._set_common(
             depth, width, num_members, num_classes, in_channels, dropout
         )
-        self.depth = depth
-        self.width = width
-        self.num_members = num_members
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.dropout = dropout
         self.body = WideResNet(depth, width, num_members * num_classes, dropout, num_members * in_channels)
 
     @property
